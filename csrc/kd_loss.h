@@ -1,0 +1,133 @@
+// Host-side argument handling of the fused KD loss ops, shared by the CPU and CUDA implementations.
+//
+// Ops (schemas in fastkd/_ops.py, the one home of every schema):
+//   fastkd::kd_loss_fwd(student [rows, V], teacher [rows, V], labels [rows]?, ...) -> (loss, grad)
+//     loss: fp32, [] for "sum"/"batchmean", [rows] for "none";
+//     grad: d(loss)/d(student) for grad_output = 1 (per row for "none"), student dtype, [rows, V];
+//           an empty [0] tensor when with_grad is false.
+//   fastkd::kd_loss_scale_(grad [rows, V], grad_output [] or [rows]) -> ()
+//     grad *= grad_output, in place, skipping rows whose factor is exactly 1 (the usual
+//     loss.backward()), so the common backward costs no pass over memory.
+#pragma once
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "common.h"
+#include "kd_loss_math.h"
+
+namespace fastkd {
+
+inline Divergence parse_divergence(std::string_view s) {
+  if (s == "kl") return Divergence::KL;
+  if (s == "reverse_kl") return Divergence::ReverseKL;
+  if (s == "jsd") return Divergence::JSD;
+  FKD_CHECK_ARG(false, "divergence", "unknown value '", std::string(s), "'; use 'kl', 'reverse_kl' or 'jsd'");
+  return Divergence::KL;
+}
+
+inline Reduction parse_reduction(std::string_view s) {
+  if (s == "none") return Reduction::None;
+  if (s == "sum") return Reduction::Sum;
+  if (s == "batchmean") return Reduction::BatchMean;
+  FKD_CHECK_ARG(false, "reduction", "unknown value '", std::string(s), "'; use 'batchmean', 'sum' or 'none'");
+  return Reduction::None;
+}
+
+struct KdLossArgs {
+  at::Tensor student;  // [rows, V], last dim contiguous
+  at::Tensor teacher;  // [rows, V], last dim contiguous
+  at::Tensor labels;   // [rows] int64, or undefined
+  int64_t rows;
+  int64_t vocab;
+  Divergence divergence;
+  Reduction reduction;
+  KdParams params;
+};
+
+inline at::Tensor last_dim_contiguous(const at::Tensor& x) {
+  return (x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= x.size(1))) ? x : x.contiguous();
+}
+
+// Validates the op's arguments (the Python wrapper validates first and names the user's arguments;
+// this is the op's own contract for direct callers) and normalises the layout.
+inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher,
+                                    const std::optional<at::Tensor>& labels, double temperature,
+                                    std::string_view divergence, double beta, double soft_weight,
+                                    double hard_weight, int64_t ignore_index, std::string_view reduction) {
+  FKD_CHECK_ARG(student.dim() == 2, "student_logits", "expected 2-D [rows, vocab], got ", student.sizes());
+  FKD_CHECK_ARG(teacher.dim() == 2, "teacher_logits", "expected 2-D [rows, vocab], got ", teacher.sizes());
+  FKD_CHECK_ARG(student.size(1) == teacher.size(1), "teacher_logits",
+                "vocabulary sizes differ: student ", student.size(1), ", teacher ", teacher.size(1));
+  FKD_CHECK_ARG(student.size(0) == teacher.size(0), "teacher_logits",
+                "row counts differ: student ", student.size(0), ", teacher ", teacher.size(0));
+  FKD_CHECK_ARG(student.device() == teacher.device(), "teacher_logits", "on ", teacher.device(),
+                " but student_logits on ", student.device());
+  for (const auto* t : {&student, &teacher}) {
+    const auto st = t->scalar_type();
+    FKD_CHECK_ARG(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                  t == &student ? "student_logits" : "teacher_logits", "expected a floating dtype, got ", st);
+  }
+  FKD_CHECK_ARG(std::isfinite(temperature) && temperature > 0, "temperature", "must be finite and > 0, got ",
+                temperature);
+  FKD_CHECK_ARG(beta >= 0 && beta <= 1, "beta", "must be in [0, 1], got ", beta);
+  KdLossArgs a;
+  a.rows = student.size(0);
+  a.vocab = student.size(1);
+  FKD_CHECK_ARG(a.vocab >= 1, "student_logits", "the vocabulary (last) dimension is empty");
+  a.student = last_dim_contiguous(student);
+  a.teacher = last_dim_contiguous(teacher);
+  a.divergence = parse_divergence(divergence);
+  a.reduction = parse_reduction(reduction);
+  if (labels.has_value() && labels->defined()) {
+    FKD_CHECK_ARG(labels->dim() == 1 && labels->size(0) == a.rows, "labels", "expected shape [", a.rows,
+                  "], got ", labels->sizes());
+    FKD_CHECK_ARG(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool, "labels",
+                  "expected an integer dtype, got ", labels->scalar_type());
+    FKD_CHECK_ARG(labels->device() == student.device(), "labels", "on ", labels->device(),
+                  " but student_logits on ", student.device());
+    a.labels = labels->to(at::kLong).contiguous();
+  }
+  FKD_CHECK_ARG(hard_weight == 0 || a.labels.defined(), "labels", "required when hard_weight != 0");
+  // beta = 0 is forward KL and beta = 1 reverse KL exactly (the JSD formula itself tends to 0 there).
+  if (a.divergence == Divergence::JSD && beta == 0) a.divergence = Divergence::KL;
+  if (a.divergence == Divergence::JSD && beta == 1) a.divergence = Divergence::ReverseKL;
+  KdParams& p = a.params;
+  p.temperature = static_cast<float>(temperature);
+  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.beta = static_cast<float>(beta);
+  p.soft_weight = static_cast<float>(soft_weight);
+  p.hard_weight = static_cast<float>(hard_weight);
+  p.ignore_index = ignore_index;
+  p.hard = hard_weight != 0;
+  p.separate_lse1 = p.hard && temperature != 1.0;
+  return a;
+}
+
+// The reduction weight of every valid row, as a 0-d fp32 tensor on the logits' device:
+// 1 / max(1, number of valid rows) for "batchmean", 1 otherwise. Computed with tensor ops so the
+// kernels read it from memory and nothing waits for the device.
+inline at::Tensor row_weight(const KdLossArgs& a) {
+  const auto opts = a.student.options().dtype(at::kFloat);
+  if (a.reduction != Reduction::BatchMean) return at::ones({}, opts);
+  if (!a.labels.defined()) return at::full({}, 1.0f / static_cast<float>(std::max<int64_t>(1, a.rows)), opts);
+  return a.labels.ne(a.params.ignore_index).sum().clamp_min(1).to(at::kFloat).reciprocal();
+}
+
+// The op's loss output from the per-row losses (ignored rows hold 0).
+inline at::Tensor reduce_rows(const KdLossArgs& a, const at::Tensor& row_losses, const at::Tensor& weight) {
+  if (a.reduction == Reduction::None) return row_losses;
+  at::Tensor total = row_losses.sum();
+  return a.reduction == Reduction::BatchMean ? total * weight : total;
+}
+
+inline void check_scale_args(const at::Tensor& grad, const at::Tensor& grad_output) {
+  FKD_CHECK_ARG(grad.dim() == 2 && grad.is_contiguous(), "grad", "expected a contiguous [rows, vocab] tensor");
+  FKD_CHECK_ARG(grad_output.numel() == 1 || grad_output.numel() == grad.size(0), "grad_output",
+                "expected one factor or one per row (", grad.size(0), "), got ", grad_output.numel());
+  FKD_CHECK_ARG(grad_output.device() == grad.device(), "grad_output", "on ", grad_output.device(),
+                " but grad on ", grad.device());
+}
+
+}  // namespace fastkd

@@ -1,0 +1,283 @@
+// CPU kernels of the fused KD loss: rows in parallel (at::parallel_for), the vocabulary in chunks
+// that stay in L1, at::vec::Vectorized<float> inner loops; the per-element maths is kd_loss_math.h.
+//
+// One row takes two sweeps over its logits (three for reverse KL and JSD with a gradient):
+//   1. statistics: online (chunk-wise rescaled) max / log-sum-exp of a = s/T and b = t/T together,
+//      and of s at T = 1 when the cross-entropy term needs it;
+//   2. the divergence with normalised log-probabilities (as the reference computes it, so no
+//      cancellation between large log-sum-exps), and the gradient when its formula needs no row sum;
+//   3. (reverse KL, JSD) the gradient, which needs the row's divergence from sweep 2.
+// A row of a 32k-128k vocabulary (2 x 128-512 KiB) stays in L2 between sweeps, so DRAM sees about
+// one read of both logits and one write of the gradient. The only (rows x V) buffer is the gradient.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "kd_loss.h"
+
+namespace fastkd {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kChunk = 2048;  // floats per chunk buffer: 3 x 8 KiB stay in L1
+
+// ---- loads and stores through fp32 chunk buffers -------------------------------------------------
+template <typename T>
+void load_float(const T* src, float* dst, int64_t n, float scale) {  // dst = float(src) * scale
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * Vec(scale)).store(dst + i);
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    static_assert(VecT::size() == 2 * Vec::size());
+    for (; i + VecT::size() <= n; i += VecT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + i));
+      (lo * Vec(scale)).store(dst + i);
+      (hi * Vec(scale)).store(dst + i + Vec::size());
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+}
+
+template <typename T>
+void store_from_float(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+    return;
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    for (; i + VecT::size() <= n; i += VecT::size()) {
+      at::vec::convert_from_float<T>(Vec::loadu(src + i), Vec::loadu(src + i + Vec::size())).store(dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// ---- generic vector/scalar loop --------------------------------------------------------------------
+// f(i, V{}) is called for full vectors with V = Vec, then for the tail element by element with
+// V = float, so one generic body (the shared header's templates) serves both.
+template <typename F>
+inline void for_each_vec(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) f(i, Vec());
+  for (; i < n; ++i) f(i, 0.f);
+}
+
+template <typename V>
+inline V ld(const float* p) {
+  if constexpr (std::is_same_v<V, Vec>) return Vec::loadu(p); else return *p;
+}
+inline void st(const Vec& v, float* p) { v.store(p); }
+inline void st(float v, float* p) { *p = v; }
+
+// Sum accumulator fed by both vector and tail elements.
+struct Acc {
+  Vec v{0.f};
+  float s = 0.f;
+  void add(const Vec& x) { v = v + x; }
+  void add(float x) { s += x; }
+  float total() const {
+    alignas(64) float lanes[Vec::size()];
+    v.store(lanes);
+    float t = 0.f;
+    for (int k = 0; k < Vec::size(); ++k) t += lanes[k];
+    return t + s;
+  }
+};
+
+LseState chunk_lse(const float* x, int64_t n) {
+  Vec vmax(-INFINITY);
+  float m = -INFINITY;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
+  for (; i < n; ++i) m = fmaxf(m, x[i]);
+  alignas(64) float lanes[Vec::size()];
+  vmax.store(lanes);
+  for (int k = 0; k < Vec::size(); ++k) m = fmaxf(m, lanes[k]);
+  if (m == -INFINITY) return lse_empty();
+  Acc sum;
+  for_each_vec(n, [&](int64_t j, auto tag) {
+    using V = decltype(tag);
+    sum.add(fkd_exp(ld<V>(x + j) - V(m)));
+  });
+  return {m, sum.total()};
+}
+
+struct RowBuffers {
+  alignas(64) float a[kChunk];  // student / T, then the gradient chunk
+  alignas(64) float b[kChunk];  // teacher / T
+  alignas(64) float c[kChunk];  // student at T = 1 (only with a separate cross-entropy statistic)
+};
+
+// One row: returns its loss and, when grad != nullptr, writes w * d(row loss)/d(student row).
+template <Divergence D, typename S, typename T>
+float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, const KdParams& p, float w,
+             RowBuffers& buf) {
+  const bool sep = p.separate_lse1;
+  // Sweep 1: statistics.
+  LseState la = lse_empty(), lb = lse_empty(), l1 = lse_empty();
+  for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - c0);
+    load_float(s + c0, buf.a, n, p.inv_temperature);
+    load_float(t + c0, buf.b, n, p.inv_temperature);
+    la = lse_merge(la, chunk_lse(buf.a, n));
+    lb = lse_merge(lb, chunk_lse(buf.b, n));
+    if (sep) {
+      load_float(s + c0, buf.c, n, 1.f);
+      l1 = lse_merge(l1, chunk_lse(buf.c, n));
+    }
+  }
+  const float lse_a = lse_value(la), lse_b = lse_value(lb);
+  const float lse1 = sep ? lse_value(l1) : lse_a;  // without `sep`, T = 1 and a = s
+  const float s_label = p.hard ? static_cast<float>(s[label]) : 0.f;
+  const bool need_ps = D != Divergence::KL || grad != nullptr;
+  const float beta = p.beta;
+
+  // Sweeps 2 (and 3): `with_grad` writes the gradient (row_c is then the row constant).
+  auto sweep = [&](bool with_grad, bool with_loss, float row_c, float* d_out, float* aux_out) {
+    Acc dsum, aux;
+    for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - c0);
+      load_float(s + c0, buf.a, n, p.inv_temperature);
+      load_float(t + c0, buf.b, n, p.inv_temperature);
+      if (with_grad && sep) load_float(s + c0, buf.c, n, 1.f);
+      for_each_vec(n, [&](int64_t i, auto tag) {
+        using V = decltype(tag);
+        const V lps = ld<V>(buf.a + i) - V(lse_a);
+        const V lpt = ld<V>(buf.b + i) - V(lse_b);
+        const V pt = fkd_exp(lpt);
+        const V ps = need_ps ? fkd_exp(lps) : V(0.f);
+        if (with_loss) {
+          V x(0.f);
+          dsum.add(div_term<D>(lps, lpt, ps, pt, beta, &x));
+          aux.add(x);
+        }
+        if (with_grad) {
+          const V p1 = !p.hard ? V(0.f) : (sep ? fkd_exp(ld<V>(buf.c + i) - V(lse1)) : ps);
+          st(grad_combine(p, w, div_grad<D>(lps, lpt, ps, pt, beta, row_c), p1), buf.a + i);
+        }
+      });
+      if (with_grad) {
+        if (p.hard && label >= c0 && label < c0 + n) buf.a[label - c0] -= w * p.hard_weight;
+        store_from_float(buf.a, grad + c0, n);
+      }
+    }
+    *d_out = dsum.total();
+    *aux_out = aux.total();
+  };
+
+  float d = 0.f, aux = 0.f, unused = 0.f;
+  if (grad != nullptr && !grad_needs_row_sum<D>()) {
+    sweep(/*with_grad=*/true, /*with_loss=*/true, 0.f, &d, &aux);
+  } else {
+    sweep(false, true, 0.f, &d, &aux);
+    if (grad != nullptr) sweep(true, false, D == Divergence::ReverseKL ? d : aux, &unused, &unused);
+  }
+  return row_loss(p, d, lse1, s_label);
+}
+
+template <Divergence D, typename S, typename T>
+void kd_rows(const KdLossArgs& a, float w, float* row_losses, S* grad) {
+  const S* s = a.student.data_ptr<S>();
+  const T* t = a.teacher.data_ptr<T>();
+  const int64_t ss = a.student.stride(0), ts = a.teacher.stride(0), vocab = a.vocab;
+  const int64_t* labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+  const KdParams p = a.params;
+  const int64_t grain = std::max<int64_t>(1, 32768 / vocab);
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    auto buf = std::make_unique<RowBuffers>();
+    for (int64_t r = begin; r < end; ++r) {
+      S* g = grad ? grad + r * vocab : nullptr;
+      const int64_t label = labels ? labels[r] : 0;
+      if (labels && label == p.ignore_index) {
+        row_losses[r] = 0.f;
+        if (g) std::fill(g, g + vocab, S(0));
+        continue;
+      }
+      FKD_CHECK_ARG(!labels || (label >= 0 && label < vocab), "labels", "labels[", r, "] = ", label,
+                    " is outside [0, ", vocab, ") and is not ignore_index (", p.ignore_index, ")");
+      row_losses[r] = kd_row<D>(s + r * ss, t + r * ts, g, vocab, label, p, w, *buf);
+    }
+  });
+}
+
+template <typename S, typename T>
+void kd_rows_dispatch(const KdLossArgs& a, float w, float* row_losses, S* grad) {
+  switch (a.divergence) {
+    case Divergence::KL: return kd_rows<Divergence::KL, S, T>(a, w, row_losses, grad);
+    case Divergence::ReverseKL: return kd_rows<Divergence::ReverseKL, S, T>(a, w, row_losses, grad);
+    case Divergence::JSD: return kd_rows<Divergence::JSD, S, T>(a, w, row_losses, grad);
+  }
+}
+
+#define FKD_DISPATCH_LOGITS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                    const std::optional<at::Tensor>& labels, double temperature,
+                                                    c10::string_view divergence, double beta, double soft_weight,
+                                                    double hard_weight, int64_t ignore_index,
+                                                    c10::string_view reduction, bool with_grad) {
+  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature,
+                                   std::string_view(divergence.data(), divergence.size()), beta, soft_weight,
+                                   hard_weight, ignore_index, std::string_view(reduction.data(), reduction.size()));
+  // fp64 logits are computed in fp32 like the others (fastkd's maths is fp32 throughout).
+  const auto grad_dtype = a.student.scalar_type();
+  if (a.student.scalar_type() == at::kDouble) a.student = a.student.to(at::kFloat);
+  if (a.teacher.scalar_type() == at::kDouble) a.teacher = a.teacher.to(at::kFloat);
+  const at::Tensor weight = row_weight(a);
+  const float w = weight.item<float>();  // a CPU tensor: no device to wait for
+  at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
+  at::Tensor grad = with_grad ? at::empty({a.rows, a.vocab}, a.student.options()) : at::empty({0}, a.student.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.student.scalar_type(), "kd_loss_cpu", [&] {
+    using S = scalar_t;
+    S* g = with_grad ? grad.data_ptr<S>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.teacher.scalar_type(), "kd_loss_cpu", [&] {
+      if constexpr (!std::is_same_v<S, double> && !std::is_same_v<scalar_t, double>) {
+        kd_rows_dispatch<S, scalar_t>(a, w, row_losses.data_ptr<float>(), g);
+      }
+    });
+  });
+  if (grad.scalar_type() != grad_dtype) grad = grad.to(grad_dtype);
+  return {reduce_rows(a, row_losses, weight), grad};
+}
+
+void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_scale_args(grad, grad_output);
+  const at::Tensor go = grad_output.to(at::kFloat).contiguous();
+  const float* f = go.data_ptr<float>();
+  const bool per_row = go.numel() != 1;
+  const int64_t rows = grad.size(0), vocab = grad.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "kd_loss_scale_cpu", [&] {
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)), [&](int64_t b, int64_t e) {
+      alignas(64) float tmp[kChunk];
+      for (int64_t r = b; r < e; ++r) {
+        const float factor = f[per_row ? r : 0];
+        if (factor == 1.f) continue;  // the usual loss.backward(): nothing to do
+        scalar_t* row = g + r * vocab;
+        for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, vocab - c0);
+          if constexpr (std::is_same_v<scalar_t, double>) {
+            for (int64_t i = 0; i < n; ++i) row[c0 + i] *= factor;
+          } else {
+            load_float(row + c0, tmp, n, factor);
+            store_from_float(tmp, row + c0, n);
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("kd_loss_scale_", &kd_loss_scale_cpu);
+}
+
+}  // namespace fastkd

@@ -1,0 +1,130 @@
+// Per-row and per-element maths of the fused KD loss, shared by the CPU kernel (kd_loss_cpu.cpp,
+// where V is at::vec::Vectorized<float>) and the CUDA kernel (kd_loss_cuda.cu, where V is float),
+// so the CPU tests exercise the same formulas the GPU runs.
+//
+// Notation for one row: a = student / T, b = teacher / T, lps = a - lse(a) = log p_s,
+// lpt = b - lse(b) = log p_t. The soft term of a row is T^2 * D and its gradient with respect to the
+// student logits is T * dD/da (the 1/T of a = s/T times T^2). Everything is computed in fp32.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FKD_HD __host__ __device__ __forceinline__
+#else
+#define FKD_HD inline
+#include <ATen/cpu/vec/vec.h>
+#endif
+
+namespace fastkd {
+
+enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2 };
+enum class Reduction : int { None = 0, Sum = 1, BatchMean = 2 };
+
+// ---- scalar and vector primitives ---------------------------------------------------------------
+FKD_HD float fkd_exp(float x) { return expf(x); }
+FKD_HD float fkd_log(float x) { return logf(x); }
+// p > 0 ? x : 0 -- the 0 * log 0 = 0 convention, and no 0 * (-inf) = NaN on masked entries.
+FKD_HD float fkd_if_pos(float p, float x) { return p > 0.f ? x : 0.f; }
+
+#if !defined(__CUDACC__)
+using VecF = at::vec::Vectorized<float>;
+inline VecF fkd_exp(const VecF& x) { return x.exp(); }
+inline VecF fkd_log(const VecF& x) { return x.log(); }
+inline VecF fkd_if_pos(const VecF& p, const VecF& x) {
+  return VecF::blendv(VecF(0.f), x, p > VecF(0.f));
+}
+#endif
+
+// ---- online log-sum-exp --------------------------------------------------------------------------
+// (m, s) stands for log(s) + m, with s = sum exp(x - m). Merging is associative and commutative up
+// to rounding; kernels merge in a fixed order so results are deterministic.
+struct LseState {
+  float m;
+  float s;
+};
+
+FKD_HD LseState lse_empty() { return {-INFINITY, 0.f}; }
+
+FKD_HD LseState lse_merge(LseState x, LseState y) {
+  const float m = fmaxf(x.m, y.m);
+  if (m == -INFINITY) return lse_empty();  // both empty or all entries masked so far
+  // exp(-inf - m) = 0: an empty side contributes nothing.
+  return {m, x.s * fkd_exp(x.m - m) + y.s * fkd_exp(y.m - m)};
+}
+
+FKD_HD float lse_value(LseState x) { return x.m + fkd_log(x.s); }
+
+// ---- per-element terms ---------------------------------------------------------------------------
+// Contribution of one vocabulary entry to the row's divergence D (summed over the row), and the
+// auxiliary sum the gradient needs (only JSD has one: KL(p_s || M)).
+template <Divergence D, typename V>
+FKD_HD V div_term(const V& lps, const V& lpt, const V& ps, const V& pt, float beta, V* aux) {
+  if constexpr (D == Divergence::KL) {
+    (void)ps; (void)beta; (void)aux;
+    return fkd_if_pos(pt, pt * (lpt - lps));  // KL(p_t || p_s)
+  } else if constexpr (D == Divergence::ReverseKL) {
+    (void)pt; (void)beta; (void)aux;
+    return fkd_if_pos(ps, ps * (lps - lpt));  // KL(p_s || p_t)
+  } else {
+    // M = beta p_t + (1 - beta) p_s; D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)
+    const V lm = fkd_log(V(beta) * pt + V(1.f - beta) * ps);
+    const V ks = fkd_if_pos(ps, ps * (lps - lm));
+    *aux = ks;
+    return V(beta) * fkd_if_pos(pt, pt * (lpt - lm)) + V(1.f - beta) * ks;
+  }
+}
+
+// Whether the gradient needs the row's sums (D or KL(p_s || M)) first, i.e. one more pass.
+template <Divergence D>
+constexpr bool grad_needs_row_sum() { return D != Divergence::KL; }
+
+// dD/da_j for one entry. row_c is the row constant: D for reverse KL, KL(p_s || M) for JSD.
+//   KL:      p_s - p_t
+//   reverse: p_s (log p_s - log p_t - D)
+//   JSD:     (1 - beta) p_s (log p_s - log M - KL(p_s || M))
+template <Divergence D, typename V>
+FKD_HD V div_grad(const V& lps, const V& lpt, const V& ps, const V& pt, float beta, float row_c) {
+  if constexpr (D == Divergence::KL) {
+    (void)lps; (void)lpt; (void)beta; (void)row_c;
+    return ps - pt;
+  } else if constexpr (D == Divergence::ReverseKL) {
+    (void)pt; (void)beta;
+    return fkd_if_pos(ps, ps * (lps - lpt - V(row_c)));
+  } else {
+    const V lm = fkd_log(V(beta) * pt + V(1.f - beta) * ps);
+    return V(1.f - beta) * fkd_if_pos(ps, ps * (lps - lm - V(row_c)));
+  }
+}
+
+// ---- row assembly --------------------------------------------------------------------------------
+struct KdParams {
+  float temperature;
+  float inv_temperature;
+  float beta;
+  float soft_weight;
+  float hard_weight;
+  int64_t ignore_index;
+  bool hard;          // hard_weight != 0: the cross-entropy term and its gradient are needed
+  bool separate_lse1; // hard and T != 1: the T = 1 log-sum-exp of the student is its own statistic
+};
+
+// Row loss from its sums: soft_weight * T^2 * D + hard_weight * (lse1 - s[label]).
+FKD_HD float row_loss(const KdParams& p, float d, float lse1, float s_label) {
+  float loss = p.soft_weight * p.temperature * p.temperature * d;
+  if (p.hard) loss += p.hard_weight * (lse1 - s_label);
+  return loss;
+}
+
+// Gradient of one entry with respect to the student logit, times the row's reduction weight w:
+//   w * (soft_weight * T * dD/da + hard_weight * softmax(s)_j)   (minus w * hard_weight at the label,
+// which the kernels apply to that one entry).
+template <typename V>
+FKD_HD V grad_combine(const KdParams& p, float w, const V& ddiv, const V& p1) {
+  V g = V(w * p.soft_weight * p.temperature) * ddiv;
+  if (p.hard) g = g + V(w * p.hard_weight) * p1;
+  return g;
+}
+
+}  // namespace fastkd

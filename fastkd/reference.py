@@ -1,0 +1,137 @@
+"""Pure-PyTorch maths of every fastkd op.
+
+These functions are three things at once: the fallback kernels of the ops (registered in
+``fastkd/_ops.py`` for every device without a compiled kernel), the tests' oracle (run in float64),
+and the benchmarks' baseline. They compute in fp32 at least (fp64 stays fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_fwd", "kd_loss_scale_", "textbook_kd_loss"]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _if_pos(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # 0 * log 0 = 0, and no 0 * (-inf) = NaN on masked entries.
+    return torch.where(p > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _effective_divergence(divergence: str, beta: float) -> str:
+    # beta = 0 is forward KL and beta = 1 reverse KL exactly (the JSD formula tends to 0 there).
+    if divergence == "jsd" and beta == 0.0:
+        return "kl"
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return divergence
+
+
+def _divergence_rows(lps, lpt, divergence: str, beta: float) -> torch.Tensor:
+    if divergence == "kl":
+        pt = lpt.exp()
+        return _if_pos(pt, pt * (lpt - lps)).sum(-1)
+    if divergence == "reverse_kl":
+        ps = lps.exp()
+        return _if_pos(ps, ps * (lps - lpt)).sum(-1)
+    ps, pt = lps.exp(), lpt.exp()
+    lm = (beta * pt + (1.0 - beta) * ps).log()
+    return (beta * _if_pos(pt, pt * (lpt - lm)) + (1.0 - beta) * _if_pos(ps, ps * (lps - lm))).sum(-1)
+
+
+def kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index):
+    """Per-row losses of 2-D logits [rows, V] (0 on ignored rows) and the valid-row mask (or None)."""
+    dtype = torch.promote_types(_compute_dtype(student), _compute_dtype(teacher))
+    s, t = student.to(dtype), teacher.to(dtype)
+    divergence = _effective_divergence(divergence, beta)
+    lps = F.log_softmax(s / temperature, dim=-1)
+    lpt = F.log_softmax(t / temperature, dim=-1)
+    rows = soft_weight * temperature * temperature * _divergence_rows(lps, lpt, divergence, beta)
+    valid = None
+    if labels is not None:
+        valid = labels != ignore_index
+        if hard_weight != 0:
+            safe = torch.where(valid, labels, torch.zeros_like(labels))
+            ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            rows = rows + hard_weight * ce
+        rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return rows, valid
+
+
+def _reduce(rows: torch.Tensor, valid, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = rows.new_tensor(rows.numel()) if valid is None else valid.sum().to(rows.dtype)
+    return total / count.clamp_min(1)
+
+
+def kd_loss(student, teacher, labels=None, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
+            hard_weight=0.0, ignore_index=-100, reduction="batchmean"):
+    """The loss of ``fastkd.kd_loss`` on 2-D logits, differentiable by autograd (the oracle)."""
+    rows, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight,
+                               hard_weight, ignore_index)
+    return _reduce(rows, valid, reduction)
+
+
+def kd_loss_fwd(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
+                reduction, with_grad):
+    """Fallback kernel of ``fastkd::kd_loss_fwd``: the fp32 loss and, when asked, its
+    gradient with respect to ``student`` (in the student's dtype) from the closed-form formulas."""
+    rows, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight,
+                               hard_weight, ignore_index)
+    loss = _reduce(rows, valid, reduction).float()  # the op's loss is fp32 whatever the logits
+    if not with_grad:
+        return loss, student.new_empty((0,))
+    dtype = rows.dtype
+    T = temperature
+    s, t = student.to(dtype), teacher.to(dtype)
+    lps = F.log_softmax(s / T, dim=-1)
+    lpt = F.log_softmax(t / T, dim=-1)
+    ps, pt = lps.exp(), lpt.exp()
+    div = _effective_divergence(divergence, beta)
+    if div == "kl":
+        ddiv = ps - pt
+    elif div == "reverse_kl":
+        d = _if_pos(ps, ps * (lps - lpt)).sum(-1, keepdim=True)
+        ddiv = _if_pos(ps, ps * (lps - lpt - d))
+    else:
+        lm = (beta * pt + (1.0 - beta) * ps).log()
+        ksm = _if_pos(ps, ps * (lps - lm)).sum(-1, keepdim=True)
+        ddiv = (1.0 - beta) * _if_pos(ps, ps * (lps - lm - ksm))
+    grad = soft_weight * T * ddiv
+    if labels is not None and hard_weight != 0:
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        onehot = F.one_hot(safe, s.shape[-1]).to(dtype)
+        grad = grad + hard_weight * (F.softmax(s, dim=-1) - onehot)
+    if valid is not None:
+        grad = grad * valid.unsqueeze(-1).to(dtype)
+    if reduction == "batchmean":
+        count = rows.new_tensor(rows.numel()) if valid is None else valid.sum().to(dtype)
+        grad = grad / count.clamp_min(1)
+    return loss, grad.to(student.dtype)
+
+
+def kd_loss_scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """Fallback kernel of ``fastkd::kd_loss_scale_``: grad *= grad_output (one factor or one per row)."""
+    factor = grad_output.reshape(-1, 1) if grad_output.numel() != 1 else grad_output.reshape(())
+    grad.copy_(grad.to(_compute_dtype(grad)) * factor)
+
+
+def textbook_kd_loss(student, teacher, labels=None, temperature=1.0, hard_weight=0.0, ignore_index=-100):
+    """What users write today (Hinton's KD with optional cross-entropy); the benchmarks' eager baseline.
+
+    batchmean over all rows (kl_div does not know about ignore_index), forward KL only.
+    """
+    T = temperature
+    soft = F.kl_div(F.log_softmax(student / T, dim=-1), F.softmax(teacher / T, dim=-1), reduction="batchmean")
+    loss = soft * T * T
+    if hard_weight:
+        loss = loss + hard_weight * F.cross_entropy(student, labels, ignore_index=ignore_index)
+    return loss

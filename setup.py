@@ -1,0 +1,121 @@
+"""Build of fastkd's extension module ``fastkd._C`` (everything else is in pyproject.toml).
+
+The C++ CPU kernels are always built; the CUDA kernels too whenever torch is a CUDA build and a
+CUDA toolkit is found (no GPU is needed to compile them). The environment switches are listed in
+one table in README.md; this file is where they are read.
+"""
+
+import glob
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _real_cuda_home() -> str | None:
+    """The toolkit folder that holds lib64/libcudart.so.
+
+    torch guesses CUDA_HOME from the location of ``nvcc``; where ``nvcc`` on PATH is a wrapper
+    script (as on our build machines) that guess is wrong and linking fails with
+    ``cannot find -lcudart``. nvcc itself reports where it lives in ``--dryrun`` output.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("#$ _HERE_="):
+                return str(Path(line.split("=", 1)[1].strip()).parent)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return str(Path(nvcc).resolve().parent.parent)
+
+
+SKIP = _flag("FASTKD_SKIP_EXTENSION")
+REQUIRE_CUDA = _flag("FASTKD_REQUIRE_CUDA")
+DEBUG = _flag("FASTKD_DEBUG")
+WANT_CUDA = not _flag("FASTKD_NO_CUDA")
+
+if not SKIP and WANT_CUDA:
+    home = _real_cuda_home()
+    if home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = home
+
+ext_modules = []
+cmdclass = {}
+if not SKIP:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cuda_ok = WANT_CUDA and torch.version.cuda is not None and CUDA_HOME is not None
+    if REQUIRE_CUDA and not cuda_ok:
+        sys.exit(
+            "FASTKD_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}. "
+            "Install a CUDA build of torch and a CUDA toolkit, or set CUDA_HOME to the toolkit folder."
+        )
+
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    include_dirs = [str(ROOT / "csrc")]
+    define_macros = []
+    # No -std flag: torch.utils.cpp_extension passes the standard its headers need (C++17 or C++20).
+    cxx = ["-O3"] if not DEBUG else ["-O0", "-g"]
+    # at::vec::Vectorized is selected at compile time by CPU_CAPABILITY. x86-64 machines from the
+    # last decade have AVX2 + FMA; FASTKD_CPU_ISA=default builds the portable (scalar-width) code.
+    isa = os.environ.get("FASTKD_CPU_ISA", "avx2" if platform.machine() in ("x86_64", "AMD64") else "default")
+    if isa == "avx2":
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        define_macros.append(("FASTKD_CPU_ISA", '"avx2"'))
+    elif isa == "default":
+        cxx += ["-DCPU_CAPABILITY=DEFAULT"]
+        define_macros.append(("FASTKD_CPU_ISA", '"default"'))
+    else:
+        sys.exit(f"FASTKD_CPU_ISA={isa!r}: expected 'avx2' or 'default'")
+    cxx.append("-fopenmp")
+
+    if cuda_ok:
+        sources += sorted(glob.glob("csrc/*.cu"))
+        define_macros.append(("FASTKD_WITH_CUDA", None))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if os.environ.get("FASTKD_CUDA_ARCH_LIST"):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTKD_CUDA_ARCH_LIST"]
+            elif not torch.cuda.is_available():
+                # No GPU to ask: A100 and H100/H200 (where we measure), PTX for newer chips.
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        # torch's CUDA headers include cusparse.h; some toolkits lack it, the nvidia-cusparse wheel
+        # that comes with CUDA builds of torch ships it.
+        if not Path(CUDA_HOME, "include", "cusparse.h").exists():
+            for site in sys.path:
+                for cand in glob.glob(os.path.join(site, "nvidia", "*", "include")):
+                    if os.path.exists(os.path.join(cand, "cusparse.h")):
+                        include_dirs.append(cand)
+                        break
+        nvcc = ["-O3", "-lineinfo"] if not DEBUG else ["-O0", "-G", "-g"]
+        ext = CUDAExtension(
+            "fastkd._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "fastkd._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+        )
+    ext_modules.append(ext)
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
