@@ -130,43 +130,48 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
       l1 = lse_merge(l1, chunk_lse(buf.c, n));
     }
   }
-  const float lse_a = lse_value(la), lse_b = lse_value(lb);
-  const float lse1 = sep ? lse_value(l1) : lse_a;  // without `sep`, T = 1 and a = s
+  const LogNorm na = lse_finish(la), nb = lse_finish(lb);
+  const LogNorm n1 = sep ? lse_finish(l1) : na;  // without `sep`, T = 1 and a = s
   const float s_label = p.hard ? static_cast<float>(s[label]) : 0.f;
   const bool need_ps = D != Divergence::KL || grad != nullptr;
   const float beta = p.beta;
 
   // Sweeps 2 (and 3): `with_grad` writes the gradient (row_c is then the row constant).
   auto sweep = [&](bool with_grad, bool with_loss, float row_c, float* d_out, float* aux_out) {
-    Acc dsum, aux;
+    // Two-level sums (lanes within a chunk, then chunk totals) keep the rounding error of a 262k
+    // vocabulary near that of torch's pairwise sum.
+    float dsum = 0.f, auxsum = 0.f;
     for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c0);
+      Acc dchunk, auxchunk;
       load_float(s + c0, buf.a, n, p.inv_temperature);
       load_float(t + c0, buf.b, n, p.inv_temperature);
       if (with_grad && sep) load_float(s + c0, buf.c, n, 1.f);
       for_each_vec(n, [&](int64_t i, auto tag) {
         using V = decltype(tag);
-        const V lps = ld<V>(buf.a + i) - V(lse_a);
-        const V lpt = ld<V>(buf.b + i) - V(lse_b);
+        const V lps = log_prob(ld<V>(buf.a + i), na);
+        const V lpt = log_prob(ld<V>(buf.b + i), nb);
         const V pt = fkd_exp(lpt);
         const V ps = need_ps ? fkd_exp(lps) : V(0.f);
         if (with_loss) {
           V x(0.f);
-          dsum.add(div_term<D>(lps, lpt, ps, pt, beta, &x));
-          aux.add(x);
+          dchunk.add(div_term<D>(lps, lpt, ps, pt, beta, &x));
+          auxchunk.add(x);
         }
         if (with_grad) {
-          const V p1 = !p.hard ? V(0.f) : (sep ? fkd_exp(ld<V>(buf.c + i) - V(lse1)) : ps);
+          const V p1 = !p.hard ? V(0.f) : (sep ? fkd_exp(log_prob(ld<V>(buf.c + i), n1)) : ps);
           st(grad_combine(p, w, div_grad<D>(lps, lpt, ps, pt, beta, row_c), p1), buf.a + i);
         }
       });
+      dsum += dchunk.total();
+      auxsum += auxchunk.total();
       if (with_grad) {
         if (p.hard && label >= c0 && label < c0 + n) buf.a[label - c0] -= w * p.hard_weight;
         store_from_float(buf.a, grad + c0, n);
       }
     }
-    *d_out = dsum.total();
-    *aux_out = aux.total();
+    *d_out = dsum;
+    *aux_out = auxsum;
   };
 
   float d = 0.f, aux = 0.f, unused = 0.f;
@@ -176,7 +181,7 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
     sweep(false, true, 0.f, &d, &aux);
     if (grad != nullptr) sweep(true, false, D == Divergence::ReverseKL ? d : aux, &unused, &unused);
   }
-  return row_loss(p, d, lse1, s_label);
+  return row_loss(p, d, n1, s_label);
 }
 
 template <Divergence D, typename S, typename T>

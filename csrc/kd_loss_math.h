@@ -27,6 +27,7 @@ FKD_HD float fkd_exp(float x) { return expf(x); }
 FKD_HD float fkd_log(float x) { return logf(x); }
 // p > 0 ? x : 0 -- the 0 * log 0 = 0 convention, and no 0 * (-inf) = NaN on masked entries.
 FKD_HD float fkd_if_pos(float p, float x) { return p > 0.f ? x : 0.f; }
+FKD_HD float fkd_max(float a, float b) { return fmaxf(a, b); }
 
 #if !defined(__CUDACC__)
 using VecF = at::vec::Vectorized<float>;
@@ -35,6 +36,7 @@ inline VecF fkd_log(const VecF& x) { return x.log(); }
 inline VecF fkd_if_pos(const VecF& p, const VecF& x) {
   return VecF::blendv(VecF(0.f), x, p > VecF(0.f));
 }
+inline VecF fkd_max(const VecF& a, const VecF& b) { return at::vec::maximum(a, b); }
 #endif
 
 // ---- online log-sum-exp --------------------------------------------------------------------------
@@ -54,9 +56,28 @@ FKD_HD LseState lse_merge(LseState x, LseState y) {
   return {m, x.s * fkd_exp(x.m - m) + y.s * fkd_exp(y.m - m)};
 }
 
-FKD_HD float lse_value(LseState x) { return x.m + fkd_log(x.s); }
+// Log-probabilities are formed as (x - m) - log(s), never x - (m + log s): with logits of 1e4 / T
+// the rounded sum m + log s would carry an absolute error of ulp(1e5) ~ 0.01 into every log-prob
+// (and 1% into p = exp(log p)), where (x - m) is exact near the maximum (as in torch's log_softmax).
+struct LogNorm {
+  float m;      // running max
+  float log_s;  // log sum exp(x - m)
+};
+
+FKD_HD LogNorm lse_finish(LseState x) { return {x.m, fkd_log(x.s)}; }
+
+template <typename V>
+FKD_HD V log_prob(const V& x, const LogNorm& n) { return (x - V(n.m)) - V(n.log_s); }
 
 // ---- per-element terms ---------------------------------------------------------------------------
+// log M for JSD, M = beta p_t + (1 - beta) p_s. M is clamped to FLT_MIN: where both probabilities
+// are so small that M underflows, log M would be -inf and p * (log p - log M) = +inf; with the clamp
+// the term is p * O(1) with p < FLT_MIN, i.e. 0, as in exact arithmetic.
+template <typename V>
+FKD_HD V log_mixture(const V& ps, const V& pt, float beta) {
+  return fkd_log(fkd_max(V(beta) * pt + V(1.f - beta) * ps, V(1.17549435e-38f)));
+}
+
 // Contribution of one vocabulary entry to the row's divergence D (summed over the row), and the
 // auxiliary sum the gradient needs (only JSD has one: KL(p_s || M)).
 template <Divergence D, typename V>
@@ -69,7 +90,7 @@ FKD_HD V div_term(const V& lps, const V& lpt, const V& ps, const V& pt, float be
     return fkd_if_pos(ps, ps * (lps - lpt));  // KL(p_s || p_t)
   } else {
     // M = beta p_t + (1 - beta) p_s; D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)
-    const V lm = fkd_log(V(beta) * pt + V(1.f - beta) * ps);
+    const V lm = log_mixture(ps, pt, beta);
     const V ks = fkd_if_pos(ps, ps * (lps - lm));
     *aux = ks;
     return V(beta) * fkd_if_pos(pt, pt * (lpt - lm)) + V(1.f - beta) * ks;
@@ -93,7 +114,7 @@ FKD_HD V div_grad(const V& lps, const V& lpt, const V& ps, const V& pt, float be
     (void)pt; (void)beta;
     return fkd_if_pos(ps, ps * (lps - lpt - V(row_c)));
   } else {
-    const V lm = fkd_log(V(beta) * pt + V(1.f - beta) * ps);
+    const V lm = log_mixture(ps, pt, beta);
     return V(1.f - beta) * fkd_if_pos(ps, ps * (lps - lm - V(row_c)));
   }
 }
@@ -110,10 +131,10 @@ struct KdParams {
   bool separate_lse1; // hard and T != 1: the T = 1 log-sum-exp of the student is its own statistic
 };
 
-// Row loss from its sums: soft_weight * T^2 * D + hard_weight * (lse1 - s[label]).
-FKD_HD float row_loss(const KdParams& p, float d, float lse1, float s_label) {
+// Row loss from its sums: soft_weight * T^2 * D + hard_weight * CE, CE = -log softmax(s)[label].
+FKD_HD float row_loss(const KdParams& p, float d, const LogNorm& n1, float s_label) {
   float loss = p.soft_weight * p.temperature * p.temperature * d;
-  if (p.hard) loss += p.hard_weight * (lse1 - s_label);
+  if (p.hard) loss -= p.hard_weight * log_prob(s_label, n1);
   return loss;
 }
 

@@ -22,6 +22,20 @@ def _if_pos(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _plogr(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """p * (lp - lq), 0 where p == 0 -- with the operands masked too, so that autograd through the
+    oracle gets no NaN from the branch torch.where discards (masked -inf logits)."""
+    pos = p > 0
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    return torch.where(pos, p * (torch.where(pos, lp, zero) - torch.where(pos, lq, zero)), zero)
+
+
+def _log_mixture(ps, pt, beta: float) -> torch.Tensor:
+    # log M, M = beta p_t + (1 - beta) p_s; only read where p_s > 0 or p_t > 0, i.e. where M > 0.
+    m = beta * pt + (1.0 - beta) * ps
+    return torch.where(m > 0, m, torch.ones((), dtype=m.dtype, device=m.device)).log()
+
+
 def _effective_divergence(divergence: str, beta: float) -> str:
     # beta = 0 is forward KL and beta = 1 reverse KL exactly (the JSD formula tends to 0 there).
     if divergence == "jsd" and beta == 0.0:
@@ -33,14 +47,12 @@ def _effective_divergence(divergence: str, beta: float) -> str:
 
 def _divergence_rows(lps, lpt, divergence: str, beta: float) -> torch.Tensor:
     if divergence == "kl":
-        pt = lpt.exp()
-        return _if_pos(pt, pt * (lpt - lps)).sum(-1)
+        return _plogr(lpt.exp(), lpt, lps).sum(-1)
     if divergence == "reverse_kl":
-        ps = lps.exp()
-        return _if_pos(ps, ps * (lps - lpt)).sum(-1)
+        return _plogr(lps.exp(), lps, lpt).sum(-1)
     ps, pt = lps.exp(), lpt.exp()
-    lm = (beta * pt + (1.0 - beta) * ps).log()
-    return (beta * _if_pos(pt, pt * (lpt - lm)) + (1.0 - beta) * _if_pos(ps, ps * (lps - lm))).sum(-1)
+    lm = _log_mixture(ps, pt, beta)
+    return (beta * _plogr(pt, lpt, lm) + (1.0 - beta) * _plogr(ps, lps, lm)).sum(-1)
 
 
 def kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index):
@@ -80,10 +92,24 @@ def kd_loss(student, teacher, labels=None, temperature=1.0, divergence="kl", bet
     return _reduce(rows, valid, reduction)
 
 
+def _check_op_args(temperature, divergence, beta, reduction):
+    # The op's own contract, for direct callers of torch.ops.fastkd.kd_loss_fwd (the same checks as the
+    # compiled kernels; fastkd.kd_loss checks everything before and names the user's arguments).
+    if divergence not in ("kl", "reverse_kl", "jsd"):
+        raise ValueError(f"fastkd: argument 'divergence': unknown value {divergence!r}; use 'kl', 'reverse_kl' or 'jsd'")
+    if reduction not in ("batchmean", "sum", "none"):
+        raise ValueError(f"fastkd: argument 'reduction': unknown value {reduction!r}; use 'batchmean', 'sum' or 'none'")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"fastkd: argument 'beta': must be in [0, 1], got {beta}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"fastkd: argument 'temperature': must be finite and > 0, got {temperature}")
+
+
 def kd_loss_fwd(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
                 reduction, with_grad):
     """Fallback kernel of ``fastkd::kd_loss_fwd``: the fp32 loss and, when asked, its
     gradient with respect to ``student`` (in the student's dtype) from the closed-form formulas."""
+    _check_op_args(temperature, divergence, beta, reduction)
     rows, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight,
                                hard_weight, ignore_index)
     loss = _reduce(rows, valid, reduction).float()  # the op's loss is fp32 whatever the logits
@@ -99,11 +125,11 @@ def kd_loss_fwd(student, teacher, labels, temperature, divergence, beta, soft_we
     if div == "kl":
         ddiv = ps - pt
     elif div == "reverse_kl":
-        d = _if_pos(ps, ps * (lps - lpt)).sum(-1, keepdim=True)
+        d = _plogr(ps, lps, lpt).sum(-1, keepdim=True)
         ddiv = _if_pos(ps, ps * (lps - lpt - d))
     else:
-        lm = (beta * pt + (1.0 - beta) * ps).log()
-        ksm = _if_pos(ps, ps * (lps - lm)).sum(-1, keepdim=True)
+        lm = _log_mixture(ps, pt, beta)
+        ksm = _plogr(ps, lps, lm).sum(-1, keepdim=True)
         ddiv = (1.0 - beta) * _if_pos(ps, ps * (lps - lm - ksm))
     grad = soft_weight * T * ddiv
     if labels is not None and hard_weight != 0:

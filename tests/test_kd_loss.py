@@ -1,0 +1,397 @@
+"""fastkd.kd_loss against a float64 oracle (fastkd.reference.kd_loss run in float64).
+
+Tolerance (DESIGN.md, flash-attention's rule): the kernel's error may be at most 2x the error plain
+PyTorch makes on the same inputs in the same working precision, plus a small floor. "Plain PyTorch"
+is the reference maths run in fp32 (the precision fastkd computes in); for low-precision gradients
+its error includes rounding the fp32 gradient to the student's dtype.
+
+The same tests run with the compiled kernels and, in CI, again with FASTKD_DISABLE_EXTENSION=1.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference
+
+CPU = torch.device("cpu")
+DIVERGENCES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
+
+
+def make_logits(rows, vocab, dtype=torch.float32, scale=3.0, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, vocab) if lead is None else (*lead, vocab)
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.5 * s.double()).to(dtype)
+    return s, t
+
+
+def make_labels(shape, vocab, ignore_frac=0.2, seed=1, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, shape, generator=g)
+    drop = torch.rand(shape, generator=g) < ignore_frac
+    return torch.where(drop, torch.full_like(labels, ignore_index), labels)
+
+
+def run(fn, s, t, labels, grad_out=None, **kw):
+    """Loss and student gradient of fn (fastkd.kd_loss or reference.kd_loss)."""
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s, t, labels, **kw)
+    g = torch.ones_like(loss) if grad_out is None else grad_out
+    loss.backward(g)
+    return loss.detach(), s.grad
+
+
+def check(s, t, labels=None, grad_out=None, floor=1e-6, **kw):
+    """Compare fastkd with the float64 oracle under the 2x-plain-PyTorch rule."""
+    ref_loss, ref_grad = run(reference.kd_loss, s.double(), t.double(), labels,
+                             None if grad_out is None else grad_out.double(), **kw)
+    fp32_loss, fp32_grad = run(reference.kd_loss, s.float(), t.float(), labels,
+                               None if grad_out is None else grad_out.float(), **kw)
+    loss, grad = run(fastkd.kd_loss, s, t, labels, grad_out, **kw)
+    assert loss.dtype == torch.float32
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+    def err(x, ref):
+        return (x.double() - ref).abs().max().item()
+
+    base_loss = err(fp32_loss, ref_loss)
+    base_grad = err(fp32_grad.to(s.dtype), ref_grad)  # includes rounding to the student's dtype
+    scale_loss = max(1.0, ref_loss.abs().max().item())
+    scale_grad = max(1e-3, ref_grad.abs().max().item())
+    assert err(loss, ref_loss) <= 2 * base_loss + floor * scale_loss, (err(loss, ref_loss), base_loss)
+    assert err(grad, ref_grad) <= 2 * base_grad + floor * scale_grad, (err(grad, ref_grad), base_grad)
+    return loss, grad
+
+
+# ---- maths ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [1, 7, 769, 1271, 32000, 128256])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_vocab_sizes_and_divergences(vocab, divergence, beta):
+    rows = 37 if vocab < 5000 else 3
+    s, t = make_logits(rows, vocab, seed=vocab)
+    check(s, t, temperature=2.0, divergence=divergence, beta=beta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+@pytest.mark.parametrize("hard_weight,temperature", [(0.0, 4.0), (0.5, 1.0), (0.3, 2.5)])
+def test_dtypes_and_hard_term(dtype, divergence, beta, hard_weight, temperature):
+    s, t = make_logits(19, 1271, dtype=dtype, seed=3)
+    labels = make_labels((19,), 1271)
+    check(s, t, labels, temperature=temperature, divergence=divergence, beta=beta, soft_weight=0.7,
+          hard_weight=hard_weight)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_reductions_and_3d(reduction, with_labels):
+    s, t = make_logits(None, 769, lead=(3, 11), seed=5)
+    labels = make_labels((3, 11), 769) if with_labels else None
+    loss, _ = check(s, t, labels, temperature=1.5, hard_weight=0.4 if with_labels else 0.0, reduction=reduction)
+    assert loss.shape == ((3, 11) if reduction == "none" else ())
+    if with_labels and reduction == "none":
+        assert (loss[labels == -100] == 0).all()
+
+
+def test_batchmean_is_per_valid_token():
+    s, t = make_logits(None, 50, lead=(4, 6), seed=6)
+    labels = make_labels((4, 6), 50, ignore_frac=0.4)
+    rows = fastkd.kd_loss(s, t, labels, temperature=2.0, reduction="none")
+    mean = fastkd.kd_loss(s, t, labels, temperature=2.0)
+    n_valid = (labels != -100).sum()
+    torch.testing.assert_close(mean, rows.sum() / n_valid)
+
+
+def test_all_rows_ignored_gives_zero():
+    s, t = make_logits(5, 33, seed=7)
+    labels = torch.full((5,), -1, dtype=torch.long)
+    loss, grad = run(fastkd.kd_loss, s, t, labels, hard_weight=1.0, ignore_index=-1)
+    assert loss.item() == 0.0 and (grad == 0).all()
+
+
+def test_ignored_rows_excluded_without_hard_term():
+    s, t = make_logits(8, 40, seed=8)
+    labels = make_labels((8,), 40, ignore_frac=0.5, seed=9)
+    keep = labels != -100
+    loss, grad = run(fastkd.kd_loss, s, t, labels, temperature=3.0)
+    expected, _ = run(fastkd.kd_loss, s[keep], t[keep], None, temperature=3.0)
+    torch.testing.assert_close(loss, expected)
+    assert (grad[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_grad_output_not_one(reduction, divergence, beta):
+    s, t = make_logits(13, 300, seed=10)
+    labels = make_labels((13,), 300)
+    g = torch.randn(13, dtype=torch.float64).float() if reduction == "none" else torch.tensor(-2.5)
+    check(s, t, labels, grad_out=g, temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.2,
+          reduction=reduction)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_masked_vocabulary_entries(divergence, beta):
+    s, t = make_logits(6, 500, seed=11)
+    mask = torch.zeros(6, 500, dtype=torch.bool)
+    mask[:, 400:] = True  # e.g. a padded vocabulary, masked in both models
+    mask[2, :100] = True
+    check(s.masked_fill(mask, -math.inf), t.masked_fill(mask, -math.inf), temperature=2.0, divergence=divergence,
+          beta=beta)
+
+
+def test_masked_only_where_divergence_stays_finite():
+    s, t = make_logits(4, 200, seed=12)
+    mask = torch.zeros(4, 200, dtype=torch.bool)
+    mask[:, ::3] = True
+    # forward KL: entries the teacher rules out (p_t = 0) cost nothing.
+    check(s, t.masked_fill(mask, -math.inf), temperature=1.0, divergence="kl")
+    # reverse KL: entries the student rules out.
+    check(s.masked_fill(mask, -math.inf), t, temperature=1.0, divergence="reverse_kl")
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 100.0])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_extreme_logits_no_overflow(temperature, divergence, beta):
+    s, t = make_logits(5, 1000, scale=3e3, seed=13)
+    s, t = s.clamp(-1e4, 1e4), t.clamp(-1e4, 1e4)
+    s[0, 0], t[0, 1] = 1e4, -1e4
+    labels = make_labels((5,), 1000, ignore_frac=0.0)
+    check(s, t, labels, temperature=temperature, divergence=divergence, beta=beta, hard_weight=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_range(dtype):
+    info = torch.finfo(dtype)
+    s, t = make_logits(4, 600, dtype=torch.float32, scale=1.0, seed=14)
+    big = min(info.max / 4, 3e4)
+    s, t = (s * big).clamp(-info.max, info.max).to(dtype), (t * big).clamp(-info.max, info.max).to(dtype)
+    check(s, t, temperature=50.0)
+
+
+def test_non_contiguous_inputs():
+    s_wide, t_wide = make_logits(10, 700, seed=15)
+    s, t = s_wide[:, :600], t_wide[:, 50:650]  # row stride 700
+    check(s, t, temperature=2.0)
+    s_tr, t_tr = make_logits(300, 9, seed=16)
+    check(s_tr.t(), t_tr.t(), temperature=2.0)  # last-dim stride != 1
+    s3, t3 = make_logits(None, 64, lead=(6, 5), seed=17)
+    labels = make_labels((6, 5), 64)
+    check(s3.transpose(0, 1), t3.transpose(0, 1), labels.t(), hard_weight=0.5)
+
+
+@pytest.mark.parametrize("sd,td", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                   (torch.float16, torch.bfloat16)])
+def test_mixed_dtypes(sd, td):
+    s, _ = make_logits(9, 1000, dtype=sd, seed=18)
+    _, t = make_logits(9, 1000, dtype=td, seed=18)
+    check(s, t, temperature=2.0)
+
+
+def test_teacher_is_constant():
+    s, t = make_logits(4, 50, seed=19)
+    t = t.clone().requires_grad_(True)
+    s = s.clone().requires_grad_(True)
+    fastkd.kd_loss(s, t, temperature=2.0).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_no_grad_forward_matches():
+    s, t = make_logits(7, 333, seed=20)
+    with torch.no_grad():
+        a = fastkd.kd_loss(s.requires_grad_(True), t, divergence="jsd", temperature=2.0)
+    b = fastkd.kd_loss(s, t, divergence="jsd", temperature=2.0)
+    assert torch.equal(a, b.detach())
+
+
+def test_deterministic():
+    s, t = make_logits(64, 4000, seed=21)
+    a = run(fastkd.kd_loss, s, t, None, temperature=2.0)
+    b = run(fastkd.kd_loss, s, t, None, temperature=2.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_module_matches_function():
+    s, t = make_logits(6, 90, seed=22)
+    labels = make_labels((6,), 90)
+    kw = dict(temperature=3.0, divergence="jsd", beta=0.2, soft_weight=0.5, hard_weight=0.5, reduction="sum")
+    mod = fastkd.KDLoss(**kw)
+    assert torch.equal(mod(s, t, labels), fastkd.kd_loss(s, t, labels, **kw))
+    assert "temperature=3.0" in repr(mod)
+
+
+# ---- autograd ----------------------------------------------------------------------------------------
+def test_double_backward_is_an_error():
+    s, t = make_logits(3, 20, seed=23)
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+def test_second_backward_through_same_graph_is_an_error():
+    s, t = make_logits(3, 20, seed=24)
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_reference_gradcheck_fp64(divergence, beta):
+    s, t = make_logits(3, 11, dtype=torch.float64, seed=25)
+    labels = torch.tensor([1, -100, 4])
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: reference.kd_loss(x, t, labels, temperature=1.7, divergence=divergence, beta=beta,
+                                    hard_weight=0.3), (s,))
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_reference_closed_form_gradient(divergence, beta, reduction):
+    """The fallback kernel's closed-form gradient equals autograd through the oracle (both fp64)."""
+    s, t = make_logits(8, 57, dtype=torch.float64, seed=26)
+    labels = make_labels((8,), 57)
+    kw = dict(temperature=1.3, divergence=divergence, beta=beta, soft_weight=0.8, hard_weight=0.4,
+              ignore_index=-100, reduction=reduction)
+    _, grad = reference.kd_loss_fwd(s, t, labels, kw["temperature"], divergence, beta, 0.8, 0.4, -100, reduction,
+                                    True)
+    _, expected = run(reference.kd_loss, s, t, labels, **kw)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+# ---- the op --------------------------------------------------------------------------------------------
+def _op_args(reduction, with_grad, dtype=torch.float32):
+    s, t = make_logits(6, 97, dtype=dtype, seed=27)
+    labels = make_labels((6,), 97)
+    return (s.requires_grad_(with_grad), t, labels, 2.0, "jsd", 0.4, 1.0, 0.5, -100, reduction, with_grad)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_opcheck(reduction):
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd, _op_args(reduction, False))
+    # With with_grad=True the op's second output is the fused gradient, which the registered backward
+    # scales in place; AOT tests that hand that buffer back to the caller as a graph output do not
+    # apply (fastkd.kd_loss never returns it; its torch.compile path is tested below).
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd, _op_args(reduction, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    g = torch.randn(6, 97)
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_scale_, (g, torch.tensor(2.0)))
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_scale_, (g, torch.randn(6)))
+
+
+def test_scale_skips_factor_one_exactly():
+    g = torch.randn(4, 33).bfloat16()
+    before = g.clone()
+    torch.ops.fastkd.kd_loss_scale_(g, torch.tensor([1.0, 2.0, 1.0, -0.5]))
+    assert torch.equal(g[0], before[0]) and torch.equal(g[2], before[2])
+    torch.testing.assert_close(g[1], (before[1].float() * 2).bfloat16())
+    torch.testing.assert_close(g[3], (before[3].float() * -0.5).bfloat16())
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_torch_compile_fullgraph(reduction):
+    s, t = make_logits(None, 301, lead=(2, 5), seed=28)
+    labels = make_labels((2, 5), 301)
+    kw = dict(temperature=2.0, divergence="reverse_kl", hard_weight=0.3, reduction=reduction)
+
+    def step(x, y, lab):
+        loss = fastkd.kd_loss(x, y, lab, **kw)
+        return (loss * 1.5).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    x = s.clone().requires_grad_(True)
+    out = compiled(x, t, labels)
+    out.backward()
+    xr = s.double().requires_grad_(True)
+    ref = (reference.kd_loss(xr, t.double(), labels, **kw) * 1.5).sum()
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_backend_reports_what_serves_cpu():
+    expect = "reference" if os.environ.get("FASTKD_DISABLE_EXTENSION") == "1" else "extension"
+    assert fastkd.backend("cpu") == expect
+    assert fastkd.backend(torch.device("cpu")) == expect
+    assert fastkd.backend("meta") == "reference"
+
+
+def _python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTKD_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+BREAK_EXTENSION = "import sys; sys.modules['fastkd._C'] = None\n"
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    r = _python(BREAK_EXTENSION + "import warnings; warnings.simplefilter('always')\n"
+                "import fastkd, torch; import fastkd.kd_loss\n"
+                "print(fastkd.backend('cpu'))\n"
+                "print(float(fastkd.kd_loss(torch.zeros(2, 3), torch.zeros(2, 3))))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["reference", "0.0"]
+    assert r.stderr.count("compiled extension unavailable") == 1
+
+
+def test_require_extension_turns_missing_into_import_error():
+    r = _python(BREAK_EXTENSION + "import fastkd", FASTKD_REQUIRE_EXTENSION="1")
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "FASTKD_REQUIRE_EXTENSION=1" in r.stderr
+
+
+def test_disable_extension_forces_reference_silently():
+    r = _python("import fastkd; print(fastkd.backend('cpu'))", FASTKD_DISABLE_EXTENSION="1")
+    assert r.returncode == 0 and r.stdout.strip() == "reference"
+    assert "unavailable" not in r.stderr
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+BAD = [
+    (lambda s, t, l: fastkd.kd_loss(s, t[:, :40]), ValueError, r"vocabulary sizes differ.*50.*40"),
+    (lambda s, t, l: fastkd.kd_loss(s, t[:3]), ValueError, r"rows differ"),
+    (lambda s, t, l: fastkd.kd_loss(s, t.to("meta")), ValueError, r"teacher_logits is on meta"),
+    (lambda s, t, l: fastkd.kd_loss(s.long(), t), TypeError, r"student_logits must be float"),
+    (lambda s, t, l: fastkd.kd_loss(s, t.int()), TypeError, r"teacher_logits must be float"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=0.0), ValueError, r"temperature must be finite and > 0"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=-1.0), ValueError, r"temperature"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=float("inf")), ValueError, r"temperature"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=float("nan")), ValueError, r"temperature"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, divergence="jsd", beta=1.5), ValueError, r"beta must be in \[0, 1\]"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, divergence="js"), ValueError, r"unknown divergence 'js'"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, reduction="mean"), ValueError, r"unknown reduction 'mean'.*batchmean"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, hard_weight=0.5), ValueError, r"labels are required"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l[:3]), ValueError, r"labels must have the logits' leading shape"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l.float()), TypeError, r"labels must be an integer tensor"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l + 100), ValueError, r"labels hold .* outside \[0, 50\)"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l - 100, ignore_index=-1), ValueError, r"outside \[0, 50\)"),
+]
+
+
+@pytest.mark.parametrize("call,exc,pattern", BAD)
+def test_bad_input(call, exc, pattern):
+    s, t = make_logits(6, 50, seed=29)
+    labels = make_labels((6,), 50, ignore_frac=0.0)
+    with pytest.raises(exc, match=pattern):
+        call(s, t, labels)
+
+
+def test_op_checks_its_own_arguments():
+    """Direct callers of torch.ops.fastkd.kd_loss_fwd get errors that name the argument too."""
+    s, t = make_logits(4, 30, seed=30)
+    with pytest.raises((ValueError, RuntimeError), match="beta|must be in"):
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "jsd", 2.0, 1.0, 0.0, -100, "sum", False)
+    with pytest.raises((ValueError, RuntimeError), match="divergence|reduction"):
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "avg", False)
