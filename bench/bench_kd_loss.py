@@ -1,0 +1,157 @@
+"""KD loss: fastkd vs the eager reference vs torch.compile(reference) (and Liger-Kernel on CUDA),
+side by side in one process.
+
+    python -m bench.bench_kd_loss [--device cpu|cuda] [--quick] [--out bench/results/kd_loss_cpu.csv]
+
+The eager reference is what users write today (fastkd.reference.textbook_kd_loss):
+F.kl_div(F.log_softmax(s / T), F.softmax(t / T), reduction="batchmean") * T^2 (+ cross-entropy).
+GB/s counts one read of both logits (and one write of the student gradient in backward modes); the
+copy ceiling (read + write of a 512 MiB buffer) is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import fastkd
+from fastkd import reference
+
+from . import common
+
+CPU_SHAPES = [(4096, 32000), (1024, 128256)]
+CUDA_SHAPES = [(8192, 128256), (16384, 131072)]
+TEMPERATURE = 2.0
+
+
+def _liger():
+    """Liger-Kernel's KL divergence and JSD losses, when importable (CUDA only)."""
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss  # noqa: PLC0415
+    except Exception:  # not installed, or no Triton
+        return None
+    kl = LigerKLDIVLoss(reduction="batchmean")
+    jsd = LigerJSD(beta=0.0)  # beta = 0 is forward KL in Liger's convention too
+
+    def liger_kl(s, t, labels, hard_weight):
+        T = TEMPERATURE
+        loss = kl(torch.log_softmax(s.float() / T, -1), torch.softmax(t.float() / T, -1)) * T * T
+        if hard_weight:
+            loss = loss + hard_weight * torch.nn.functional.cross_entropy(s, labels)
+        return loss
+
+    def liger_jsd(s, t, labels, hard_weight):
+        T = TEMPERATURE
+        # LigerJSD takes log-probabilities of a flattened (BT, V) batch.
+        return jsd(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1)) * T * T
+
+    return {"liger_kl": liger_kl, "liger_jsd_beta0": liger_jsd}
+
+
+def providers(device: torch.device) -> dict:
+    def fastkd_fn(s, t, labels, hard_weight):
+        return fastkd.kd_loss(s, t, labels, temperature=TEMPERATURE, hard_weight=hard_weight)
+
+    def eager(s, t, labels, hard_weight):
+        return reference.textbook_kd_loss(s, t, labels, temperature=TEMPERATURE, hard_weight=hard_weight)
+
+    compiled = torch.compile(reference.textbook_kd_loss, dynamic=False)
+
+    def compile_fn(s, t, labels, hard_weight):
+        return compiled(s, t, labels, temperature=TEMPERATURE, hard_weight=hard_weight)
+
+    out = {"fastkd": fastkd_fn, "eager": eager, "compile": compile_fn}
+    if device.type == "cuda":
+        out.update(_liger() or {})
+    return out
+
+
+def bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats):
+    def fwd():
+        with torch.no_grad():
+            return fn(s, t, labels, hard_weight)
+
+    def fwd_bwd():
+        s.grad = None
+        fn(s, t, labels, hard_weight).backward()
+
+    if mode == "fwd":
+        call = fwd
+    elif mode == "fwd+bwd":
+        call = fwd_bwd
+    else:
+        raise ValueError(mode)
+    med, p20, p80 = common.time_call(call, device, repeats=repeats, warmup=1)
+    mem = common.peak_memory_mb(call, device)
+    nbytes = s.nbytes + t.nbytes + (s.nbytes if mode != "fwd" else 0)
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": nbytes / (med * 1e-3) / 1e9,
+            "peak_mem_mib": mem}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="one small shape, few repeats (a smoke run)")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--modes", default="fwd+bwd,fwd")
+    ap.add_argument("--providers", default=None, help="comma-separated subset")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), len(__import__("os").sched_getaffinity(0))))
+    shapes = [(256, 4096)] if args.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    modes = args.modes.split(",")
+    provs = providers(device)
+    if args.providers:
+        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
+    info = common.machine_info(device)
+    ceiling = common.copy_ceiling_gbps(device, 1 << 26 if args.quick else 1 << 29)
+    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
+          f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; copy ceiling {ceiling:.1f} GB/s",
+          flush=True)
+    rows = []
+    configs = [(0.0,)] + ([(0.5,)] if not args.quick else [])
+    for rows_, vocab in shapes:
+        for dtype in dtypes:
+            g = torch.Generator(device=device).manual_seed(0)
+            s = (torch.randn(rows_, vocab, device=device, generator=g) * 2).to(dtype).requires_grad_(True)
+            t = (torch.randn(rows_, vocab, device=device, generator=g) * 2).to(dtype)
+            labels = torch.randint(0, vocab, (rows_,), device=device, generator=g)
+            for (hard_weight,) in configs:
+                if hard_weight and (dtype != torch.float32 or (rows_, vocab) != shapes[0]):
+                    continue  # the cross-entropy mix once, at the first shape in fp32
+                for mode in modes:
+                    results = {}
+                    for name, fn in provs.items():
+                        if name.startswith("liger") and hard_weight and name != "liger_kl":
+                            continue
+                        repeats = 3 if args.quick else (3 if name == "eager" and device.type == "cpu" else 7)
+                        try:
+                            r = bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats)
+                        except Exception as exc:  # a provider that cannot run this case is reported, not hidden
+                            print(f"  {name} failed on {rows_}x{vocab} {dtype} {mode}: {type(exc).__name__}: {exc}",
+                                  file=sys.stderr)
+                            continue
+                        results[name] = r
+                        rows.append({"op": "kd_loss", "loss": "kl" + ("+ce" if hard_weight else ""),
+                                     "provider": name, "rows": rows_, "vocab": vocab,
+                                     "dtype": str(dtype).replace("torch.", ""), "mode": mode, **r,
+                                     "pct_copy_ceiling": 100 * r["gbps"] / ceiling, "copy_gbps": ceiling, **info})
+                    base = results.get("fastkd")
+                    for row in rows[-len(results):]:
+                        row["fastkd_speedup"] = (row["median_ms"] / base["median_ms"]) if base else None
+    cols = ["loss", "provider", "rows", "vocab", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
+            "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"]
+    common.print_table(rows, cols)
+    out = args.out or (common.RESULTS / f"kd_loss_{device.type}{'_quick' if args.quick else ''}.csv")
+    common.write_csv(__import__("pathlib").Path(out), rows)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
