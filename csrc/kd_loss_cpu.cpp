@@ -15,11 +15,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <vector>
 #include <type_traits>
 
 #include "kd_loss.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace fastkd {
 namespace {
@@ -58,6 +63,22 @@ void store_from_float(const float* src, T* dst, int64_t n) {
     }
   }
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// A fresh gradient buffer is untouched memory: on Linux its first write faults in every 4 KiB page
+// (seen here: 3 ns per fp32 entry, more than the kernel's own work). Asking for transparent huge
+// pages on the 2 MiB-aligned interior (what torch's THP_MEM_ALLOC_ENABLE does for every allocation)
+// cuts the faults 512-fold. Advice only: where THP is off, nothing changes.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 // ---- generic vector/scalar loop --------------------------------------------------------------------
@@ -274,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   const float w = weight.item<float>();  // a CPU tensor: no device to wait for
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
   at::Tensor grad = with_grad ? at::empty({a.rows, a.vocab}, a.student.options()) : at::empty({0}, a.student.options());
+  if (with_grad) advise_huge_pages(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.student.scalar_type(), "kd_loss_cpu", [&] {
     using S = scalar_t;
     S* g = with_grad ? grad.data_ptr<S>() : nullptr;
