@@ -1,11 +1,13 @@
 // Host-side argument handling of the fused KD loss ops, shared by the CPU and CUDA implementations.
 //
 // Ops (schemas in fastkd/_ops.py, the one home of every schema):
-//   fastkd::kd_loss_fwd(student [rows, V], teacher [rows, V], labels [rows]?, ...) -> (loss, grad)
-//     loss: fp32, [] for "sum"/"batchmean", [rows] for "none";
-//     grad: d(loss)/d(student) for grad_output = 1 (per row for "none"), student dtype, [rows, V];
-//           an empty [0] tensor when with_grad is false.
-//   fastkd::kd_loss_scale_(grad [rows, V], grad_output [] or [rows]) -> ()
+//   fastkd::kd_loss_fwd(student [..., V], teacher [..., V], labels [...]?, ...) -> (loss, grad)
+//     loss: fp32, [] for "sum"/"batchmean", [...] (the leading shape) for "none";
+//     grad: d(loss)/d(student) for grad_output = 1 (per row for "none"), student dtype and shape,
+//           contiguous; an empty [0] tensor when with_grad is false.
+//     The leading dimensions are flattened inside the op, so the gradient handed to autograd is a
+//     fresh, non-view tensor that autograd adopts as .grad without copying it.
+//   fastkd::kd_loss_scale_(grad [..., V], grad_output [] or [...]) -> ()
 //     grad *= grad_output, in place, skipping rows whose factor is exactly 1 (the usual
 //     loss.backward()), so the common backward costs no pass over memory.
 #pragma once
@@ -13,6 +15,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 #include "kd_loss_math.h"
@@ -39,6 +42,7 @@ struct KdLossArgs {
   at::Tensor student;  // [rows, V], last dim contiguous
   at::Tensor teacher;  // [rows, V], last dim contiguous
   at::Tensor labels;   // [rows] int64, or undefined
+  std::vector<int64_t> lead;  // the logits' leading shape (rows = its product)
   int64_t rows;
   int64_t vocab;
   Divergence divergence;
@@ -46,8 +50,12 @@ struct KdLossArgs {
   KdParams params;
 };
 
-inline at::Tensor last_dim_contiguous(const at::Tensor& x) {
-  return (x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= x.size(1))) ? x : x.contiguous();
+// [..., V] -> [rows, V] with unit stride along V; 2-D inputs keep any row stride (e.g. a slice of a
+// wider vocabulary), others are viewed when contiguous and copied otherwise.
+inline at::Tensor as_rows(const at::Tensor& x) {
+  const int64_t vocab = x.size(-1);
+  if (x.dim() == 2 && x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= vocab)) return x;
+  return x.contiguous().view({-1, vocab});
 }
 
 // Validates the op's arguments (the Python wrapper validates first and names the user's arguments;
@@ -56,12 +64,12 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
                                     const std::optional<at::Tensor>& labels, double temperature,
                                     std::string_view divergence, double beta, double soft_weight,
                                     double hard_weight, int64_t ignore_index, std::string_view reduction) {
-  FKD_CHECK_ARG(student.dim() == 2, "student_logits", "expected 2-D [rows, vocab], got ", student.sizes());
-  FKD_CHECK_ARG(teacher.dim() == 2, "teacher_logits", "expected 2-D [rows, vocab], got ", teacher.sizes());
-  FKD_CHECK_ARG(student.size(1) == teacher.size(1), "teacher_logits",
-                "vocabulary sizes differ: student ", student.size(1), ", teacher ", teacher.size(1));
-  FKD_CHECK_ARG(student.size(0) == teacher.size(0), "teacher_logits",
-                "row counts differ: student ", student.size(0), ", teacher ", teacher.size(0));
+  FKD_CHECK_ARG(student.dim() >= 1, "student_logits", "expected shape [..., vocab], got a 0-d tensor");
+  FKD_CHECK_ARG(teacher.dim() >= 1, "teacher_logits", "expected shape [..., vocab], got a 0-d tensor");
+  FKD_CHECK_ARG(student.size(-1) == teacher.size(-1), "teacher_logits",
+                "vocabulary sizes differ: student ", student.size(-1), ", teacher ", teacher.size(-1));
+  FKD_CHECK_ARG(student.sizes().slice(0, student.dim() - 1) == teacher.sizes().slice(0, teacher.dim() - 1),
+                "teacher_logits", "leading shapes differ: student ", student.sizes(), ", teacher ", teacher.sizes());
   FKD_CHECK_ARG(student.device() == teacher.device(), "teacher_logits", "on ", teacher.device(),
                 " but student_logits on ", student.device());
   for (const auto* t : {&student, &teacher}) {
@@ -73,21 +81,22 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
                 temperature);
   FKD_CHECK_ARG(beta >= 0 && beta <= 1, "beta", "must be in [0, 1], got ", beta);
   KdLossArgs a;
-  a.rows = student.size(0);
-  a.vocab = student.size(1);
+  a.lead = student.sizes().slice(0, student.dim() - 1).vec();
+  a.vocab = student.size(-1);
   FKD_CHECK_ARG(a.vocab >= 1, "student_logits", "the vocabulary (last) dimension is empty");
-  a.student = last_dim_contiguous(student);
-  a.teacher = last_dim_contiguous(teacher);
+  a.student = as_rows(student);
+  a.teacher = as_rows(teacher);
+  a.rows = a.student.size(0);
   a.divergence = parse_divergence(divergence);
   a.reduction = parse_reduction(reduction);
   if (labels.has_value() && labels->defined()) {
-    FKD_CHECK_ARG(labels->dim() == 1 && labels->size(0) == a.rows, "labels", "expected shape [", a.rows,
-                  "], got ", labels->sizes());
+    FKD_CHECK_ARG(labels->sizes() == at::IntArrayRef(a.lead), "labels", "expected the logits' leading shape ",
+                  at::IntArrayRef(a.lead), ", got ", labels->sizes());
     FKD_CHECK_ARG(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool, "labels",
                   "expected an integer dtype, got ", labels->scalar_type());
     FKD_CHECK_ARG(labels->device() == student.device(), "labels", "on ", labels->device(),
                   " but student_logits on ", student.device());
-    a.labels = labels->to(at::kLong).contiguous();
+    a.labels = labels->to(at::kLong).reshape({-1}).contiguous();
   }
   FKD_CHECK_ARG(hard_weight == 0 || a.labels.defined(), "labels", "required when hard_weight != 0");
   // beta = 0 is forward KL and beta = 1 reverse KL exactly (the JSD formula itself tends to 0 there).
@@ -117,15 +126,16 @@ inline at::Tensor row_weight(const KdLossArgs& a) {
 
 // The op's loss output from the per-row losses (ignored rows hold 0).
 inline at::Tensor reduce_rows(const KdLossArgs& a, const at::Tensor& row_losses, const at::Tensor& weight) {
-  if (a.reduction == Reduction::None) return row_losses;
+  if (a.reduction == Reduction::None) return row_losses.view(a.lead);
   at::Tensor total = row_losses.sum();
   return a.reduction == Reduction::BatchMean ? total * weight : total;
 }
 
 inline void check_scale_args(const at::Tensor& grad, const at::Tensor& grad_output) {
-  FKD_CHECK_ARG(grad.dim() == 2 && grad.is_contiguous(), "grad", "expected a contiguous [rows, vocab] tensor");
-  FKD_CHECK_ARG(grad_output.numel() == 1 || grad_output.numel() == grad.size(0), "grad_output",
-                "expected one factor or one per row (", grad.size(0), "), got ", grad_output.numel());
+  FKD_CHECK_ARG(grad.dim() >= 1 && grad.is_contiguous(), "grad", "expected a contiguous [..., vocab] tensor");
+  const int64_t rows = grad.size(-1) == 0 ? 0 : grad.numel() / grad.size(-1);
+  FKD_CHECK_ARG(grad_output.numel() == 1 || grad_output.numel() == rows, "grad_output",
+                "expected one factor or one per row (", rows, "), got ", grad_output.numel());
   FKD_CHECK_ARG(grad_output.device() == grad.device(), "grad_output", "on ", grad_output.device(),
                 " but grad on ", grad.device());
 }

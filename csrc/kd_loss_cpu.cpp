@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   const at::Tensor weight = row_weight(a);
   const float w = weight.item<float>();  // a CPU tensor: no device to wait for
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
-  at::Tensor grad = with_grad ? at::empty({a.rows, a.vocab}, a.student.options()) : at::empty({0}, a.student.options());
+  at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
   if (with_grad) advise_huge_pages(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.student.scalar_type(), "kd_loss_cpu", [&] {
     using S = scalar_t;
@@ -314,7 +314,7 @@ void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
   const at::Tensor go = grad_output.to(at::kFloat).contiguous();
   const float* f = go.data_ptr<float>();
   const bool per_row = go.numel() != 1;
-  const int64_t rows = grad.size(0), vocab = grad.size(1);
+  const int64_t vocab = grad.size(-1), rows = vocab == 0 ? 0 : grad.numel() / vocab;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "kd_loss_scale_cpu", [&] {
     scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)), [&](int64_t b, int64_t e) {

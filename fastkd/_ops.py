@@ -37,7 +37,7 @@ _LIB.impl("kd_loss_scale_", reference.kd_loss_scale_, "CompositeExplicitAutograd
 @torch.library.register_fake("fastkd::kd_loss_fwd")
 def _kd_loss_fwd_fake(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight,
                       ignore_index, reduction, with_grad):
-    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=torch.float32)
     grad = student.new_empty(student.shape if with_grad else (0,))
     return loss, grad
 
@@ -51,6 +51,9 @@ def _kd_loss_scale_fake(grad, grad_output):
 def _kd_loss_setup_context(ctx, inputs, output):
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # The second output never gets a gradient; materialising one would allocate and zero a tensor
+    # as large as the logits on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
     ctx.with_grad = inputs[-1]
     ctx.consumed = False
@@ -74,6 +77,8 @@ def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
         )
     ctx.consumed = True
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # the loss did not reach the differentiated output
+        return (None,) * 11
     # In place: free when grad_loss == 1 (loss.backward()), one pass over the gradient otherwise.
     torch.ops.fastkd.kd_loss_scale_(grad, grad_loss)
     return grad, None, None, None, None, None, None, None, None, None, None

@@ -96,16 +96,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     """
     _check_args(student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight, ignore_index,
                 reduction)
-    vocab = student_logits.shape[-1]
-    lead = student_logits.shape[:-1]
     loss, _ = torch.ops.fastkd.kd_loss_fwd(
-        student_logits.reshape(-1, vocab),
-        teacher_logits.reshape(-1, vocab),
-        None if labels is None else labels.reshape(-1),
-        float(temperature), divergence, float(beta), float(soft_weight), float(hard_weight), int(ignore_index),
-        reduction, torch.is_grad_enabled() and student_logits.requires_grad,
+        student_logits, teacher_logits, labels, float(temperature), divergence, float(beta), float(soft_weight),
+        float(hard_weight), int(ignore_index), reduction, torch.is_grad_enabled() and student_logits.requires_grad,
     )
-    return loss.reshape(lead) if reduction == "none" else loss
+    return loss
 
 
 class KDLoss(nn.Module):

@@ -56,7 +56,7 @@ def _divergence_rows(lps, lpt, divergence: str, beta: float) -> torch.Tensor:
 
 
 def kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index):
-    """Per-row losses of 2-D logits [rows, V] (0 on ignored rows) and the valid-row mask (or None)."""
+    """Per-row losses of logits [..., V] (0 on ignored rows) and the valid-row mask (or None)."""
     dtype = torch.promote_types(_compute_dtype(student), _compute_dtype(teacher))
     s, t = student.to(dtype), teacher.to(dtype)
     divergence = _effective_divergence(divergence, beta)
@@ -86,7 +86,7 @@ def _reduce(rows: torch.Tensor, valid, reduction: str) -> torch.Tensor:
 
 def kd_loss(student, teacher, labels=None, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
             hard_weight=0.0, ignore_index=-100, reduction="batchmean"):
-    """The loss of ``fastkd.kd_loss`` on 2-D logits, differentiable by autograd (the oracle)."""
+    """The loss of ``fastkd.kd_loss``, differentiable by autograd (the oracle)."""
     rows, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight,
                                hard_weight, ignore_index)
     return _reduce(rows, valid, reduction)
@@ -146,7 +146,7 @@ def kd_loss_fwd(student, teacher, labels, temperature, divergence, beta, soft_we
 
 def kd_loss_scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """Fallback kernel of ``fastkd::kd_loss_scale_``: grad *= grad_output (one factor or one per row)."""
-    factor = grad_output.reshape(-1, 1) if grad_output.numel() != 1 else grad_output.reshape(())
+    factor = grad_output.unsqueeze(-1) if grad_output.numel() != 1 else grad_output.reshape(())
     grad.copy_(grad.to(_compute_dtype(grad)) * factor)
 
 
