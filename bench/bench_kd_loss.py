@@ -12,7 +12,9 @@ copy ceiling (read + write of a 512 MiB buffer) is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), len(__import__("os").sched_getaffinity(0))))
+        torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
     shapes = [(256, 4096)] if args.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     modes = args.modes.split(",")
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
     print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
           f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; copy ceiling {ceiling:.1f} GB/s",
           flush=True)
+    out = Path(args.out) if args.out else common.RESULTS / f"kd_loss_{device.type}{'_quick' if args.quick else ''}.csv"
     rows = []
     configs = [(0.0,)] + ([(0.5,)] if not args.quick else [])
     for rows_, vocab in shapes:
@@ -144,11 +147,11 @@ def main(argv=None) -> int:
                     base = results.get("fastkd")
                     for row in rows[-len(results):]:
                         row["fastkd_speedup"] = (row["median_ms"] / base["median_ms"]) if base else None
+                    common.write_csv(out, rows)  # after every case: a run cut short keeps what it measured
     cols = ["loss", "provider", "rows", "vocab", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
             "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"]
     common.print_table(rows, cols)
-    out = args.out or (common.RESULTS / f"kd_loss_{device.type}{'_quick' if args.quick else ''}.csv")
-    common.write_csv(__import__("pathlib").Path(out), rows)
+    common.write_csv(out, rows)
     print(f"wrote {out}")
     return 0
 
