@@ -50,16 +50,36 @@ void load_float(const T* src, float* dst, int64_t n, float scale) {  // dst = fl
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
 }
 
+// `stream`: non-temporal stores for gradients far larger than the caches. A normal store first reads
+// the line it writes (read-for-ownership); a gradient of 0.5 GB written that way costs 0.5 GB of
+// extra reads, and it will not be read again before the optimizer step evicts it anyway.
 template <typename T>
-void store_from_float(const float* src, T* dst, int64_t n) {
+void store_from_float(const float* src, T* dst, int64_t n, bool stream) {
   int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  stream = stream && (reinterpret_cast<uintptr_t>(dst) % 32 == 0);
+#else
+  stream = false;
+#endif
   if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
+#if defined(CPU_CAPABILITY_AVX2)
+    if (stream) {
+      for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    }
+#endif
+    std::copy(src + i, src + n, dst + i);
     return;
   } else {
     using VecT = at::vec::Vectorized<T>;
     for (; i + VecT::size() <= n; i += VecT::size()) {
-      at::vec::convert_from_float<T>(Vec::loadu(src + i), Vec::loadu(src + i + Vec::size())).store(dst + i);
+      const VecT v = at::vec::convert_from_float<T>(Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()));
+#if defined(CPU_CAPABILITY_AVX2)
+      if (stream) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), __m256i(v));
+        continue;
+      }
+#endif
+      v.store(dst + i);
     }
   }
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
@@ -162,7 +182,7 @@ void to_prob_factors(std::vector<float>& mk, const LogNorm& n) {
 // One row: returns its loss and, when grad != nullptr, writes w * d(row loss)/d(student row).
 template <Divergence D, typename S, typename T>
 float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, const KdParams& p, float w,
-             RowScratch& buf) {
+             bool stream, RowScratch& buf) {
   const bool sep = p.separate_lse1;
   // Sweep 1: statistics (online over chunks), keeping the exponentials.
   LseState la = lse_empty(), lb = lse_empty(), l1 = lse_empty();
@@ -225,7 +245,7 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
       auxsum += auxchunk.total();
       if (with_grad) {
         if (p.hard && label >= c0 && label < c0 + n) buf.a[label - c0] -= w * p.hard_weight;
-        store_from_float(buf.a, grad + c0, n);
+        store_from_float(buf.a, grad + c0, n, stream);
       }
     }
     *d_out = dsum;
@@ -250,6 +270,8 @@ void kd_rows(const KdLossArgs& a, float w, float* row_losses, S* grad) {
   const int64_t* labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
   const KdParams p = a.params;
   const int64_t grain = std::max<int64_t>(1, 32768 / vocab);
+  // Stream the gradient past the caches when it is much larger than them (see store_from_float).
+  const bool stream = grad != nullptr && a.rows * vocab * int64_t(sizeof(S)) >= (int64_t(64) << 20);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     auto buf = std::make_unique<RowScratch>(vocab, p.separate_lse1);
     for (int64_t r = begin; r < end; ++r) {
@@ -262,8 +284,11 @@ void kd_rows(const KdLossArgs& a, float w, float* row_losses, S* grad) {
       }
       FKD_CHECK_ARG(!labels || (label >= 0 && label < vocab), "labels", "labels[", r, "] = ", label,
                     " is outside [0, ", vocab, ") and is not ignore_index (", p.ignore_index, ")");
-      row_losses[r] = kd_row<D>(s + r * ss, t + r * ts, g, vocab, label, p, w, *buf);
+      row_losses[r] = kd_row<D>(s + r * ss, t + r * ts, g, vocab, label, p, w, stream, *buf);
     }
+#if defined(CPU_CAPABILITY_AVX2)
+    if (stream) _mm_sfence();  // order the non-temporal stores before the task ends
+#endif
   });
 }
 
@@ -329,7 +354,7 @@ void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
             for (int64_t i = 0; i < n; ++i) row[c0 + i] *= factor;
           } else {
             load_float(row + c0, tmp, n, factor);
-            store_from_float(tmp, row + c0, n);
+            store_from_float(tmp, row + c0, n, false);
           }
         }
       }
