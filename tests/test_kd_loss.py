@@ -395,3 +395,16 @@ def test_op_checks_its_own_arguments():
         torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "jsd", 2.0, 1.0, 0.0, -100, "sum", False)
     with pytest.raises((ValueError, RuntimeError), match="divergence|reduction"):
         torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "avg", False)
+
+
+@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 32000), (torch.bfloat16, 56000)])
+def test_large_gradient_equals_row_blocks(dtype, vocab):
+    """Gradients of 64 MiB and more are written with non-temporal stores on the CPU: the values must
+    be the same, bit for bit, as for the same rows computed in small blocks."""
+    s, t = make_logits(600, vocab, dtype=dtype, seed=31)
+    labels = make_labels((600,), vocab)
+    kw = dict(temperature=2.0, hard_weight=0.3, reduction="sum")
+    loss, grad = run(fastkd.kd_loss, s, t, labels, **kw)
+    parts = [run(fastkd.kd_loss, s[i:i + 100], t[i:i + 100], labels[i:i + 100], **kw) for i in range(0, 600, 100)]
+    assert torch.equal(grad, torch.cat([g for _, g in parts]))
+    torch.testing.assert_close(loss, sum(p for p, _ in parts), rtol=1e-6, atol=0)
