@@ -222,6 +222,8 @@ class Distiller:
         if teacher is None:  # the labels-only baseline
             self.schedules["soft_weight"] = as_schedule(0.0)
             self.schedules["hard_weight"] = as_schedule(1.0)
+        # As given (before the trainer fills in open schedule lengths): part of the run's identity.
+        self._schedule_spec = {k: s.describe() for k, s in self.schedules.items()}
         self.divergence, self.beta, self.ignore_index = divergence, float(beta), int(ignore_index)
         self.accumulation_steps = int(accumulation_steps)
         self.max_grad_norm, self.clip_value = max_grad_norm, clip_value
@@ -254,7 +256,7 @@ class Distiller:
             "optimizer": type(opt).__name__,
             "optimizer_defaults": {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, str, bool))},
             "scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
-            "schedules": {k: s.describe() for k, s in self.schedules.items()},
+            "schedules": self._schedule_spec,
             "divergence": self.divergence, "beta": self.beta, "ignore_index": self.ignore_index,
             "accumulation_steps": self.accumulation_steps, "max_grad_norm": self.max_grad_norm,
             "clip_value": self.clip_value, "precision": self.precision, "world_size": self.world_size,
