@@ -145,7 +145,8 @@ class Distiller:
         device: where to train (default: the student's device).
         run_dir: folder for metrics.csv, eval.csv, run.json, checkpoints/ (rank 0 writes). None: no files.
         log_every: optimizer steps between log rows. checkpoint_every: optimizer steps between
-            checkpoints (None: at the end of each epoch only). eval_every: epochs between evaluations.
+            checkpoints (None: none mid-epoch). checkpoint_epochs: epochs between end-of-epoch checkpoints
+            (the last epoch and a stop always save). eval_every: epochs between evaluations.
         best_metric / best_mode: which evaluation metric selects ``checkpoints/best.pt`` ("max"/"min";
             default from the name: losses and perplexities are minimised).
         callbacks: ``Callback`` objects. progress: tqdm bar (when tqdm is installed).
@@ -158,7 +159,8 @@ class Distiller:
                  ignore_index: int = -100, accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  clip_value: float | None = None, precision: str = "fp32", device=None,
                  run_dir: str | os.PathLike | None = None, log_every: int = 10, checkpoint_every: int | None = None,
-                 eval_every: int = 1, best_metric: str = "student_acc", best_mode: str | None = None,
+                 eval_every: int = 1, checkpoint_epochs: int = 1, best_metric: str = "student_acc",
+                 best_mode: str | None = None,
                  callbacks: Iterable[Callback] = (), progress: bool = True, tensorboard: bool = True,
                  config: dict | None = None):
         from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
@@ -232,6 +234,7 @@ class Distiller:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log_every, self.checkpoint_every, self.eval_every = int(log_every), checkpoint_every, int(eval_every)
+        self.checkpoint_epochs = int(checkpoint_epochs)
         self.best_metric = best_metric
         self.best_mode = best_mode or ("min" if any(k in best_metric for k in _LOWER_IS_BETTER) else "max")
         if self.best_mode not in ("min", "max"):
@@ -296,7 +299,11 @@ class Distiller:
                 raise RunDirError(
                     f"run folder {self.run_dir} already holds a different run (differs in: {', '.join(diff)}); "
                     "nothing was overwritten. Choose another run folder, or resume with the run's own settings.")
-            if not resume and last.exists():
+            if not resume and not last.exists():
+                log.warning("fastkd.Distiller: %s holds a run that never saved a checkpoint; starting it afresh",
+                            self.run_dir)
+                return
+            if not resume:
                 raise RunDirError(f"run folder {self.run_dir} already holds this run (checkpoint {last}); resume it "
                                   "(Distiller.fit(resume=True), `fastkd resume DIR`) or choose another folder")
         elif resume:
@@ -609,7 +616,9 @@ class Distiller:
                 self.state.batch_in_epoch = 0
                 if eval_loader is not None and self.state.epoch % self.eval_every == 0:
                     self._evaluate_and_keep_best(eval_loader)
-                self.save_checkpoint()
+                last_epoch = self.state.epoch == epochs
+                if self.state.epoch % self.checkpoint_epochs == 0 or last_epoch or self.should_stop:
+                    self.save_checkpoint()
         finally:
             if self._tb is not None:
                 self._tb.flush()
