@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.fastkd-deps-$(TORCH)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=23" setuptools wheel
-	$(PY) -m pip install -q "torch==$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark expecttest matplotlib
+	$(PY) -m pip install -q "torch==$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark expecttest matplotlib scikit-learn tqdm
 	FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	rm -f $(VENV)/.fastkd-deps-* && touch $@
 
@@ -26,7 +26,7 @@ test: build
 	FASTKD_DISABLE_EXTENSION=1 $(PY) -m pytest -q
 
 demo: build
-	$(PY) examples/quickstart.py
+	$(PY) -m fastkd demo
 
 bench: build
 	$(PY) -m bench

@@ -2,8 +2,20 @@
 
 from ._ops import backend, extension_error
 from .kd_loss import KDLoss, kd_loss
+from .clip import clip_grad_norm_, clip_grad_value_
 from . import reference
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "backend", "extension_error", "reference", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "clip_grad_norm_", "clip_grad_value_", "Distiller", "backend",
+           "extension_error", "reference", "__version__"]
+
+
+def __getattr__(name):
+    # The trainer is imported lazily: `import fastkd` for the ops stays light.
+    if name in ("Distiller", "trainer", "schedules", "checkpoint"):
+        import importlib  # noqa: PLC0415
+
+        mod = importlib.import_module(".trainer" if name == "Distiller" else f".{name}", __name__)
+        return mod.Distiller if name == "Distiller" else mod
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")

@@ -1,0 +1,187 @@
+"""``fastkd lm-demo``: token-level distillation of a byte-level transformer LM, on the CPU in minutes.
+
+Text that is on every machine: the Python standard library's own ``*.py`` sources (top-level folder,
+sorted; every 10th file is held out for validation). Each file is a document cut into windows of
+``seq_len`` bytes; the last window of a file is padded, and the padding's labels are ``ignore_index``
+so it counts in no loss, no gradient and no row count. Vocabulary: 256 bytes + 1 padding id.
+
+A teacher transformer is trained first on the labels; then a smaller student is trained twice with
+the same budget (same data, steps, optimizer, learning rate, initialisation): from the labels alone
+("scratch") and distilled from the teacher ("distilled", forward KL at ``temperature`` mixed with the
+hard cross-entropy). Reported: validation perplexity (exp of the per-byte cross-entropy) and
+bits per byte. Results go to the run folder (report.json, table.txt, one Distiller run folder each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .trainer import Distiller, RunDirError
+
+__all__ = ["LMDemoConfig", "ByteLM", "load_stdlib_text", "run_lm_demo", "PAD", "VOCAB"]
+
+PAD = 256
+VOCAB = 257
+IGNORE = -100
+
+
+@dataclass
+class LMDemoConfig:
+    out: str = ""
+    seq_len: int = 64
+    train_bytes: int = 150_000  # of the stdlib's sources, for training (validation: held-out files)
+    val_bytes: int = 30_000
+    batch_size: int = 16
+    teacher_dim: int = 96
+    teacher_layers: int = 2
+    teacher_epochs: int = 4
+    student_dim: int = 48
+    student_layers: int = 1
+    student_epochs: int = 3
+    lr: float = 2e-3
+    temperature: float = 1.0
+    hard_weight: float = 0.5
+    soft_weight: float = 1.0
+    seed: int = 0
+    threads: int = 1  # torch threads: one is fastest for these small matrices on a busy machine (0: default)
+
+
+class ByteLM(nn.Module):
+    """A small causal transformer over bytes: (B, S) ids -> (B, S, 257) logits."""
+
+    def __init__(self, dim: int, layers: int, heads: int | None = None, seq_len: int = 128, dropout: float = 0.0):
+        super().__init__()
+        heads = heads or max(1, dim // 32)
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Embedding(seq_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True,
+                                           activation="gelu")
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, VOCAB)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        s = ids.shape[1]
+        h = self.tok(ids) + self.pos(torch.arange(s, device=ids.device))
+        h = self.blocks(h, mask=self.causal[:s, :s], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def load_stdlib_text(train_bytes: int, val_bytes: int) -> tuple[list[bytes], list[bytes]]:
+    """Documents (file contents) from the stdlib's top-level *.py files: (train, validation)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"))
+    if not files:
+        raise RuntimeError(f"no *.py files under {root}: the standard library's sources are not installed")
+    train, val, nt, nv = [], [], 0, 0
+    for i, f in enumerate(files):
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        if i % 10 == 9:
+            if nv < val_bytes:
+                data = data[: val_bytes - nv]
+                val.append(data)
+                nv += len(data)
+        elif nt < train_bytes:
+            data = data[: train_bytes - nt]
+            train.append(data)
+            nt += len(data)
+        if nt >= train_bytes and nv >= val_bytes:
+            break
+    return train, val
+
+
+def windows(docs: list[bytes], seq_len: int) -> TensorDataset:
+    """Cut each document into (input, label) windows; a document's last window is padded and masked."""
+    xs, ys = [], []
+    for doc in docs:
+        ids = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long()
+        for start in range(0, max(len(ids) - 1, 1), seq_len):
+            chunk = ids[start: start + seq_len + 1]
+            x = torch.full((seq_len,), PAD, dtype=torch.long)
+            y = torch.full((seq_len,), IGNORE, dtype=torch.long)
+            n = len(chunk) - 1
+            if n < 1:
+                continue
+            x[:n] = chunk[:-1]
+            y[:n] = chunk[1:]
+            xs.append(x)
+            ys.append(y)
+    return TensorDataset(torch.stack(xs), torch.stack(ys))
+
+
+def _fit(name, out, teacher, student, train, val, epochs, cfg, **loss):
+    torch.manual_seed(cfg.seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True)
+    steps = epochs * len(loader)
+    d = Distiller(teacher, student, lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.01),
+                  scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, cfg.lr, total_steps=steps,
+                                                                          pct_start=0.1),
+                  max_grad_norm=1.0, run_dir=out / name, log_every=20, best_metric="ce", tensorboard=False,
+                  config={"lm_demo": name, **{k: v for k, v in asdict(cfg).items() if k != "out"}}, **loss)
+    t0 = time.perf_counter()
+    history = d.fit(loader, epochs=epochs, eval_loader=DataLoader(val, batch_size=64))
+    return history[-1], time.perf_counter() - t0, steps
+
+
+def run_lm_demo(cfg: LMDemoConfig) -> dict:
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out} exists and is not empty: choose another --out (nothing was overwritten)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_docs, val_docs = load_stdlib_text(cfg.train_bytes, cfg.val_bytes)
+    train, val = windows(train_docs, cfg.seq_len), windows(val_docs, cfg.seq_len)
+    pad_frac = float((train.tensors[1] == IGNORE).float().mean())
+    print(f"stdlib sources: {len(train_docs)} train files ({sum(map(len, train_docs))} bytes, {len(train)} windows "
+          f"of {cfg.seq_len}, {100 * pad_frac:.1f}% padding), {len(val_docs)} validation files "
+          f"({sum(map(len, val_docs))} bytes)", flush=True)
+    torch.manual_seed(cfg.seed)
+    teacher = ByteLM(cfg.teacher_dim, cfg.teacher_layers, seq_len=cfg.seq_len)
+    torch.manual_seed(cfg.seed + 1)
+    scratch = ByteLM(cfg.student_dim, cfg.student_layers, seq_len=cfg.seq_len)
+    distilled = ByteLM(cfg.student_dim, cfg.student_layers, seq_len=cfg.seq_len)
+    distilled.load_state_dict(scratch.state_dict())
+    report: dict = {}
+    runs = [("teacher", None, teacher, cfg.teacher_epochs, {}),
+            ("scratch", None, scratch, cfg.student_epochs, {}),
+            ("distilled", teacher, distilled, cfg.student_epochs,
+             {"temperature": cfg.temperature, "hard_weight": cfg.hard_weight, "soft_weight": cfg.soft_weight})]
+    for name, t, s, epochs, loss in runs:
+        m, secs, steps = _fit(name, out, t, s, train, val, epochs, cfg, **loss)
+        report[name] = {"val_ce": m["ce"], "val_perplexity": math.exp(m["ce"]),
+                        "val_bits_per_byte": m["ce"] / math.log(2),
+                        "val_accuracy": m["student_acc"], "steps": steps, "seconds": secs,
+                        "parameters": sum(p.numel() for p in s.parameters())}
+        print(f"{name}: val perplexity {math.exp(m['ce']):.3f} ({steps} steps, {secs:.0f} s)", flush=True)
+    report["config"] = asdict(cfg)
+    table = format_table(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
+    print(f"\nrun folder: {out}")
+    return report
+
+
+def format_table(report: dict) -> str:
+    head = f"{'model':<10} {'params':>8} {'steps':>6} {'val ppl':>8} {'bits/byte':>9} {'val acc':>8} {'s':>6}"
+    lines = [head, "-" * len(head)]
+    for name in ("teacher", "scratch", "distilled"):
+        r = report[name]
+        lines.append(f"{name:<10} {r['parameters']:>8} {r['steps']:>6} {r['val_perplexity']:>8.3f} "
+                     f"{r['val_bits_per_byte']:>9.3f} {100 * r['val_accuracy']:>7.2f}% {r['seconds']:>6.1f}")
+    gain = report["scratch"]["val_perplexity"] - report["distilled"]["val_perplexity"]
+    lines.append(f"distillation lowers the student's validation perplexity by {gain:+.3f} (same data, steps, init)")
+    return "\n".join(lines)
