@@ -1,0 +1,652 @@
+// CUDA kernels of the fused KD loss (kd_loss_fwd) and of its backward scaling (kd_loss_scale_).
+// The per-element maths is kd_loss_math.h (with V = float), shared with the CPU kernel, so the CPU
+// tests exercise the formulas the GPU runs; the host-side argument handling is kd_loss.h.
+//
+// One row is processed by a group of threads: a whole block (vocab > kWarpRowMaxVocab) or one warp
+// (small vocabularies, kWarpKernelThreads / 32 rows per block). Like the CPU kernel, a row takes two
+// sweeps over its logits (three for reverse KL and JSD with a gradient):
+//   1. statistics: per-thread online (rescaled) max / log-sum-exp of a = s/T and b = t/T together,
+//      and of s at T = 1 when the cross-entropy term needs it; merged across the group with
+//      lse_merge in a fixed order (warp butterfly, then warp 0 over the warps' partials);
+//   2. the divergence with normalised log-probabilities, and the gradient when its formula needs no
+//      row sum (forward KL);
+//   3. (reverse KL, JSD with a gradient) the gradient, which needs the row's sum from sweep 2.
+// Nothing uses float atomics and every reduction has a fixed order: the same input on the same
+// device gives bit-identical output. Nothing here synchronises with the host: the batchmean weight
+// is read by the kernel from a device tensor and bad labels trip a device assert.
+//
+// Memory traffic (the kernel is bandwidth bound; the target is one read of both logits and one
+// write of the gradient): a row of 128256 bf16 logits is 2 x 256 KB. With one row per SM in flight
+// the re-read set is 132 SMs x 513 KB = 67 MB, more than the 50 MB L2 of an H100/H200, and a
+// forward-then-forward re-read would miss L2 almost everywhere (every element's reuse distance is a
+// whole row per SM). So:
+//   * the first `cache_packs` packs of the row's body are kept on chip, in dynamic shared memory
+//     (up to ~227 KB per block on sm_90, ~163 KB on sm_80), and re-read from there: for V <= ~57k
+//     bf16 (~28k fp32) the whole row lives in shared memory and DRAM sees exactly one read;
+//   * the rest is re-read from L2: sweep 1 reads the on-chip part first and the L2 part last, and
+//     sweep 2 walks the L2 part backwards (most recently read first), sweep 3 forwards again, so
+//     the reuse distance of an element is 2 x (its distance from the turning point) instead of a
+//     whole row; loads that are an element's last use are evict-first (ld.global.cs), as are the
+//     gradient stores (st.global.cs), so they do not push the pending re-reads out of L2;
+//   * rows that need more than half the on-chip budget run one block (512 threads) per SM, so
+//     the rows in flight -- and the L2 working set -- are bounded by the SM count; smaller rows run
+//     two blocks per SM (256 threads each), which overlaps one row's exp-bound on-chip sweep with
+//     another row's DRAM-bound sweep 1 (also chosen when the part of the row left in L2 is small
+//     next to the L2 size).
+//   For (8192, 128256) bf16 on an H200: 227 KB of each 513 KB row stays on chip, the other 286 KB
+//   is re-read backwards from L2, of which roughly the last 190 KB per row hits (50 MB / (132 rows
+//   x 2)), so DRAM traffic is about 1.13x the ideal (an estimate, to be measured).
+//
+// Vectorisation: a "pack" is 16 bytes of the wider of the two logit dtypes (8 bf16/fp16 or 4 fp32
+// elements; the narrower dtype loads 8 bytes). Each row is split into a scalar head (until every
+// pointer is pack-aligned), packs, and a scalar tail; the alignment of the student, teacher and
+// gradient rows is checked at run time, per row (so odd vocabularies such as 50257 and offset views
+// are vectorised too). When the three pointers cannot be aligned together the whole row is scalar.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kd_loss.h"
+
+namespace fastkd {
+namespace {
+
+constexpr int kWarpSize = 32;
+// Registers: the row kernels need ~100-128 registers per thread without spilling (two packs of
+// 8 elements in flight, each entry with its exps and log-probabilities); at 64 registers (1024
+// threads per SM) ptxas spilled 150-900 bytes per thread. So a block has at most 512 threads
+// (128 registers) and an SM runs 512 of them: one 512-thread block for big rows, two 256-thread
+// blocks for medium ones.
+constexpr int kMaxBlockThreads = 512;    // block-per-row kernel, one block per SM for big rows
+constexpr int kMinBlockThreads = 128;
+constexpr int kTwoPerSmThreads = 256;    // when two blocks share an SM
+constexpr int kWarpKernelThreads = 256;  // warp-per-row kernel: 8 rows per block, 2 blocks per SM
+constexpr int kWarpRowMaxVocab = 2048;   // up to 64 elements per lane
+constexpr int kPacksPerThread = 4;       // block size ~ packs per row / 4 (enough independent loads)
+constexpr int kBatchElems = 16;          // elements loaded per thread before any is used: 2 packs of
+                                         // 8 (4 of 4 with fp32): 32-64 KB in flight per SM
+constexpr int kScaleMaxThreads = 512;
+constexpr int kScaleUnroll = 4;
+
+// ---- packs: 16-byte (or 8-byte) vector loads and stores -------------------------------------------
+template <typename X, int N>
+struct alignas(sizeof(X) * N) Pack {
+  X v[N];
+};
+
+// Elements per pack: 16 bytes of the wider logit dtype.
+template <typename S, typename T>
+constexpr int pack_elems() {
+  return 16 / static_cast<int>(sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
+}
+
+template <int Bytes> struct RawOf;
+template <> struct RawOf<16> { using type = int4; };
+template <> struct RawOf<8> { using type = int2; };
+template <> struct RawOf<4> { using type = int; };
+
+// Keep: the data is read again (L1/L2 allocate normally). Last: the element's last read from global
+// memory (evict-first, so it does not displace lines still waiting for their re-read).
+enum class Hint { Keep, Last };
+
+template <Hint H, typename X, int N>
+__device__ __forceinline__ Pack<X, N> load_pack(const X* p) {
+  using R = typename RawOf<sizeof(X) * N>::type;
+  const R* rp = reinterpret_cast<const R*>(p);
+  const R r = H == Hint::Last ? __ldcs(rp) : __ldg(rp);
+  Pack<X, N> out;
+  memcpy(&out, &r, sizeof(R));
+  return out;
+}
+
+template <typename X, int N>
+__device__ __forceinline__ void store_pack(X* p, const Pack<X, N>& v) {  // streaming: never re-read here
+  using R = typename RawOf<sizeof(X) * N>::type;
+  R r;
+  memcpy(&r, &v, sizeof(R));
+  __stcs(reinterpret_cast<R*>(p), r);
+}
+
+template <typename X>
+__device__ __forceinline__ float to_f(X x) {
+  return static_cast<float>(x);
+}
+
+// Split of one row: scalars [0, head), packs at head + N * j for j in [0, body), scalars [tail, vocab).
+struct RowLayout {
+  int head;
+  int body;
+  int tail;
+};
+
+template <int N, typename S, typename T>
+__device__ __forceinline__ RowLayout row_layout(const S* s, const T* t, const S* g, int vocab) {
+  // Element offset of each pointer within its pack; the three must agree for a common head.
+  const auto mis = [](const auto* ptr) {
+    using E = std::remove_cv_t<std::remove_pointer_t<decltype(ptr)>>;
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(ptr);
+    return addr % sizeof(E) != 0 ? -1 : static_cast<int>((addr / sizeof(E)) % N);
+  };
+  const int ms = mis(s);
+  bool ok = ms >= 0;
+  if (t != nullptr) ok = ok && mis(t) == ms;
+  if (g != nullptr) ok = ok && mis(g) == ms;
+  RowLayout L;
+  L.head = ok ? min((N - ms) % N, vocab) : vocab;  // not alignable together: the whole row is scalar
+  L.body = (vocab - L.head) / N;
+  L.tail = L.head + L.body * N;
+  return L;
+}
+
+// Calls use(j, load(j)) for the packs j = begin + rank + k * size of this thread, k ascending (or
+// descending), loading kU packs before using any so that kU loads per thread are in flight.
+template <int kU, bool kReverse, typename LoadF, typename UseF>
+__device__ __forceinline__ void for_packs(int begin, int end, int rank, int size, LoadF&& load, UseF&& use) {
+  const int first = begin + rank;
+  if (first >= end) return;
+  const int count = (end - first + size - 1) / size;
+  using Item = decltype(load(0));
+  for (int k0 = 0; k0 < count; k0 += kU) {
+    Item buf[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int k = k0 + u;
+      if (k < count) buf[u] = load(first + (kReverse ? count - 1 - k : k) * size);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int k = k0 + u;
+      if (k < count) use(first + (kReverse ? count - 1 - k : k) * size, buf[u]);
+    }
+  }
+}
+
+// ---- group reductions (fixed order: deterministic) -------------------------------------------------
+struct Stats {  // online log-sum-exp of a = s/T, b = t/T, and s (T = 1, only with separate_lse1)
+  LseState a, b, c;
+};
+struct Sums {  // the row's divergence and the auxiliary sum (JSD: KL(p_s || M))
+  float d, aux;
+};
+
+__device__ __forceinline__ Stats merge(const Stats& x, const Stats& y) {
+  return {lse_merge(x.a, y.a), lse_merge(x.b, y.b), lse_merge(x.c, y.c)};
+}
+__device__ __forceinline__ Sums merge(const Sums& x, const Sums& y) { return {x.d + y.d, x.aux + y.aux}; }
+
+__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ LseState shfl_xor(LseState v, int m) { return {shfl_xor(v.m, m), shfl_xor(v.s, m)}; }
+__device__ __forceinline__ Stats shfl_xor(const Stats& v, int m) {
+  return {shfl_xor(v.a, m), shfl_xor(v.b, m), shfl_xor(v.c, m)};
+}
+__device__ __forceinline__ Sums shfl_xor(const Sums& v, int m) { return {shfl_xor(v.d, m), shfl_xor(v.aux, m)}; }
+
+// Butterfly: every lane ends with the same value (merge is commutative, so the two lanes of each
+// exchange compute the same bits).
+template <typename X>
+__device__ __forceinline__ X warp_allreduce(X v) {
+#pragma unroll
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = merge(v, shfl_xor(v, m));
+  return v;
+}
+
+// Block-wide: warps reduce, warp 0 reduces the warps' partials (identity-padded), broadcast through
+// sm[kWarpSize]. sm: [kWarpSize + 1] in shared memory, one array per value type.
+template <typename X>
+__device__ __forceinline__ X block_allreduce(X v, X* sm, const X& identity) {
+  v = warp_allreduce(v);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int nwarps = blockDim.x / kWarpSize;
+  if (lane == 0) sm[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    X x = lane < nwarps ? sm[lane] : identity;
+    x = warp_allreduce(x);
+    if (lane == 0) sm[kWarpSize] = x;
+  }
+  __syncthreads();
+  return sm[kWarpSize];  // the next reduction writes sm[] only after its own __syncthreads
+}
+
+template <bool kWarpGroup, typename X>
+__device__ __forceinline__ X group_allreduce(const X& v, X* sm, const X& identity) {
+  if constexpr (kWarpGroup) {
+    (void)sm; (void)identity;
+    return warp_allreduce(v);
+  } else {
+    return block_allreduce(v, sm, identity);
+  }
+}
+
+// The threads that process one row: a warp, or the whole block.
+template <bool kWarpGroup>
+struct Group {
+  int rank, size;
+  int64_t id, count;
+  __device__ __forceinline__ Group() {
+    if constexpr (kWarpGroup) {
+      const int per_block = blockDim.x / kWarpSize;
+      rank = threadIdx.x % kWarpSize;
+      size = kWarpSize;
+      id = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / kWarpSize;
+      count = static_cast<int64_t>(gridDim.x) * per_block;
+    } else {
+      rank = threadIdx.x;
+      size = blockDim.x;
+      id = blockIdx.x;
+      count = gridDim.x;
+    }
+  }
+};
+
+// Online log-sum-exp of n more values: one max, one rescale when the max grows, n exps.
+template <int N>
+__device__ __forceinline__ void lse_add(LseState& st, const float (&x)[N]) {
+  float mx = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) mx = fmaxf(mx, x[k]);
+  if (mx > st.m) {
+    st.s *= fkd_exp(st.m - mx);  // exp(-inf) = 0 on the first values (st.s is 0 then anyway)
+    st.m = mx;
+  }
+  if (st.m == -INFINITY) return;  // all entries so far are -inf (masked): exp(-inf - -inf) is NaN
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < N; ++k) acc += fkd_exp(x[k] - st.m);
+  st.s += acc;
+}
+
+__device__ __forceinline__ int align16(int bytes) { return (bytes + 15) & ~15; }
+
+// ---- the loss / gradient kernel --------------------------------------------------------------------
+// kWarpGroup: one warp per row (vocab <= kWarpRowMaxVocab), no shared-memory row cache.
+template <Divergence D, typename S, typename T, bool kWarpGroup>
+__global__ void __launch_bounds__(kWarpGroup ? kWarpKernelThreads : kMaxBlockThreads, kWarpGroup ? 2 : 1)
+kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride], student logits
+                   int64_t student_stride,
+                   const T* __restrict__ teacher,      // [rows, teacher_stride], teacher logits
+                   int64_t teacher_stride,
+                   const int64_t* __restrict__ labels,  // [rows] or nullptr
+                   const float* __restrict__ weight,    // [] the reduction weight w of a valid row
+                   float* __restrict__ row_losses,      // [rows] out
+                   S* __restrict__ grad,                // [rows, vocab] out (contiguous), or nullptr
+                   int64_t rows, int vocab, KdParams p,
+                   int cache_packs) {                   // packs per row kept in shared memory
+  constexpr int N = pack_elems<S, T>();
+  constexpr int kUnroll = kBatchElems / N;
+  using PS = Pack<S, N>;
+  using PT = Pack<T, N>;
+  struct Item {
+    PS s;
+    PT t;
+  };
+
+  __shared__ Stats red_stats[kWarpSize + 1];
+  __shared__ Sums red_sums[kWarpSize + 1];
+  extern __shared__ __align__(16) unsigned char fkd_smem[];
+  // [cache_packs] student packs, then [cache_packs] teacher packs. Pack j of a row is only ever
+  // touched by thread j % blockDim.x, so the cache needs no barrier between sweeps or rows.
+  PS* cache_s = reinterpret_cast<PS*>(fkd_smem);
+  PT* cache_t = reinterpret_cast<PT*>(fkd_smem + align16(cache_packs * static_cast<int>(sizeof(PS))));
+
+  const Group<kWarpGroup> grp;
+  const int rank = grp.rank, size = grp.size;
+  const float w = *weight;
+  const bool sep = p.separate_lse1;
+  const float inv_t = p.inv_temperature;
+  const float beta = p.beta;
+  const Stats stats_id{lse_empty(), lse_empty(), lse_empty()};
+  const Sums sums_id{0.f, 0.f};
+
+  for (int64_t r = grp.id; r < rows; r += grp.count) {
+    const S* s = student + r * student_stride;
+    const T* t = teacher + r * teacher_stride;
+    S* g = grad != nullptr ? grad + r * static_cast<int64_t>(vocab) : nullptr;
+    const RowLayout L = row_layout<N>(s, t, g, vocab);
+    const int n_scalar = L.head + (vocab - L.tail);
+    const auto scalar_idx = [&](int i) { return i < L.head ? i : L.tail + (i - L.head); };
+    const S* sb = s + L.head;  // pack-aligned bodies
+    const T* tb = t + L.head;
+    S* gb = g != nullptr ? g + L.head : nullptr;
+    const int cached = kWarpGroup ? 0 : min(L.body, cache_packs);
+
+    int64_t label = -1;
+    if (labels != nullptr) {
+      label = labels[r];
+      if (label == p.ignore_index) {  // ignored row: loss 0, zero gradient
+        if (rank == 0) row_losses[r] = 0.f;
+        if (g != nullptr) {
+          for (int i = rank; i < n_scalar; i += size) g[scalar_idx(i)] = S(0.f);
+          PS zero;
+#pragma unroll
+          for (int k = 0; k < N; ++k) zero.v[k] = S(0.f);
+          for (int j = rank; j < L.body; j += size) store_pack(gb + j * N, zero);
+        }
+        continue;
+      }
+      // Like cross_entropy: an out-of-range label is a device-side assert, not a host check (sync).
+      CUDA_KERNEL_ASSERT(label >= 0 && label < vocab);
+    }
+
+    // ---- sweep 1: statistics ----
+    Stats st = stats_id;
+    const auto stats_pack = [&](const PS& ps, const PT& pt) {
+      float a[N], b[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        a[k] = to_f(ps.v[k]) * inv_t;
+        b[k] = to_f(pt.v[k]) * inv_t;
+      }
+      lse_add(st.a, a);
+      lse_add(st.b, b);
+      if (sep) {
+        float c[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) c[k] = to_f(ps.v[k]);
+        lse_add(st.c, c);
+      }
+    };
+    for (int i = rank; i < n_scalar; i += size) {
+      const int j = scalar_idx(i);
+      const float sv = to_f(s[j]), tv = to_f(t[j]);
+      const float a[1] = {sv * inv_t}, b[1] = {tv * inv_t}, c[1] = {sv};
+      lse_add(st.a, a);
+      lse_add(st.b, b);
+      if (sep) lse_add(st.c, c);
+    }
+    // On-chip part first (its global read is its last), the L2 part last (closest to its re-read).
+    for_packs<kUnroll, false>(
+        0, cached, rank, size,
+        [&](int j) { return Item{load_pack<Hint::Last, S, N>(sb + j * N), load_pack<Hint::Last, T, N>(tb + j * N)}; },
+        [&](int j, const Item& x) {
+          cache_s[j] = x.s;
+          cache_t[j] = x.t;
+          stats_pack(x.s, x.t);
+        });
+    for_packs<kUnroll, false>(
+        cached, L.body, rank, size,
+        [&](int j) { return Item{load_pack<Hint::Keep, S, N>(sb + j * N), load_pack<Hint::Keep, T, N>(tb + j * N)}; },
+        [&](int j, const Item& x) { (void)j; stats_pack(x.s, x.t); });
+    st = group_allreduce<kWarpGroup>(st, red_stats, stats_id);
+    const float lse_a = lse_value(st.a), lse_b = lse_value(st.b);
+    const float lse1 = sep ? lse_value(st.c) : lse_a;  // without `sep`, T = 1 and a = s
+    float s_label = 0.f;
+    if (p.hard && rank == 0) s_label = (label >= 0 && label < vocab) ? to_f(s[label]) : NAN;
+
+    // ---- sweeps 2 and 3 ----
+    // kLoss: accumulate the divergence; kGrad: write the gradient (row_c: the row constant of
+    // div_grad); kReverse: walk the L2 part backwards; kLast: this sweep is the row's last read.
+    const auto sweep = [&](auto loss_tag, auto grad_tag, auto reverse_tag, auto last_tag, float row_c) -> Sums {
+      constexpr bool kLoss = decltype(loss_tag)::value;
+      constexpr bool kGrad = decltype(grad_tag)::value;
+      constexpr bool kReverse = decltype(reverse_tag)::value;
+      constexpr Hint kHint = decltype(last_tag)::value ? Hint::Last : Hint::Keep;
+      constexpr bool kNeedPs = kGrad || D != Divergence::KL;
+      Sums acc = sums_id;
+      // One entry: accumulates its divergence term, returns its gradient (0 without kGrad).
+      const auto entry = [&](float sv, float tv, int idx) -> float {
+        const float lps = sv * inv_t - lse_a;
+        const float lpt = tv * inv_t - lse_b;
+        const float pt = fkd_exp(lpt);
+        const float ps = kNeedPs ? fkd_exp(lps) : 0.f;
+        if constexpr (kLoss) {
+          float x = 0.f;
+          acc.d += div_term<D>(lps, lpt, ps, pt, beta, &x);
+          acc.aux += x;
+        }
+        if constexpr (kGrad) {
+          const float p1 = !p.hard ? 0.f : (sep ? fkd_exp(sv - lse1) : ps);
+          float gv = grad_combine(p, w, div_grad<D>(lps, lpt, ps, pt, beta, row_c), p1);
+          if (p.hard && idx == label) gv -= w * p.hard_weight;
+          return gv;
+        } else {
+          (void)idx;
+          return 0.f;
+        }
+      };
+      for (int i = rank; i < n_scalar; i += size) {
+        const int j = scalar_idx(i);
+        const float gv = entry(to_f(s[j]), to_f(t[j]), j);
+        if constexpr (kGrad) g[j] = static_cast<S>(gv);
+      }
+      const auto use = [&](int j, const Item& x) {
+        PS out;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float gv = entry(to_f(x.s.v[k]), to_f(x.t.v[k]), L.head + j * N + k);
+          if constexpr (kGrad) out.v[k] = static_cast<S>(gv);
+        }
+        if constexpr (kGrad) store_pack(gb + j * N, out);
+      };
+      // The L2 part first: its lines are the ones at risk of eviction.
+      for_packs<kUnroll, kReverse>(
+          cached, L.body, rank, size,
+          [&](int j) { return Item{load_pack<kHint, S, N>(sb + j * N), load_pack<kHint, T, N>(tb + j * N)}; }, use);
+      for_packs<kUnroll, false>(0, cached, rank, size, [&](int j) { return Item{cache_s[j], cache_t[j]}; }, use);
+      return acc;
+    };
+    using True = std::true_type;
+    using False = std::false_type;
+
+    float d;
+    if (g != nullptr && !grad_needs_row_sum<D>()) {
+      d = group_allreduce<kWarpGroup>(sweep(True{}, True{}, True{}, True{}, 0.f), red_sums, sums_id).d;
+    } else if (g == nullptr) {
+      d = group_allreduce<kWarpGroup>(sweep(True{}, False{}, True{}, True{}, 0.f), red_sums, sums_id).d;
+    } else {
+      const Sums tot = group_allreduce<kWarpGroup>(sweep(True{}, False{}, True{}, False{}, 0.f), red_sums, sums_id);
+      d = tot.d;
+      sweep(False{}, True{}, False{}, True{}, D == Divergence::ReverseKL ? tot.d : tot.aux);
+    }
+    if (rank == 0) row_losses[r] = row_loss(p, d, lse1, s_label);
+  }
+}
+
+// ---- grad *= grad_output ----------------------------------------------------------------------------
+template <typename X, bool kWarpGroup>
+__global__ void __launch_bounds__(kWarpGroup ? kWarpKernelThreads : kScaleMaxThreads)
+kd_loss_scale_kernel(X* __restrict__ grad,              // [rows, vocab] contiguous, scaled in place
+                     const float* __restrict__ factors,  // [rows] (per_row) or [1]
+                     bool per_row, int64_t rows, int vocab) {
+  constexpr int N = 16 / static_cast<int>(sizeof(X));
+  using C = std::conditional_t<std::is_same<X, double>::value, double, float>;  // as the CPU kernel
+  if (!per_row && factors[0] == 1.f) return;  // the usual loss.backward(): no pass over memory
+  const Group<kWarpGroup> grp;
+  for (int64_t r = grp.id; r < rows; r += grp.count) {
+    const float f = factors[per_row ? r : 0];
+    if (f == 1.f) continue;
+    X* row = grad + r * static_cast<int64_t>(vocab);
+    const RowLayout L = row_layout<N, X, X>(row, nullptr, nullptr, vocab);
+    const int n_scalar = L.head + (vocab - L.tail);
+    for (int i = grp.rank; i < n_scalar; i += grp.size) {
+      const int j = i < L.head ? i : L.tail + (i - L.head);
+      row[j] = static_cast<X>(static_cast<C>(row[j]) * static_cast<C>(f));
+    }
+    X* body = row + L.head;
+    for_packs<kScaleUnroll, false>(
+        0, L.body, grp.rank, grp.size, [&](int j) { return load_pack<Hint::Last, X, N>(body + j * N); },
+        [&](int j, Pack<X, N> v) {
+#pragma unroll
+          for (int k = 0; k < N; ++k) v.v[k] = static_cast<X>(static_cast<C>(v.v[k]) * static_cast<C>(f));
+          store_pack(body + j * N, v);
+        });
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------------------
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Threads per row for the block kernels: about kPacksPerThread packs per thread, 128..max_threads.
+int block_threads(int64_t packs, int max_threads) {
+  int threads = kMinBlockThreads;
+  while (threads < max_threads && threads * static_cast<int64_t>(kPacksPerThread) < packs) threads *= 2;
+  return threads;
+}
+
+// Static shared memory of a kernel (cudaFuncGetAttributes once per instantiation).
+template <typename K>
+int static_smem_bytes(K kernel) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return static_cast<int>(attr.sharedSizeBytes);
+}
+
+template <Divergence D, typename S, typename T>
+void launch_kd_loss_fwd(const KdLossArgs& a, const float* weight, float* row_losses, S* grad) {
+  const S* s = a.student.data_ptr<S>();
+  const T* t = a.teacher.data_ptr<T>();
+  const int64_t* labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+  const int vocab = static_cast<int>(a.vocab);
+  const int64_t ss = a.student.stride(0), ts = a.teacher.stride(0);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  if (vocab <= kWarpRowMaxVocab) {
+    // Small rows: one warp each. The row is re-read from L1/L2 right after sweep 1 (a few KB per
+    // warp, microseconds later), so no shared-memory cache is needed.
+    const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kWarpKernelThreads / kWarpSize), INT_MAX);
+    kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(
+        s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  constexpr int N = pack_elems<S, T>();
+  auto kernel = kd_loss_fwd_kernel<D, S, T, false>;
+  static const int static_smem = static_smem_bytes(kernel);
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();  // cached by ATen: no sync
+  const int64_t packs = vocab / N;                                     // >= the body of any row
+  const int64_t pack_bytes = sizeof(Pack<S, N>) + sizeof(Pack<T, N>);
+  const int64_t want = packs * pack_bytes + 16;                         // + alignment padding
+  const int64_t avail = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - static_smem;
+  const int64_t half = (avail / 2) & ~int64_t{15};
+  // Shared-memory budget (see the header comment): the whole row when it fits twice per SM; half
+  // the budget (two rows per SM) when the part left in L2 is small next to the L2; else the whole
+  // budget with one row per SM, which bounds the L2 working set by the SM count.
+  int64_t smem;
+  int max_threads;
+  if (want <= half) {
+    smem = want;
+    max_threads = kTwoPerSmThreads;
+  } else if ((want - half) * 2 * prop->multiProcessorCount <= static_cast<int64_t>(prop->l2CacheSize) / 4) {
+    smem = half;
+    max_threads = kTwoPerSmThreads;
+  } else {
+    smem = std::min(want, avail);
+    max_threads = kMaxBlockThreads;
+  }
+  smem = std::max<int64_t>(smem, 0);
+  const int cache_packs = smem >= 16 ? static_cast<int>((smem - 16) / pack_bytes) : 0;
+  const int threads = block_threads(packs, max_threads);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
+  kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(
+      s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, cache_packs);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls f(X{}) for the logit dtypes the CUDA kernels take (fp64 is converted to fp32 before).
+template <typename F>
+void dispatch_logits(at::ScalarType st, const char* what, F&& f) {
+  switch (st) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: FKD_CHECK(false, what, ": unsupported dtype ", st);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                     const std::optional<at::Tensor>& labels, double temperature,
+                                                     c10::string_view divergence, double beta, double soft_weight,
+                                                     double hard_weight, int64_t ignore_index,
+                                                     c10::string_view reduction, bool with_grad) {
+  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature,
+                                   std::string_view(divergence.data(), divergence.size()), beta, soft_weight,
+                                   hard_weight, ignore_index, std::string_view(reduction.data(), reduction.size()));
+  FKD_CHECK_ARG(a.student.is_cuda(), "student_logits", "expected a CUDA tensor, got one on ", a.student.device());
+  FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_logits", "vocabulary of ", a.vocab,
+                " entries is too large (at most 2^30)");
+  const c10::cuda::CUDAGuard guard(a.student.device());
+  // fp64 logits are computed in fp32 like the others (fastkd's maths is fp32 throughout).
+  const auto grad_dtype = a.student.scalar_type();
+  if (a.student.scalar_type() == at::kDouble) a.student = a.student.to(at::kFloat);
+  if (a.teacher.scalar_type() == at::kDouble) a.teacher = a.teacher.to(at::kFloat);
+  const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
+  at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
+  at::Tensor grad = with_grad ? at::empty({a.rows, a.vocab}, a.student.options()) : at::empty({0}, a.student.options());
+  if (a.rows > 0) {
+    dispatch_logits(a.student.scalar_type(), "student_logits", [&](auto s_tag) {
+      using S = decltype(s_tag);
+      dispatch_logits(a.teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
+        using T = decltype(t_tag);
+        S* g = with_grad ? grad.data_ptr<S>() : nullptr;
+        const float* w = weight.data_ptr<float>();
+        float* rl = row_losses.data_ptr<float>();
+        switch (a.divergence) {
+          case Divergence::KL: return launch_kd_loss_fwd<Divergence::KL, S, T>(a, w, rl, g);
+          case Divergence::ReverseKL: return launch_kd_loss_fwd<Divergence::ReverseKL, S, T>(a, w, rl, g);
+          case Divergence::JSD: return launch_kd_loss_fwd<Divergence::JSD, S, T>(a, w, rl, g);
+        }
+      });
+    });
+  }
+  if (grad.scalar_type() != grad_dtype) grad = grad.to(grad_dtype);
+  return {reduce_rows(a, row_losses, weight), grad};
+}
+
+template <typename X>
+void launch_kd_loss_scale(const at::Tensor& grad, const at::Tensor& factors, bool per_row) {
+  constexpr int N = 16 / static_cast<int>(sizeof(X));
+  X* g = grad.data_ptr<X>();
+  const float* f = factors.data_ptr<float>();
+  const int64_t rows = grad.size(0);
+  const int vocab = static_cast<int>(grad.size(1));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (vocab <= kWarpRowMaxVocab) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(rows, kWarpKernelThreads / kWarpSize), INT_MAX);
+    kd_loss_scale_kernel<X, true><<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(
+        g, f, per_row, rows, vocab);
+  } else {
+    const int threads = block_threads(ceil_div(vocab, N), kScaleMaxThreads);
+    const int64_t blocks = std::min<int64_t>(rows, INT_MAX);
+    kd_loss_scale_kernel<X, false><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(g, f, per_row, rows, vocab);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void kd_loss_scale_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_scale_args(grad, grad_output);
+  FKD_CHECK_ARG(grad.is_cuda(), "grad", "expected a CUDA tensor, got one on ", grad.device());
+  FKD_CHECK_ARG(grad.size(1) <= (int64_t{1} << 30), "grad", "vocabulary too large (at most 2^30)");
+  if (grad.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  // Factors as fp32 on the device (an async conversion when needed); the kernel reads them.
+  const at::Tensor factors = grad_output.to(at::kFloat).contiguous();
+  const bool per_row = factors.numel() != 1;
+  switch (grad.scalar_type()) {
+    case at::kFloat: return launch_kd_loss_scale<float>(grad, factors, per_row);
+    case at::kDouble: return launch_kd_loss_scale<double>(grad, factors, per_row);
+    case at::kHalf: return launch_kd_loss_scale<c10::Half>(grad, factors, per_row);
+    case at::kBFloat16: return launch_kd_loss_scale<c10::BFloat16>(grad, factors, per_row);
+    default: FKD_CHECK_ARG(false, "grad", "expected a floating dtype, got ", grad.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);
+  m.impl("kd_loss_scale_", &kd_loss_scale_cuda);
+}
+
+}  // namespace fastkd

@@ -1,0 +1,218 @@
+"""CUDA kernels of fastkd::kd_loss_fwd / kd_loss_scale_ against the float64 reference on the CPU.
+
+Skipped without a GPU. Every case runs under torch.cuda.set_sync_debug_mode("error"): the op must
+never synchronise with the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+VOCABS = [1, 7, 769, 1271, 2048, 2049, 32000, 50257, 128256, 262144]
+DIVERGENCES = ["kl", "reverse_kl", "jsd"]
+REDUCTIONS = ["batchmean", "sum", "none"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@contextlib.contextmanager
+def no_sync():
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+def rows_for(vocab: int) -> int:
+    return max(3, min(40, (1 << 20) // vocab))
+
+
+def make_logits(rows, vocab, dtype, seed, offset=0, scale=3.0):
+    """[rows, vocab] logits on the GPU; offset > 0 gives a view whose rows start `offset` elements
+    into a wider buffer (misaligned rows, row stride vocab + offset)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, vocab + offset, generator=g, dtype=torch.float32) * scale
+    return base.to(dtype).cuda()[:, offset:]
+
+
+def make_labels(rows, vocab, seed, ignore_index=-100, ignore_every=3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[0] = vocab - 1
+    labels[1::ignore_every] = ignore_index
+    return labels.cuda()
+
+
+def run_op(s, t, labels, T, div, beta, sw, hw, ii, red, with_grad=True):
+    with no_sync():
+        loss, grad = torch.ops.fastkd.kd_loss_fwd(s, t, labels, T, div, beta, sw, hw, ii, red, with_grad)
+    return loss, grad
+
+
+def run_ref(s, t, labels, T, div, beta, sw, hw, ii, red):
+    return reference.kd_loss_fwd(s.cpu().double(), t.cpu().double(), None if labels is None else labels.cpu(),
+                                 T, div, beta, sw, hw, ii, red, True)
+
+
+def tolerances(dtype):
+    # Loss: fp32 maths. Gradient: fp32 maths, then rounded to the student's dtype.
+    if dtype == torch.float32:
+        return dict(loss=(2e-4, 1e-5), grad=(1e-3, 1e-6))
+    return dict(loss=(2e-4, 1e-5), grad=(1e-2, 1e-4))
+
+
+def check(loss, grad, ref_loss, ref_grad, dtype):
+    tol = tolerances(dtype)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss.double(), rtol=tol["loss"][0], atol=tol["loss"][1])
+    assert grad.dtype == dtype
+    ref_grad = ref_grad.double()
+    scale = max(ref_grad.abs().max().item(), 1e-30)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=tol["grad"][0], atol=tol["grad"][1] * scale)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(vocab, divergence, dtype):
+    rows = rows_for(vocab)
+    s = make_logits(rows, vocab, dtype, 1)
+    t = make_logits(rows, vocab, dtype, 2)
+    for red in REDUCTIONS:
+        loss, grad = run_op(s, t, None, 2.0, divergence, 0.3, 0.7, 0.0, -100, red)
+        ref_loss, ref_grad = run_ref(s, t, None, 2.0, divergence, 0.3, 0.7, 0.0, -100, red)
+        check(loss, grad, ref_loss, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("vocab", [7, 1271, 2049, 32000, 128256])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_labels_ignore_and_hard_term(vocab, divergence, temperature):
+    rows = rows_for(vocab)
+    s = make_logits(rows, vocab, torch.bfloat16, 3)
+    t = make_logits(rows, vocab, torch.bfloat16, 4)
+    labels = make_labels(rows, vocab, 5)
+    for red in REDUCTIONS:
+        args = (labels, temperature, divergence, 0.5, 0.6, 0.4, -100, red)
+        loss, grad = run_op(s, t, *args)
+        ref_loss, ref_grad = run_ref(s, t, *args)
+        check(loss, grad, ref_loss, ref_grad, torch.bfloat16)
+        ignored = (labels == -100).cpu()
+        assert torch.all(grad.cpu()[ignored] == 0)
+        if red == "none":
+            assert torch.all(loss.cpu()[ignored] == 0)
+
+
+@pytest.mark.parametrize("vocab", [7, 1271, 50257, 128256])
+@pytest.mark.parametrize("offsets", [(1, 1), (1, 3), (0, 2), (3, 0)])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16)], ids=str)
+def test_misaligned_and_mixed_dtypes(vocab, offsets, dtypes):
+    rows = rows_for(vocab)
+    s = make_logits(rows, vocab, dtypes[0], 6, offset=offsets[0])
+    t = make_logits(rows, vocab, dtypes[1], 7, offset=offsets[1])
+    labels = make_labels(rows, vocab, 8)
+    for div in DIVERGENCES:
+        args = (labels, 1.5, div, 0.5, 1.0, 0.5, -100, "batchmean")
+        loss, grad = run_op(s, t, *args)
+        ref_loss, ref_grad = run_ref(s, t, *args)
+        check(loss, grad, ref_loss, ref_grad, dtypes[0])
+
+
+def test_float64_inputs():
+    s = make_logits(5, 1000, torch.float64, 9)
+    t = make_logits(5, 1000, torch.float64, 10)
+    loss, grad = run_op(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
+    ref_loss, ref_grad = run_ref(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(grad.cpu(), ref_grad, rtol=1e-3, atol=1e-6 * ref_grad.abs().max().item())
+
+
+def test_masked_logits():
+    # -inf entries (masked vocabulary) in the student and the teacher: 0 * log 0 = 0, no NaN.
+    s = make_logits(4, 3000, torch.float32, 11)
+    t = make_logits(4, 3000, torch.float32, 12)
+    s[:, 150:200] = float("-inf")  # inside the teacher's mask: KL(p_t || p_s) stays finite
+    t[:, 100:400] = float("-inf")
+    for div in ["kl", "jsd"]:
+        loss, grad = run_op(s, t, None, 1.0, div, 0.5, 1.0, 0.0, -100, "none")
+        ref_loss, ref_grad = run_ref(s, t, None, 1.0, div, 0.5, 1.0, 0.0, -100, "none")
+        assert torch.isfinite(grad).all()
+        check(loss, grad, ref_loss, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("vocab", [769, 32000])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_with_grad_output(vocab, reduction):
+    rows = 12
+    s0 = make_logits(rows, vocab, torch.float32, 13)
+    t = make_logits(rows, vocab, torch.float32, 14)
+    labels = make_labels(rows, vocab, 15)
+    kw = dict(temperature=2.0, divergence="jsd", hard_weight=0.3, reduction=reduction)
+    s = s0.clone().requires_grad_()
+    with no_sync():
+        loss = fastkd.kd_loss(s, t, labels, **kw)
+        go = torch.linspace(0.5, 2.0, loss.numel(), device="cuda").reshape(loss.shape)
+        loss.backward(go)
+    sr = s0.detach().cpu().double().requires_grad_()
+    ref = reference.kd_loss(sr, t.cpu().double(), labels.cpu(), **kw)
+    ref.backward(go.cpu().double())
+    torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(s.grad.cpu().double(), sr.grad, rtol=1e-3, atol=1e-6 * sr.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [7, 3001, 128256])
+def test_scale(dtype, vocab):
+    grad = make_logits(6, vocab, dtype, 16).contiguous()
+    expect = grad.cpu().clone()
+    f = torch.tensor([1.0, 2.0, 0.5, 1.0, -3.0, 0.25], device="cuda")
+    with no_sync():
+        torch.ops.fastkd.kd_loss_scale_(grad, f)
+    reference.kd_loss_scale_(expect, f.cpu())
+    torch.testing.assert_close(grad.cpu(), expect, rtol=0, atol=0)
+    before = grad.clone()
+    with no_sync():
+        torch.ops.fastkd.kd_loss_scale_(grad, torch.ones((), device="cuda"))  # a no-op
+    assert torch.equal(grad, before)
+
+
+@pytest.mark.parametrize("vocab", [1271, 128256])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_deterministic(vocab, divergence):
+    rows = 64
+    s = make_logits(rows, vocab, torch.bfloat16, 17)
+    t = make_logits(rows, vocab, torch.bfloat16, 18)
+    labels = make_labels(rows, vocab, 19)
+    args = (labels, 2.0, divergence, 0.5, 1.0, 0.5, -100, "batchmean")
+    l1, g1 = run_op(s, t, *args)
+    l2, g2 = run_op(s, t, *args)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
+def test_many_rows_and_no_grad():
+    # More rows than a grid dimension of 65535 would allow, one warp per row.
+    s = make_logits(70000, 7, torch.bfloat16, 20)
+    t = make_logits(70000, 7, torch.bfloat16, 21)
+    loss, grad = run_op(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "none", with_grad=False)
+    assert grad.numel() == 0
+    ref_loss, _ = run_ref(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "none")
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=2e-4, atol=1e-5)
+
+
+def test_empty_rows():
+    s = torch.empty(0, 100, device="cuda")
+    loss, grad = run_op(s, s, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
+    assert loss.item() == 0.0 and grad.shape == (0, 100)
