@@ -27,22 +27,35 @@ def _real_cuda_home() -> str | None:
 
     torch guesses CUDA_HOME from the location of ``nvcc``; where ``nvcc`` on PATH is a wrapper
     script (as on our build machines) that guess is wrong and linking fails with
-    ``cannot find -lcudart``. nvcc itself reports where it lives in ``--dryrun`` output.
+    ``cannot find -lcudart``. nvcc itself reports where it lives (``_HERE_``) in the ``--dryrun``
+    listing of a compile.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             return os.environ[var]
+
+    def has_cudart(home) -> bool:
+        return any(Path(home, lib, "libcudart.so").exists() for lib in ("lib64", "lib"))
+
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
-        for line in (out.stdout + out.stderr).splitlines():
-            if line.startswith("#$ _HERE_="):
-                return str(Path(line.split("=", 1)[1].strip()).parent)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return str(Path(nvcc).resolve().parent.parent)
+    if nvcc is not None:
+        guess = Path(nvcc).resolve().parent.parent
+        if has_cudart(guess):
+            return str(guess)
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ _HERE_="):
+                    home = Path(line.split("=", 1)[1].strip()).parent
+                    if has_cudart(home):
+                        return str(home)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for cand in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if has_cudart(cand):
+            return cand
+    return None
 
 
 SKIP = _flag("FASTKD_SKIP_EXTENSION")

@@ -376,8 +376,8 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
         [&](int j) { return Item{load_pack<Hint::Keep, S, N>(sb + j * N), load_pack<Hint::Keep, T, N>(tb + j * N)}; },
         [&](int j, const Item& x) { (void)j; stats_pack(x.s, x.t); });
     st = group_allreduce<kWarpGroup>(st, red_stats, stats_id);
-    const float lse_a = lse_value(st.a), lse_b = lse_value(st.b);
-    const float lse1 = sep ? lse_value(st.c) : lse_a;  // without `sep`, T = 1 and a = s
+    const LogNorm na = lse_finish(st.a), nb = lse_finish(st.b);
+    const LogNorm n1 = sep ? lse_finish(st.c) : na;  // without `sep`, T = 1 and a = s
     float s_label = 0.f;
     if (p.hard && rank == 0) s_label = (label >= 0 && label < vocab) ? to_f(s[label]) : NAN;
 
@@ -393,8 +393,8 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
       Sums acc = sums_id;
       // One entry: accumulates its divergence term, returns its gradient (0 without kGrad).
       const auto entry = [&](float sv, float tv, int idx) -> float {
-        const float lps = sv * inv_t - lse_a;
-        const float lpt = tv * inv_t - lse_b;
+        const float lps = log_prob(sv * inv_t, na);
+        const float lpt = log_prob(tv * inv_t, nb);
         const float pt = fkd_exp(lpt);
         const float ps = kNeedPs ? fkd_exp(lps) : 0.f;
         if constexpr (kLoss) {
@@ -403,7 +403,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
           acc.aux += x;
         }
         if constexpr (kGrad) {
-          const float p1 = !p.hard ? 0.f : (sep ? fkd_exp(sv - lse1) : ps);
+          const float p1 = !p.hard ? 0.f : (sep ? fkd_exp(log_prob(sv, n1)) : ps);
           float gv = grad_combine(p, w, div_grad<D>(lps, lpt, ps, pt, beta, row_c), p1);
           if (p.hard && idx == label) gv -= w * p.hard_weight;
           return gv;
@@ -446,7 +446,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
       d = tot.d;
       sweep(False{}, True{}, False{}, True{}, D == Divergence::ReverseKL ? tot.d : tot.aux);
     }
-    if (rank == 0) row_losses[r] = row_loss(p, d, lse1, s_label);
+    if (rank == 0) row_losses[r] = row_loss(p, d, n1, s_label);
   }
 }
 
@@ -583,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
   if (a.teacher.scalar_type() == at::kDouble) a.teacher = a.teacher.to(at::kFloat);
   const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
-  at::Tensor grad = with_grad ? at::empty({a.rows, a.vocab}, a.student.options()) : at::empty({0}, a.student.options());
+  at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
   if (a.rows > 0) {
     dispatch_logits(a.student.scalar_type(), "student_logits", [&](auto s_tag) {
       using S = decltype(s_tag);
@@ -609,8 +609,8 @@ void launch_kd_loss_scale(const at::Tensor& grad, const at::Tensor& factors, boo
   constexpr int N = 16 / static_cast<int>(sizeof(X));
   X* g = grad.data_ptr<X>();
   const float* f = factors.data_ptr<float>();
-  const int64_t rows = grad.size(0);
-  const int vocab = static_cast<int>(grad.size(1));
+  const int vocab = static_cast<int>(grad.size(-1));
+  const int64_t rows = grad.numel() / vocab;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (vocab <= kWarpRowMaxVocab) {
     const int64_t blocks = std::min<int64_t>(ceil_div(rows, kWarpKernelThreads / kWarpSize), INT_MAX);
@@ -627,7 +627,7 @@ void launch_kd_loss_scale(const at::Tensor& grad, const at::Tensor& factors, boo
 void kd_loss_scale_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   check_scale_args(grad, grad_output);
   FKD_CHECK_ARG(grad.is_cuda(), "grad", "expected a CUDA tensor, got one on ", grad.device());
-  FKD_CHECK_ARG(grad.size(1) <= (int64_t{1} << 30), "grad", "vocabulary too large (at most 2^30)");
+  FKD_CHECK_ARG(grad.size(-1) <= (int64_t{1} << 30), "grad", "vocabulary too large (at most 2^30)");
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
   // Factors as fp32 on the device (an async conversion when needed); the kernel reads them.
