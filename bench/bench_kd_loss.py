@@ -59,6 +59,13 @@ def providers(device: torch.device) -> dict:
     def eager(s, t, labels, hard_weight):
         return reference.textbook_kd_loss(s, t, labels, temperature=TEMPERATURE, hard_weight=hard_weight)
 
+    # One compiled graph per shape, dtype and grad mode: raise dynamo's recompile limit (8) so that no
+    # case silently falls back to eager.
+    import torch._dynamo  # noqa: PLC0415
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     compiled = torch.compile(reference.textbook_kd_loss, dynamic=False)
 
     def compile_fn(s, t, labels, hard_weight):
