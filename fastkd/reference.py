@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_fwd", "kd_loss_scale_", "textbook_kd_loss"]
+__all__ = [
+    "kd_loss_rows", "kd_loss", "kd_loss_fwd", "kd_loss_scale_", "textbook_kd_loss",
+    "grad_norm", "clip_coef", "scale_grads_", "clamp_grads_", "clip_grad_norm_float64",
+]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -135,3 +138,52 @@ def textbook_kd_loss(student, teacher, labels=None, temperature=1.0, hard_weight
     if hard_weight:
         loss = loss + hard_weight * F.cross_entropy(student, labels, ignore_index=ignore_index)
     return loss
+
+
+# ---- gradient clipping -------------------------------------------------------------------------------
+def grad_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """Fallback kernel of ``fastkd::grad_norm``: the ``norm_type``-norm of one device's gradients of
+    one dtype, viewed as one vector, as a 0-d tensor accumulated and returned in fp32 (fp64 for fp64
+    gradients), whatever the gradients' dtype."""
+    acc, device = _compute_dtype(grads[0]), grads[0].device
+    # Empty tensors add nothing to any norm (torch's inf-norm refuses them: max has no identity).
+    grads = [g for g in grads if g.numel() > 0]
+    if not grads:
+        return torch.zeros((), dtype=acc, device=device)
+    norms = torch._foreach_norm(grads, norm_type, dtype=acc)
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def clip_coef(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(max_norm / (total_norm + 1e-6), 1) in fp32 (fp64 for an fp64 norm), computed as torch's
+    ``clip_grads_with_norm_`` computes it (``float / Tensor`` is ``reciprocal() * float``), so the
+    same norm gives the bit-identical coefficient; a NaN norm gives a NaN coefficient as in torch."""
+    norm = total_norm.to(_compute_dtype(total_norm))
+    return torch.clamp((norm + 1e-6).reciprocal() * max_norm, max=1.0)
+
+
+def scale_grads_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Fallback kernel of ``fastkd::scale_grads_``: grads *= clip_coef(total_norm, max_norm), in place.
+
+    Multiplying by a coefficient of exactly 1 leaves every value bit-identical, so no branch on the
+    (device) coefficient is needed here."""
+    coef = clip_coef(total_norm, max_norm)
+    torch._foreach_mul_(grads, coef.to(grads[0].device))
+
+
+def clamp_grads_(grads: list[torch.Tensor], clip_value: float) -> None:
+    """Fallback kernel of ``fastkd::clamp_grads_``: every gradient element clamped to [-c, c] in place
+    (the bound rounded to the gradient's dtype first, as torch's clamp does; NaN stays NaN)."""
+    torch._foreach_clamp_min_(grads, -clip_value)
+    torch._foreach_clamp_max_(grads, clip_value)
+
+
+def clip_grad_norm_float64(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0):
+    """The tests' oracle: the total norm of ``grads`` and the clipped gradients, computed in float64
+    (returned in float64; the gradients are not modified)."""
+    g64 = [g.detach().double() for g in grads]
+    if not g64:
+        return torch.zeros((), dtype=torch.float64), []
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in g64]), norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return total, [g * coef for g in g64]
