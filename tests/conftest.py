@@ -1,0 +1,13 @@
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    # CUDA tests are selected by marker and skipped where no GPU is visible (collection itself never
+    # touches a device).
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker 'cuda')")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
