@@ -82,11 +82,13 @@ def _check_dtensor(rank):
             p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), mesh, placement))
             p.grad = distribute_tensor(g, mesh, placement)
             params.append(p)
-        theirs_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
+        # torch's inf-norm refuses rank 1's empty shard of the (1, 11) gradient
+        theirs_norm = None if norm_type == INF else torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
         norm = fastkd.clip_grad_norm_(params, max_norm, norm_type)
         assert isinstance(norm, DTensor) and norm.placements == (Replicate(),)
         assert abs(float(norm.full_tensor()) - exact) <= 2e-6 * exact, (rank, norm_type, float(norm.full_tensor()), exact)
-        torch.testing.assert_close(norm.full_tensor(), theirs_norm.full_tensor(), rtol=2e-6, atol=0)
+        if theirs_norm is not None:
+            torch.testing.assert_close(norm.full_tensor(), theirs_norm.full_tensor(), rtol=2e-6, atol=0)
         for p, c in zip(params, clipped):
             torch.testing.assert_close(p.grad.full_tensor().double(), c, rtol=4e-6, atol=1e-9)
 
