@@ -7,6 +7,8 @@ and the benchmarks' baseline. They compute in fp32 at least (fp64 stays fp64).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -150,8 +152,21 @@ def grad_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return torch.zeros((), dtype=acc, device=device)
-    norms = torch._foreach_norm(grads, norm_type, dtype=acc)
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    p = float(norm_type)
+    if device.type != "cpu" or p <= 0 or math.isinf(p):
+        norms = torch._foreach_norm(grads, p, dtype=acc)
+        return torch.linalg.vector_norm(torch.stack(norms), p)
+    # On the CPU, torch's norm kernel accumulates long vectors with a relative error up to ~1e-3
+    # (measured: 11.5M fp32 elements); torch.sum's cascade summation does not. One tensor at a time
+    # in fp32, so the temporary is one gradient's size.
+    if p == 2.0:
+        sums = [torch.sum(g.to(acc).square()) for g in grads]
+    elif p == 1.0:
+        sums = [torch.sum(g.to(acc).abs()) for g in grads]
+    else:
+        sums = [torch.sum(g.to(acc).abs().pow(p)) for g in grads]
+    total = torch.stack(sums).sum()
+    return total.sqrt() if p == 2.0 else (total if p == 1.0 else total.pow(1.0 / p))
 
 
 def clip_coef(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
