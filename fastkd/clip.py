@@ -20,6 +20,8 @@ import warnings
 import torch
 import torch.nn.utils.clip_grad as _torch_clip
 
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
 from . import _ops  # noqa: F401  (defines the ops)
 
 __all__ = [
@@ -62,35 +64,60 @@ def _is_dtensor(t) -> bool:
     return _DTensor is not None and type(t) not in _PLAIN and isinstance(t, _DTensor)
 
 
-def _groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-    """Tensors grouped by (device, dtype), in first-seen order (one op call per group)."""
-    first = tensors[0]
-    dev, dt = first.device, first.dtype
-    # Fast path (the usual case: one device, one dtype) without building a dict entry per tensor.
-    if all(t.dtype is dt for t in tensors) and all(t.device == dev for t in tensors):
-        return {(dev, dt): tensors}
-    out: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        out.setdefault((t.device, t.dtype), []).append(t)
-    return out
+def _groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Tensors grouped by (device, dtype): one op call per group. torch's own grouping helper (C++,
+    the one torch.nn.utils.clip_grad_norm_ and the foreach optimizers use)."""
+    if not tensors:
+        return []
+    return [g for ([g], _) in _group_tensors_by_device_and_dtype([tensors]).values()]
 
 
 def _kernel_order(p: float) -> bool:
     return p > 0  # 1, 2, inf, any p > 0: served by the ops; 0, -inf, negative p go to torch
 
 
-def _local_norm(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
-    """The p-norm of plain (local) tensors: one op call per (device, dtype) group, combined in fp32
-    (fp64 if any group is fp64) on the first tensor's device. No host sync."""
-    if not _kernel_order(p):
-        return _TORCH_GET_TOTAL_NORM(tensors, p, False, None)
-    groups = _groups(tensors)
-    norms = [torch.ops.fastkd.grad_norm(g, p) for g in groups.values()]
+class _Prepared:
+    """The gradients of one call, grouped once for both passes: plain tensors by (device, dtype), and
+    DTensors' local shards by (mesh, sharded mesh dims) then (device, dtype)."""
+
+    __slots__ = ("plain", "domains", "device")
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.device = tensors[0].device if tensors else None
+        self.domains: list[tuple] = []
+        if _DTensor is None or all(type(t) in _PLAIN for t in tensors):
+            self.plain = _groups(tensors)
+            return
+        plain, by_domain = [], {}
+        for t in tensors:
+            if _is_dtensor(t):
+                by_domain.setdefault(_shard_groups(t), []).append(t.to_local())
+            else:
+                plain.append(t)
+        self.plain = _groups(plain)
+        self.domains = [(mesh, dims, _groups(locs)) for (mesh, dims), locs in by_domain.items()]
+        if self.device is not None and _is_dtensor(tensors[0]):
+            self.device = tensors[0].to_local().device
+
+    def all_groups(self):
+        yield from self.plain
+        for _, _, groups in self.domains:
+            yield from groups
+
+
+def _combine(norms: list[torch.Tensor], p: float, device) -> torch.Tensor:
+    """One norm from several (per group, per domain): fp32 (fp64 if one is fp64) tensor ops, no sync."""
     if len(norms) == 1:
         return norms[0]
-    device = tensors[0].device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]), p)
+
+
+def _local_norm(groups: list[list[torch.Tensor]], p: float, device) -> torch.Tensor:
+    """The p-norm of local tensors: one ``fastkd::grad_norm`` call per (device, dtype) group."""
+    if not _kernel_order(p):
+        return _TORCH_GET_TOTAL_NORM([t for g in groups for t in g], p, False, None)
+    return _combine([torch.ops.fastkd.grad_norm(g, p) for g in groups], p, device)
 
 
 def _all_reduce_norm(norm: torch.Tensor, p: float, groups) -> torch.Tensor:
@@ -135,35 +162,25 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     kernels serve every device. ``error_if_nonfinite=True`` costs one host sync (as in torch).
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    p = float(norm_type)
-    plain = [t for t in tensors if not _is_dtensor(t)] if _DTensor is not None else tensors
-    dtensors = [t for t in tensors if _is_dtensor(t)] if len(plain) != len(tensors) else []
+    return _total_norm(_Prepared(tensors), float(norm_type), error_if_nonfinite, process_group)
 
+
+def _total_norm(prep: _Prepared, p: float, error_if_nonfinite: bool, process_group) -> torch.Tensor:
     parts: list[torch.Tensor] = []
-    pg_groups = [process_group] if process_group is not None else []
-    if plain or pg_groups:
-        device = plain[0].device if plain else (dtensors[0].device if dtensors else torch.device("cpu"))
-        local = _local_norm(plain, p) if plain else torch.zeros((), device=_pg_device(process_group, device))
-        parts.append(_all_reduce_norm(local, p, pg_groups))
-    mesh = None
-    if dtensors:
-        by_domain: dict[tuple, list[torch.Tensor]] = {}
-        for t in dtensors:
-            by_domain.setdefault(_shard_groups(t), []).append(t.to_local())
-        meshes = {m for m, _ in by_domain}
-        mesh = meshes.pop() if len(meshes) == 1 and not plain else None
-        for (m, dims), locals_ in by_domain.items():
-            local = _local_norm(locals_, p)
-            parts.append(_all_reduce_norm(local, p, [m.get_group(d) for d in dims]))
+    if prep.plain or process_group is not None:
+        if prep.plain:
+            local = _local_norm(prep.plain, p, prep.plain[0][0].device)
+        else:  # this rank has no plain gradients but must still join the all-reduce
+            local = torch.zeros((), device=_pg_device(process_group, prep.device or torch.device("cpu")))
+        parts.append(_all_reduce_norm(local, p, [process_group] if process_group is not None else []))
+    for mesh, dims, groups in prep.domains:
+        local = _local_norm(groups, p, groups[0][0].device)
+        parts.append(_all_reduce_norm(local, p, [mesh.get_group(d) for d in dims]))
 
     if not parts:
-        total = torch.tensor(0.0)
-    elif len(parts) == 1:
-        total = parts[0]
+        total = torch.tensor(0.0)  # no gradients: a zero norm, as torch
     else:
-        dev = parts[0].device
-        dtype = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
-        total = torch.linalg.vector_norm(torch.stack([x.to(device=dev, dtype=dtype) for x in parts]), p)
+        total = _combine(parts, p, parts[0].device if prep.device is None else prep.device)
 
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # the one (opt-in) host sync
         raise RuntimeError(
@@ -171,9 +188,11 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
-    if mesh is not None:
+    meshes = {id(m): m for m, _, _ in prep.domains}
+    if len(meshes) == 1 and not prep.plain:
         # Every rank holds the global norm: hand it back as a replicated DTensor, as code written for
         # torch's FSDP2 path expects (``total_norm.full_tensor()``).
+        (mesh,) = meshes.values()
         total = _DTensor.from_local(total, mesh, [_Replicate()] * mesh.ndim, run_check=False)
     return total
 
@@ -193,19 +212,23 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     """Scale the gradients in place by min(max_norm / (total_norm + 1e-6), 1)
     (``torch.nn.utils.clip_grads_with_norm_``). The coefficient is computed on the device by the kernel,
     which does nothing when it is >= 1 (the gradients then stay bit-identical)."""
-    _scale_grads(_grads_of(parameters), float(max_norm), total_norm)
+    _scale(_Prepared(_grads_of(parameters)), float(max_norm), total_norm)
 
 
-def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    if not grads:
+def _scale(prep: _Prepared, max_norm: float, total_norm: torch.Tensor) -> None:
+    if prep.device is None:
         return
     if _is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()
     if total_norm.dtype not in (torch.float32, torch.float64):
         total_norm = total_norm.float()  # e.g. torch's bf16 norm: fastkd's coefficient is fp32
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
-    for (device, _), group in _groups(local).items():
-        norm = total_norm if total_norm.device == device else total_norm.to(device, non_blocking=True)
+    on_device = {total_norm.device: total_norm}
+    for group in prep.all_groups():
+        device = group[0].device
+        norm = on_device.get(device)
+        if norm is None:
+            # Non-blocking only towards an accelerator: a CPU kernel reads the value right away.
+            norm = on_device[device] = total_norm.to(device, non_blocking=device.type != "cpu")
         torch.ops.fastkd.scale_grads_(group, norm, max_norm)
 
 
@@ -222,9 +245,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     reduced over their own mesh. A non-finite norm is returned and, as in torch, scales the gradients to
     NaN; ``nonfinite_flag`` / ``step_if_finite`` skip the optimizer step without a host sync.
     """
-    grads = _grads_of(parameters, warn_empty_generator=True)
-    total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, process_group=process_group)
-    _scale_grads(grads, float(max_norm), total)
+    prep = _Prepared(_grads_of(parameters, warn_empty_generator=True))
+    total = _total_norm(prep, float(norm_type), error_if_nonfinite, process_group)
+    _scale(prep, float(max_norm), total)
     return total
 
 
@@ -233,11 +256,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None) -> None:
     """Clamp every gradient element to [-clip_value, clip_value] in place (``torch.nn.utils.clip_grad_value_``),
     one kernel call per (device, dtype) group."""
     clip_value = float(clip_value)
-    grads = _grads_of(parameters)
-    if not grads:
-        return
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
-    for group in _groups(local).values():
+    for group in _Prepared(_grads_of(parameters)).all_groups():
         torch.ops.fastkd.clamp_grads_(group, clip_value)
 
 
