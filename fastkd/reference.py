@@ -195,8 +195,8 @@ def clamp_grads_(grads: list[torch.Tensor], clip_value: float) -> None:
 
 def clip_grad_norm_float64(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0):
     """The tests' oracle: the total norm of ``grads`` and the clipped gradients, computed in float64
-    (returned in float64; the gradients are not modified)."""
-    g64 = [g.detach().double() for g in grads]
+    on the CPU (returned there in float64; the gradients are not modified)."""
+    g64 = [g.detach().double().cpu() for g in grads]
     if not g64:
         return torch.zeros((), dtype=torch.float64), []
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in g64]), norm_type)
