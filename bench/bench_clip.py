@@ -88,7 +88,7 @@ def make_params(shapes, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter(torch.empty(0, dtype=dtype, device=device))
+        p = torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device))
         p.grad = torch.randn(s, generator=g, dtype=torch.float32, device=device).to(dtype) * 1e-2
         params.append(p)
     return params
