@@ -28,11 +28,12 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 32768;  // elements per chunk: 128 KiB of fp32, a few L2-resident blocks per thread
-// A thread is only worth waking for >= 2M elements (~0.2-0.5 ms of streaming): below that the
-// fork/join, and on a shared or oversubscribed machine the wait for a descheduled worker (measured:
-// 8-16 ms for 2000 x 1000 fp32 with 2 threads on a 2-core box with one busy core, 0.67 ms with one),
-// costs more than the second thread's bandwidth brings.
-constexpr int64_t kGrainChunks = 64;
+// A thread is only worth waking for >= 512K elements (~2 MiB of fp32, ~0.1 ms of streaming): below
+// that the fork/join costs more than the second thread's bandwidth brings. Measured on 2 cores,
+// 2000 x 1000 fp32: 0.67 ms on one thread, ~0.4 ms on two. On an oversubscribed machine (another
+// process busy on a core) waiting for a descheduled worker costs milliseconds: run with
+// torch.set_num_threads(<free cores>), as for any ATen op.
+constexpr int64_t kGrainChunks = 16;
 
 // ---- the chunk table -------------------------------------------------------------------------------
 // Tensors that are not a dense, non-overlapping block of memory (a strided slice) are processed

@@ -46,7 +46,7 @@ try:  # torch.distributed is optional (some builds lack it)
 except ImportError:  # pragma: no cover - depends on the torch build
     _dist, _DTensor, _Replicate, _Shard = None, None, None, None
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def _grads_of(parameters, *, warn_empty_generator: bool = False) -> list[torch.Tensor]:
@@ -57,7 +57,7 @@ def _grads_of(parameters, *, warn_empty_generator: bool = False) -> list[torch.T
         parameters = list(parameters)
         if warn_empty_generator and is_generator and not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
-    return [p.grad for p in parameters if p.grad is not None]
+    return [g for p in parameters if (g := p.grad) is not None]
 
 
 def _is_dtensor(t) -> bool:
@@ -85,7 +85,7 @@ class _Prepared:
     def __init__(self, tensors: list[torch.Tensor]):
         self.device = tensors[0].device if tensors else None
         self.domains: list[tuple] = []
-        if _DTensor is None or all(type(t) in _PLAIN for t in tensors):
+        if _DTensor is None or set(map(type, tensors)) <= _PLAIN:
             self.plain = _groups(tensors)
             return
         plain, by_domain = [], {}
