@@ -57,7 +57,7 @@ def _grads_of(parameters, *, warn_empty_generator: bool = False) -> list[torch.T
         parameters = list(parameters)
         if warn_empty_generator and is_generator and not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
-    return [g for p in parameters if (g := p.grad) is not None]
+    return [p.grad for p in parameters if p.grad is not None]
 
 
 def _is_dtensor(t) -> bool:
