@@ -310,9 +310,16 @@ void clamp_grads_cpu(at::TensorList grads, double clip_value) {
   copy_back(tab);
 }
 
+at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type) {
+  at::Tensor norm = grad_norm_cpu(grads, norm_type);
+  scale_grads_cpu(grads, norm, max_norm);
+  return norm;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("clip_grad_norm_", &clip_grad_norm_cpu);
   m.impl("grad_norm", &grad_norm_cpu);
   m.impl("scale_grads_", &scale_grads_cpu);
   m.impl("clamp_grads_", &clamp_grads_cpu);

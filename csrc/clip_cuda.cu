@@ -159,16 +159,12 @@ void check_grid(int64_t nchunks) {
     case NormKind::P: { constexpr NormKind K = NormKind::P; __VA_ARGS__(); break; }     \
   }
 
-at::Tensor grad_norm_cuda(at::TensorList grads, double norm_type) {
-  const auto dtype = check_group(grads, "fastkd::grad_norm");
-  FKD_CHECK_ARG(norm_type > 0, "norm_type", "must be > 0 or inf, got ", norm_type,
-                " (fastkd.get_total_norm hands other orders to torch)");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({}, grads[0].options().dtype(acc_dtype));
-  const Group g = make_group(grads, /*in_place=*/false);
-  const mt::UploadedTable tab = mt::upload_table(g.ptrs, g.numels, grads[0].device());
-  if (tab.nchunks == 0) return out.zero_();  // only empty tensors: the norm is 0
+// Launchers on an uploaded table (the caller holds the device guard).
+void launch_norm(const mt::UploadedTable& tab, at::ScalarType dtype, double norm_type, const at::Tensor& out) {
+  if (tab.nchunks == 0) {  // only empty tensors: the norm is 0
+    out.zero_();
+    return;
+  }
   check_grid(tab.nchunks);
   at::Tensor partials = at::empty({tab.nchunks}, out.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -180,19 +176,9 @@ at::Tensor grad_norm_cuda(at::TensorList grads, double norm_type) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
 }
 
-void scale_grads_cuda(at::TensorList grads, const at::Tensor& total_norm, double max_norm) {
-  const auto dtype = check_group(grads, "fastkd::scale_grads_");
-  FKD_CHECK_ARG(total_norm.numel() == 1 && total_norm.device() == grads[0].device(), "total_norm",
-                "must be a one-element tensor on ", grads[0].device(), ", got shape ", total_norm.sizes(), " on ",
-                total_norm.device());
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  at::Tensor norm = total_norm;
-  if (norm.scalar_type() != at::kFloat && norm.scalar_type() != at::kDouble) norm = norm.to(at::kFloat);
-  Group g = make_group(grads, /*in_place=*/true);
-  const mt::UploadedTable tab = mt::upload_table(g.ptrs, g.numels, grads[0].device());
+void launch_scale(const mt::UploadedTable& tab, at::ScalarType dtype, const at::Tensor& norm, double max_norm) {
   if (tab.nchunks == 0) return;
   check_grid(tab.nchunks);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -206,7 +192,48 @@ void scale_grads_cuda(at::TensorList grads, const at::Tensor& total_norm, double
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void check_norm_type(double norm_type) {
+  FKD_CHECK_ARG(norm_type > 0, "norm_type", "must be > 0 or inf, got ", norm_type,
+                " (fastkd.get_total_norm hands other orders to torch)");
+}
+
+at::Tensor grad_norm_cuda(at::TensorList grads, double norm_type) {
+  const auto dtype = check_group(grads, "fastkd::grad_norm");
+  check_norm_type(norm_type);
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  at::Tensor out = at::empty({}, grads[0].options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
+  const Group g = make_group(grads, /*in_place=*/false);
+  launch_norm(mt::upload_table(g.ptrs, g.numels, grads[0].device()), dtype, norm_type, out);
+  return out;
+}
+
+void scale_grads_cuda(at::TensorList grads, const at::Tensor& total_norm, double max_norm) {
+  const auto dtype = check_group(grads, "fastkd::scale_grads_");
+  FKD_CHECK_ARG(total_norm.numel() == 1 && total_norm.device() == grads[0].device(), "total_norm",
+                "must be a one-element tensor on ", grads[0].device(), ", got shape ", total_norm.sizes(), " on ",
+                total_norm.device());
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  at::Tensor norm = total_norm;
+  if (norm.scalar_type() != at::kFloat && norm.scalar_type() != at::kDouble) norm = norm.to(at::kFloat);
+  Group g = make_group(grads, /*in_place=*/true);
+  launch_scale(mt::upload_table(g.ptrs, g.numels, grads[0].device()), dtype, norm, max_norm);
   copy_back(g);
+}
+
+// Norm and scale on one uploaded table: two launches, one H2D copy.
+at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
+  const auto dtype = check_group(grads, "fastkd::clip_grad_norm_");
+  check_norm_type(norm_type);
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  at::Tensor out = at::empty({}, grads[0].options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
+  Group g = make_group(grads, /*in_place=*/true);
+  const mt::UploadedTable tab = mt::upload_table(g.ptrs, g.numels, grads[0].device());
+  launch_norm(tab, dtype, norm_type, out);
+  launch_scale(tab, dtype, out, max_norm);
+  copy_back(g);
+  return out;
 }
 
 void clamp_grads_cuda(at::TensorList grads, double clip_value) {
@@ -228,6 +255,7 @@ void clamp_grads_cuda(at::TensorList grads, double clip_value) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("clip_grad_norm_", &clip_grad_norm_cuda);
   m.impl("grad_norm", &grad_norm_cuda);
   m.impl("scale_grads_", &scale_grads_cuda);
   m.impl("clamp_grads_", &clamp_grads_cuda);

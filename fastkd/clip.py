@@ -246,7 +246,12 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     NaN; ``nonfinite_flag`` / ``step_if_finite`` skip the optimizer step without a host sync.
     """
     prep = _Prepared(_grads_of(parameters, warn_empty_generator=True))
-    total = _total_norm(prep, float(norm_type), error_if_nonfinite, process_group)
+    p = float(norm_type)
+    if len(prep.plain) == 1 and not prep.domains and process_group is None and _kernel_order(p) \
+            and not error_if_nonfinite:
+        # The common case, one (device, dtype) group on one process: norm and scale in one op call.
+        return torch.ops.fastkd.clip_grad_norm_(prep.plain[0], float(max_norm), p)
+    total = _total_norm(prep, p, error_if_nonfinite, process_group)
     _scale(prep, float(max_norm), total)
     return total
 

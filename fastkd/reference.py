@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "kd_loss_rows", "kd_loss", "kd_loss_fwd", "kd_loss_scale_", "textbook_kd_loss",
-    "grad_norm", "clip_coef", "scale_grads_", "clamp_grads_", "clip_grad_norm_float64",
+    "grad_norm", "clip_coef", "scale_grads_", "clamp_grads_", "clip_grad_norm_", "clip_grad_norm_float64",
 ]
 
 
@@ -184,6 +184,13 @@ def scale_grads_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: 
     (device) coefficient is needed here."""
     coef = clip_coef(total_norm, max_norm)
     torch._foreach_mul_(grads, coef.to(grads[0].device))
+
+
+def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    """Fallback kernel of ``fastkd::clip_grad_norm_``: ``grad_norm`` then ``scale_grads_``; returns the norm."""
+    norm = grad_norm(grads, norm_type)
+    scale_grads_(grads, norm, max_norm)
+    return norm
 
 
 def clamp_grads_(grads: list[torch.Tensor], clip_value: float) -> None:
