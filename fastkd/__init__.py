@@ -2,13 +2,24 @@
 
 from ._ops import backend, extension_error
 from .kd_loss import KDLoss, kd_loss
-from .clip import clip_grad_norm_, clip_grad_value_
+from .clip import (
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+    nonfinite_flag,
+    patch_torch_clip_grad,
+    step_if_finite,
+)
 from . import reference
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "clip_grad_norm_", "clip_grad_value_", "Distiller", "backend",
-           "extension_error", "reference", "__version__"]
+__all__ = [
+    "kd_loss", "KDLoss", "backend", "extension_error", "reference", "__version__",
+    "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "nonfinite_flag",
+    "step_if_finite", "patch_torch_clip_grad", "Distiller",
+]
 
 
 def __getattr__(name):

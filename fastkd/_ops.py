@@ -87,6 +87,49 @@ def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
 torch.library.register_autograd("fastkd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context)
 
 
+# ==== gradient clipping (fastkd.clip) =================================================================
+# One call per device/dtype group of gradients (fastkd/clip.py groups them): the CPU kernels are
+# csrc/clip_cpu.cpp, the CUDA ones csrc/clip_cuda.cu (multi-tensor launches, csrc/multi_tensor.cuh).
+#   grad_norm:    the group's norm (fp32; fp64 for fp64 grads) as a 0-d tensor on the group's device.
+#   scale_grads_: grads *= min(max_norm / (total_norm + 1e-6), 1), the coefficient computed on the
+#                 device from the 0-d total_norm; the kernels do nothing when it is >= 1.
+#   clamp_grads_: grads clamped to [-clip_value, clip_value].
+#   clip_grad_norm_: grad_norm then scale_grads_ in one call, for the common case of one group on one
+#                 process (one list conversion and, on CUDA, one table upload instead of two).
+_LIB.define("grad_norm(Tensor[] grads, float norm_type) -> Tensor")
+_LIB.define("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor")
+_LIB.define("scale_grads_(Tensor(a!)[] grads, Tensor total_norm, float max_norm) -> ()")
+_LIB.define("clamp_grads_(Tensor(a!)[] grads, float clip_value) -> ()")
+
+_LIB.impl("grad_norm", reference.grad_norm, "CompositeExplicitAutograd")
+_LIB.impl("scale_grads_", reference.scale_grads_, "CompositeExplicitAutograd")
+_LIB.impl("clamp_grads_", reference.clamp_grads_, "CompositeExplicitAutograd")
+_LIB.impl("clip_grad_norm_", reference.clip_grad_norm_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastkd::grad_norm")
+def _grad_norm_fake(grads, norm_type):
+    torch._check(len(grads) > 0, lambda: "fastkd::grad_norm: empty gradient list")
+    dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    return grads[0].new_empty((), dtype=dtype)
+
+
+@torch.library.register_fake("fastkd::clip_grad_norm_")
+def _clip_grad_norm_fake(grads, max_norm, norm_type):
+    return _grad_norm_fake(grads, norm_type)
+
+
+@torch.library.register_fake("fastkd::scale_grads_")
+def _scale_grads_fake(grads, total_norm, max_norm):
+    return None
+
+
+@torch.library.register_fake("fastkd::clamp_grads_")
+def _clamp_grads_fake(grads, clip_value):
+    return None
+# ==== end of gradient clipping ==========================================================================
+
+
 # ---- the compiled extension --------------------------------------------------------------------------
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
