@@ -28,14 +28,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0):
-    """Median, p20 and p80 of fn()'s wall time in milliseconds."""
+def time_call(fn, device: torch.device, *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0, setup=None):
+    """Median, p20 and p80 of fn()'s wall time in milliseconds (setup(), if given, runs untimed before
+    every call)."""
+    setup = setup or (lambda: None)
     for _ in range(warmup):
+        setup()
         fn()
     sync(device)
     times = []
     start_all = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start_all < min_time and len(times) < 10 * repeats):
+        setup()
         sync(device)
         t0 = time.perf_counter()
         fn()
