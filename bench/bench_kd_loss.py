@@ -83,8 +83,10 @@ def bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats):
             return fn(s, t, labels, hard_weight)
 
     def fwd_bwd():
-        s.grad = None
         fn(s, t, labels, hard_weight).backward()
+
+    def clear_grad():  # outside the timed call: the previous gradient is not part of the next one
+        s.grad = None
 
     if mode == "fwd":
         call = fwd
@@ -92,8 +94,10 @@ def bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats):
         call = fwd_bwd
     else:
         raise ValueError(mode)
-    med, p20, p80 = common.time_call(call, device, repeats=repeats, warmup=1)
-    mem = common.peak_memory_mb(call, device)
+    med, p20, p80 = common.time_call(call, device, repeats=repeats, warmup=1, setup=clear_grad)
+    clear_grad()
+    mem = common.peak_memory_mb(call, device)  # includes the gradient the call leaves in s.grad
+    clear_grad()
     nbytes = s.nbytes + t.nbytes + (s.nbytes if mode != "fwd" else 0)
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": nbytes / (med * 1e-3) / 1e9,
             "peak_mem_mib": mem}
