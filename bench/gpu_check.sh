@@ -9,6 +9,11 @@
 # Writes at most 8 files under $OUT (the device tool brings back 8): gpu_check.log (everything
 # printed), cuda_tests.log, memcheck.log, racecheck.log, kd_loss_cuda.csv, clip_cuda.csv, env.txt.
 # Budget: under 8 minutes; every step has its own timeout and a failing step does not stop the rest.
+#
+# Liger-Kernel is not installed there and the machine has no internet: before the run, fetch its wheel
+# here into the git-ignored .whl/ and name .whl in the device tool's `carry`:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel
+# (it needs torch and triton, which the GPU machine's torch 2.11 brings).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench/results/gpu_run}
