@@ -88,6 +88,7 @@ if not SKIP:
     define_macros = []
     # No -std flag: torch.utils.cpp_extension passes the standard its headers need (C++17 or C++20).
     cxx = ["-O3"] if not DEBUG else ["-O0", "-g"]
+    cxx.append("-Wno-unknown-pragmas")  # torch's headers carry CUDA-only `#pragma unroll` lines
     # at::vec::Vectorized is selected at compile time by CPU_CAPABILITY. x86-64 machines from the
     # last decade have AVX2 + FMA; FASTKD_CPU_ISA=default builds the portable (scalar-width) code.
     isa = os.environ.get("FASTKD_CPU_ISA", "avx2" if platform.machine() in ("x86_64", "AMD64") else "default")

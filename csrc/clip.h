@@ -5,11 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FKD_HD __host__ __device__ __forceinline__
-#else
-#define FKD_HD inline
-#endif
+#include "host_device.h"
 
 namespace fastkd {
 

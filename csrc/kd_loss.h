@@ -39,6 +39,7 @@ inline Reduction parse_reduction(std::string_view s) {
 }
 
 struct KdLossArgs {
+  at::ScalarType grad_dtype;  // the student's dtype (fp64 logits are computed in fp32, see below)
   at::Tensor student;  // [rows, V], last dim contiguous
   at::Tensor teacher;  // [rows, V], last dim contiguous
   at::Tensor labels;   // [rows] int64, or undefined
@@ -59,11 +60,15 @@ inline at::Tensor as_rows(const at::Tensor& x) {
 }
 
 // Validates the op's arguments (the Python wrapper validates first and names the user's arguments;
-// this is the op's own contract for direct callers) and normalises the layout.
+// this is the op's own contract for direct callers) and normalises the layout; fp64 logits are
+// converted to fp32 like the others (fastkd's maths is fp32 throughout; the gradient goes back to
+// grad_dtype).
 inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher,
                                     const std::optional<at::Tensor>& labels, double temperature,
-                                    std::string_view divergence, double beta, double soft_weight,
-                                    double hard_weight, int64_t ignore_index, std::string_view reduction) {
+                                    c10::string_view divergence_, double beta, double soft_weight,
+                                    double hard_weight, int64_t ignore_index, c10::string_view reduction_) {
+  const std::string_view divergence(divergence_.data(), divergence_.size());
+  const std::string_view reduction(reduction_.data(), reduction_.size());
   FKD_CHECK_ARG(student.dim() >= 1, "student_logits", "expected shape [..., vocab], got a 0-d tensor");
   FKD_CHECK_ARG(teacher.dim() >= 1, "teacher_logits", "expected shape [..., vocab], got a 0-d tensor");
   FKD_CHECK_ARG(student.size(-1) == teacher.size(-1), "teacher_logits",
@@ -84,8 +89,9 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
   a.lead = student.sizes().slice(0, student.dim() - 1).vec();
   a.vocab = student.size(-1);
   FKD_CHECK_ARG(a.vocab >= 1, "student_logits", "the vocabulary (last) dimension is empty");
-  a.student = as_rows(student);
-  a.teacher = as_rows(teacher);
+  a.grad_dtype = student.scalar_type();
+  a.student = as_rows(student.scalar_type() == at::kDouble ? student.to(at::kFloat) : student);
+  a.teacher = as_rows(teacher.scalar_type() == at::kDouble ? teacher.to(at::kFloat) : teacher);
   a.rows = a.student.size(0);
   a.divergence = parse_divergence(divergence);
   a.reduction = parse_reduction(reduction);

@@ -339,13 +339,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
                                                     c10::string_view divergence, double beta, double soft_weight,
                                                     double hard_weight, int64_t ignore_index,
                                                     c10::string_view reduction, bool with_grad) {
-  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature,
-                                   std::string_view(divergence.data(), divergence.size()), beta, soft_weight,
-                                   hard_weight, ignore_index, std::string_view(reduction.data(), reduction.size()));
-  // fp64 logits are computed in fp32 like the others (fastkd's maths is fp32 throughout).
-  const auto grad_dtype = a.student.scalar_type();
-  if (a.student.scalar_type() == at::kDouble) a.student = a.student.to(at::kFloat);
-  if (a.teacher.scalar_type() == at::kDouble) a.teacher = a.teacher.to(at::kFloat);
+  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature, divergence, beta, soft_weight,
+                                   hard_weight, ignore_index, reduction);
   const at::Tensor weight = row_weight(a);
   const float w = weight.item<float>();  // a CPU tensor: no device to wait for
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
@@ -360,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
       }
     });
   });
-  if (grad.scalar_type() != grad_dtype) grad = grad.to(grad_dtype);
+  if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
   return {reduce_rows(a, row_losses, weight), grad};
 }
 

@@ -570,17 +570,12 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
                                                      c10::string_view divergence, double beta, double soft_weight,
                                                      double hard_weight, int64_t ignore_index,
                                                      c10::string_view reduction, bool with_grad) {
-  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature,
-                                   std::string_view(divergence.data(), divergence.size()), beta, soft_weight,
-                                   hard_weight, ignore_index, std::string_view(reduction.data(), reduction.size()));
+  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature, divergence, beta, soft_weight,
+                                   hard_weight, ignore_index, reduction);
   FKD_CHECK_ARG(a.student.is_cuda(), "student_logits", "expected a CUDA tensor, got one on ", a.student.device());
   FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_logits", "vocabulary of ", a.vocab,
                 " entries is too large (at most 2^30)");
   const c10::cuda::CUDAGuard guard(a.student.device());
-  // fp64 logits are computed in fp32 like the others (fastkd's maths is fp32 throughout).
-  const auto grad_dtype = a.student.scalar_type();
-  if (a.student.scalar_type() == at::kDouble) a.student = a.student.to(at::kFloat);
-  if (a.teacher.scalar_type() == at::kDouble) a.teacher = a.teacher.to(at::kFloat);
   const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
   at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
@@ -600,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
       });
     });
   }
-  if (grad.scalar_type() != grad_dtype) grad = grad.to(grad_dtype);
+  if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
   return {reduce_rows(a, row_losses, weight), grad};
 }
 

@@ -10,10 +10,9 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FKD_HD __host__ __device__ __forceinline__
-#else
-#define FKD_HD inline
+#include "host_device.h"
+
+#if !defined(__CUDACC__)
 #include <ATen/cpu/vec/vec.h>
 #endif
 

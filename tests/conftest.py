@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 import torch
 
@@ -11,3 +13,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free now (for gloo process groups in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

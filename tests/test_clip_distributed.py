@@ -7,7 +7,6 @@ Replicate placements on a 1-D mesh), and FSDP2 ``fully_shard``.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -130,14 +129,9 @@ def _worker(rank, port, check):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("check", list(CHECKS))
-def test_sharded_global_norm(check):
+def test_sharded_global_norm(check, free_port):
     if not dist.is_available():
         pytest.fail("torch.distributed is not available in this torch build")
-    mp.spawn(_worker, args=(_free_port(), check), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port, check), nprocs=WORLD, join=True)

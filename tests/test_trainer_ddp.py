@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import socket
 
 import torch
 import torch.distributed as dist
@@ -57,15 +56,10 @@ def _worker(rank, port, run_dir, out):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_two_process_ddp_equals_one_process_global_batch(tmp_path):
+def test_two_process_ddp_equals_one_process_global_batch(tmp_path, free_port):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "run"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port, str(tmp_path / "run"), str(out)), nprocs=WORLD, join=True)
     ddp = torch.load(out)
 
     # One process, one batch of 24 = the union of the two ranks' windows (DistributedSampler interleaves).
