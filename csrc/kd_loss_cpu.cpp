@@ -331,9 +331,6 @@ void kd_rows_dispatch(const KdLossArgs& a, float w, float* row_losses, S* grad) 
   }
 }
 
-#define FKD_DISPATCH_LOGITS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                     const std::optional<at::Tensor>& labels, double temperature,
                                                     c10::string_view divergence, double beta, double soft_weight,
@@ -346,10 +343,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
   at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
   if (with_grad) advise_huge_pages(grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.student.scalar_type(), "kd_loss_cpu", [&] {
+  FKD_DISPATCH_FLOATING(a.student.scalar_type(), "kd_loss_cpu", [&] {
     using S = scalar_t;
     S* g = with_grad ? grad.data_ptr<S>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.teacher.scalar_type(), "kd_loss_cpu", [&] {
+    FKD_DISPATCH_FLOATING(a.teacher.scalar_type(), "kd_loss_cpu", [&] {
       if constexpr (!std::is_same_v<S, double> && !std::is_same_v<scalar_t, double>) {
         kd_rows_dispatch<S, scalar_t>(a, w, row_losses.data_ptr<float>(), g);
       }
@@ -365,7 +362,7 @@ void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
   const float* f = go.data_ptr<float>();
   const bool per_row = go.numel() != 1;
   const int64_t vocab = grad.size(-1), rows = vocab == 0 ? 0 : grad.numel() / vocab;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "kd_loss_scale_cpu", [&] {
+  FKD_DISPATCH_FLOATING(grad.scalar_type(), "kd_loss_scale_cpu", [&] {
     scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)), [&](int64_t b, int64_t e) {
       alignas(64) float tmp[kChunk];
