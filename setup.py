@@ -89,18 +89,33 @@ if not SKIP:
     # No -std flag: torch.utils.cpp_extension passes the standard its headers need (C++17 or C++20).
     cxx = ["-O3"] if not DEBUG else ["-O0", "-g"]
     cxx.append("-Wno-unknown-pragmas")  # torch's headers carry CUDA-only `#pragma unroll` lines
+    # No implicit fused multiply-adds (GCC's default for C++ contracts a * b + c, vector intrinsics
+    # included): a value computed in two places must round the same way in both (e.g. a = s / T in
+    # the KD kernel's sweeps). Fused multiply-adds are written out where they are wanted.
+    cxx.append("-ffp-contract=off")
+    cxx.append("-fopenmp")
     # at::vec::Vectorized is selected at compile time by CPU_CAPABILITY. x86-64 machines from the
     # last decade have AVX2 + FMA; FASTKD_CPU_ISA=default builds the portable (scalar-width) code.
+    # With avx2, the KD-loss row kernel is also compiled for AVX-512 into the module fastkd._C_avx512
+    # (a module of its own: its flags then touch no code that other CPUs run); fastkd uses it where
+    # torch itself runs AVX-512 kernels.
     isa = os.environ.get("FASTKD_CPU_ISA", "avx2" if platform.machine() in ("x86_64", "AMD64") else "default")
+    base_cxx = list(cxx)
     if isa == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
         define_macros.append(("FASTKD_CPU_ISA", '"avx2"'))
+        ext_modules.append(CppExtension(
+            "fastkd._C_avx512", ["csrc/avx512/kd_loss_cpu_avx512.cpp"], include_dirs=include_dirs,
+            extra_compile_args={"cxx": base_cxx + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2",
+                                                   "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+                                                   "-DCPU_CAPABILITY_AVX512"]},
+            extra_link_args=["-fopenmp"],
+        ))
     elif isa == "default":
         cxx += ["-DCPU_CAPABILITY=DEFAULT"]
         define_macros.append(("FASTKD_CPU_ISA", '"default"'))
     else:
         sys.exit(f"FASTKD_CPU_ISA={isa!r}: expected 'avx2' or 'default'")
-    cxx.append("-fopenmp")
 
     if cuda_ok:
         sources += sorted(glob.glob("csrc/*.cu"))
@@ -129,7 +144,7 @@ if not SKIP:
             "fastkd._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
-    ext_modules.append(ext)
+    ext_modules.insert(0, ext)
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

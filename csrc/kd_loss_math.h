@@ -27,6 +27,7 @@ FKD_HD float fkd_log(float x) { return logf(x); }
 // p > 0 ? x : 0 -- the 0 * log 0 = 0 convention, and no 0 * (-inf) = NaN on masked entries.
 FKD_HD float fkd_if_pos(float p, float x) { return p > 0.f ? x : 0.f; }
 FKD_HD float fkd_max(float a, float b) { return fmaxf(a, b); }
+FKD_HD float fkd_fma(float a, float b, float c) { return fmaf(a, b, c); }
 
 #if !defined(__CUDACC__)
 using VecF = at::vec::Vectorized<float>;
@@ -39,6 +40,7 @@ inline VecF fkd_if_pos(const VecF& p, const VecF& x) {
   return VecF::blendv(VecF(0.f), x, p > VecF(0.f));
 }
 inline VecF fkd_max(const VecF& a, const VecF& b) { return at::vec::maximum(a, b); }
+inline VecF fkd_fma(const VecF& a, const VecF& b, const VecF& c) { return at::vec::fmadd(a, b, c); }
 #endif
 
 // ---- online log-sum-exp --------------------------------------------------------------------------

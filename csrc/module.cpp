@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "kd_loss_cpu.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_backends", [] {
     std::vector<std::string> b{"cpu"};
@@ -13,5 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return b;
   }, "Device types served by compiled kernels.");
-  m.attr("cpu_isa") = FASTKD_CPU_ISA;
+  m.attr("cpu_isa") = FASTKD_CPU_ISA;  // the instruction set this module was compiled for
+  m.def("install_cpu_kernels", [](py::capsule c) { fastkd::install_cpu_kernels(c.ptr()); },
+        "Use another instruction set's CPU KD-loss kernel (a table from fastkd._C_avx512.kernel_table()).");
+  m.def("cpu_kernel_isa", &fastkd::cpu_kernel_isa, "Instruction set of the CPU KD-loss kernel in use.");
+  m.def("kernel_table", [] { return py::reinterpret_steal<py::object>(fastkd::own_cpu_kernel_table()); },
+        "This module's own CPU KD-loss kernel table (for install_cpu_kernels).");
 }

@@ -143,7 +143,20 @@ def _load_extension():
         from . import _C  # noqa: PLC0415  (registers the CPU/CUDA kernels as a side effect)
     except Exception as exc:  # ImportError, or an undefined symbol from a torch version mismatch
         return None, f"{type(exc).__name__}: {exc}"
+    _install_avx512(_C)
     return _C, None
+
+
+def _install_avx512(ext) -> None:
+    """Use the AVX-512 copy of the CPU KD-loss kernel (module fastkd._C_avx512) where torch itself runs
+    AVX-512 kernels: fastkd follows torch's choice, so ATEN_CPU_CAPABILITY=avx2 selects the AVX2 copy."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return
+    try:
+        from . import _C_avx512  # noqa: PLC0415
+    except ImportError:
+        return  # built without it (FASTKD_CPU_ISA=default, or not x86-64): the AVX2/portable copy serves
+    ext.install_cpu_kernels(_C_avx512.kernel_table())
 
 
 _EXT, _EXT_ERROR = _load_extension()

@@ -70,7 +70,59 @@ def check(s, t, labels=None, grad_out=None, floor=1e-6, **kw):
     return loss, grad
 
 
+# ---- the CPU kernel's instruction sets -------------------------------------------------------------------
+def _cpu_kernel_tables() -> dict:
+    """The copies of the CPU KD-loss kernel this build has and this CPU runs, by instruction set."""
+    ext = fastkd._ops._EXT
+    if ext is None:
+        return {}
+    tables = {ext.cpu_isa: ext.kernel_table()}
+    if torch.cpu._is_avx512_supported():
+        try:
+            from fastkd import _C_avx512
+        except ImportError:
+            pass
+        else:
+            tables["avx512"] = _C_avx512.kernel_table()
+    return tables
+
+
+_TABLES = _cpu_kernel_tables()
+
+
+@pytest.fixture(params=sorted(_TABLES) or ["reference"])
+def cpu_kernel(request):
+    """Runs a test with each copy of the CPU kernel (AVX2 and AVX-512 here), then restores the one in use."""
+    if request.param == "reference":
+        yield request.param
+        return
+    ext = fastkd._ops._EXT
+    before = ext.cpu_kernel_isa()
+    ext.install_cpu_kernels(_TABLES[request.param])
+    try:
+        assert ext.cpu_kernel_isa() == request.param
+        yield request.param
+    finally:
+        ext.install_cpu_kernels(_TABLES[before])
+
+
+@pytest.mark.skipif(fastkd._ops._EXT is None, reason="the extension is disabled or not built")
+@pytest.mark.parametrize("capability", ["", "avx2", "default"])
+def test_cpu_kernel_follows_torch_capability(capability):
+    """fastkd runs the AVX-512 copy exactly where torch runs its own AVX-512 kernels (ATEN_CPU_CAPABILITY
+    included) and the module was built; otherwise fastkd._C's own copy."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    code = ("import torch, fastkd; from fastkd import _ops; "
+            "print(torch.backends.cpu.get_cpu_capability(), _ops._EXT.cpu_kernel_isa())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    torch_cap, isa = out.stdout.split()
+    expect = "avx512" if torch_cap == "AVX512" and "avx512" in _TABLES else fastkd._ops._EXT.cpu_isa
+    assert isa == expect, (torch_cap, isa)
+
+
 # ---- maths ---------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("vocab", [1, 7, 769, 1271, 32000, 128256])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 def test_vocab_sizes_and_divergences(vocab, divergence, beta):
@@ -79,6 +131,7 @@ def test_vocab_sizes_and_divergences(vocab, divergence, beta):
     check(s, t, temperature=2.0, divergence=divergence, beta=beta)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
 @pytest.mark.parametrize("hard_weight,temperature", [(0.0, 4.0), (0.5, 1.0), (0.3, 2.5)])
@@ -89,6 +142,7 @@ def test_dtypes_and_hard_term(dtype, divergence, beta, hard_weight, temperature)
           hard_weight=hard_weight)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 @pytest.mark.parametrize("with_labels", [False, True])
 def test_reductions_and_3d(reduction, with_labels):
@@ -126,6 +180,7 @@ def test_ignored_rows_excluded_without_hard_term():
     assert (grad[~keep] == 0).all()
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
 def test_grad_output_not_one(reduction, divergence, beta):
@@ -136,6 +191,7 @@ def test_grad_output_not_one(reduction, divergence, beta):
           reduction=reduction)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
 def test_masked_vocabulary_entries(divergence, beta):
     s, t = make_logits(6, 500, seed=11)
@@ -146,6 +202,7 @@ def test_masked_vocabulary_entries(divergence, beta):
           beta=beta)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 def test_masked_only_where_divergence_stays_finite():
     s, t = make_logits(4, 200, seed=12)
     mask = torch.zeros(4, 200, dtype=torch.bool)
@@ -156,6 +213,7 @@ def test_masked_only_where_divergence_stays_finite():
     check(s.masked_fill(mask, -math.inf), t, temperature=1.0, divergence="reverse_kl")
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("temperature", [0.05, 1.0, 100.0])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
 def test_extreme_logits_no_overflow(temperature, divergence, beta):
@@ -166,6 +224,7 @@ def test_extreme_logits_no_overflow(temperature, divergence, beta):
     check(s, t, labels, temperature=temperature, divergence=divergence, beta=beta, hard_weight=0.1)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_range(dtype):
     info = torch.finfo(dtype)
@@ -175,6 +234,7 @@ def test_low_precision_range(dtype):
     check(s, t, temperature=50.0)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 def test_non_contiguous_inputs():
     s_wide, t_wide = make_logits(10, 700, seed=15)
     s, t = s_wide[:, :600], t_wide[:, 50:650]  # row stride 700
@@ -186,6 +246,7 @@ def test_non_contiguous_inputs():
     check(s3.transpose(0, 1), t3.transpose(0, 1), labels.t(), hard_weight=0.5)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("sd,td", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                    (torch.float16, torch.bfloat16)])
 def test_mixed_dtypes(sd, td):
@@ -397,6 +458,7 @@ def test_op_checks_its_own_arguments():
         torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "avg", False)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("dtype,vocab", [(torch.float32, 32000), (torch.bfloat16, 56000)])
 def test_large_gradient_equals_row_blocks(dtype, vocab):
     """Gradients of 64 MiB and more are written with non-temporal stores on the CPU: the values must
