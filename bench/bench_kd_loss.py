@@ -33,7 +33,7 @@ from . import common
 
 CPU_SHAPES = [(4096, 32000), (1024, 8192), (1024, 32000), (1024, 128256)]
 CUDA_SHAPES = [(8192, 128256), (16384, 131072)]
-QUICK_SHAPES = [(128, 1024), (128, 4096)]
+QUICK_SHAPES = [(64, 512), (64, 2048)]
 MODES = ("fwd", "bwd", "fwd+bwd")
 TEMPERATURE = 2.0
 

@@ -193,10 +193,16 @@ def kind_of(path: Path) -> str:
     return next((k for k in ("kd_loss", "clip", "step") if path.stem.startswith(k)), path.stem)
 
 
+def _image(name: str, png: Path | None, base: Path) -> str:
+    """A Markdown image line for png, relative to the folder of the file it goes into."""
+    return f"\n![{name}]({Path(os.path.relpath(png, base)).as_posix()})\n" if png else ""
+
+
 def render(paths: list[Path], readme: bool = True, md: Path | None = None) -> dict[str, str]:
     """Tables (printed; into the README blocks and/or the Markdown file md) and plots (a PNG beside
-    each CSV that has one) of the CSVs at paths. Only full runs in bench/results reach the README: its
-    blocks and image links are about those files. Returns {CSV stem: Markdown table}."""
+    each CSV that has one, linked under its table) of the CSVs at paths. Only full runs in
+    bench/results reach the README: its blocks and image links are about those files. Returns
+    {CSV stem: README block}."""
     blocks, sections = {}, []
     for path in paths:
         rows = load(path)
@@ -205,19 +211,17 @@ def render(paths: list[Path], readme: bool = True, md: Path | None = None) -> di
             continue
         kind = kind_of(path)
         print(f"\n## {path.name}")
-        blocks[path.stem] = markdown(rows, kind)
-        section = f"## {path.stem}\n\n{blocks[path.stem]}"
+        table = markdown(rows, kind)
         png = PLOTS[kind](rows, path.with_suffix(".png")) if kind in PLOTS else None
         if png:
             print(f"plot: {png}")
-            if md:
-                section += f"\n![{path.stem}]({os.path.relpath(png, md.parent)})\n"
-        sections.append(section)
+        blocks[path.stem] = table + _image(path.stem, png, ROOT)
+        sections.append(f"## {path.stem}\n\n{table}" + (_image(path.stem, png, md.parent) if md else ""))
     if readme:
-        official = {k: v for k, v in blocks.items()
-                    if not k.endswith("_quick") and any(p.stem == k and p.parent.resolve() == common.RESULTS for p in paths)}
+        official = {k: v for k, v in blocks.items() if not k.endswith("_quick")
+                    and any(p.stem == k and p.parent.resolve() == common.RESULTS for p in paths)}
         for k in blocks.keys() - official.keys():
-            print(f"README.md: not refreshed from {k} (only full runs in {common.RESULTS.relative_to(ROOT)}/ go there)")
+            print(f"README.md: not refreshed from {k} (only full runs in {common.RESULTS} go there)")
         update_readme(official)
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
     ap.add_argument("--md", type=Path, default=None, help="also write the tables (and plot links) to this file")
     args = ap.parse_args(argv)
-    paths = args.csvs or [p for p in sorted(RESULTS.glob("*.csv")) if not p.stem.endswith("_quick")]
+    paths = args.csvs or [p for p in sorted(common.RESULTS.glob("*.csv")) if not p.stem.endswith("_quick")]
     render(paths, readme=not args.no_readme, md=args.md)
     return 0
 

@@ -100,3 +100,27 @@ def test_unknown_benchmark_is_refused(capsys):
     with pytest.raises(SystemExit):
         grid.main(["--quick", "--only", "kd,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_report_refreshes_readme_blocks_from_full_runs_only(quick_run, tmp_path, monkeypatch):
+    """bench.report with no arguments: the CSVs of bench/results (here a stand-in folder) go into their
+    README blocks with their plot linked; text outside the markers and *_quick.csv stay as they were."""
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    results.mkdir()
+    for stem in ("kd_loss_cpu", "step_cpu"):
+        (results / f"{stem}.csv").write_bytes((quick_run[1] / f"{stem}_quick.csv").read_bytes())
+    (results / "clip_cpu_quick.csv").write_bytes((quick_run[1] / "clip_cpu_quick.csv").read_bytes())
+    before = ("intro\n<!-- bench:kd_loss_cpu -->\nold\n<!-- /bench:kd_loss_cpu -->\nmiddle\n"
+              "<!-- bench:step_cpu -->\n<!-- /bench:step_cpu -->\n<!-- bench:clip_cpu_quick -->\nkeep\n"
+              "<!-- /bench:clip_cpu_quick -->\nend\n")
+    readme.write_text(before)
+    monkeypatch.setattr(common, "RESULTS", results.resolve())
+    monkeypatch.setattr(report, "README", readme)
+    assert report.main([]) == 0
+    text = readme.read_text()
+    kd = text.split("<!-- bench:kd_loss_cpu -->\n")[1].split("<!-- /bench:kd_loss_cpu -->")[0]
+    step = text.split("<!-- bench:step_cpu -->\n")[1].split("<!-- /bench:step_cpu -->")[0]
+    assert "old" not in kd and "| provider" in kd and "kd_loss_cpu.png)" in kd
+    assert (results / "kd_loss_cpu.png").exists() and not (results / "clip_cpu_quick.png").exists()
+    assert "tokens_per_s" in step and "reference" in step and "fastkd" in step
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and "\nkeep\n" in text and text.endswith("\nend\n")
