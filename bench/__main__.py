@@ -29,9 +29,9 @@ BENCHES = {"kd": ("kd_loss", bench_kd_loss), "clip": ("clip", bench_clip), "step
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a smoke run, seconds)")
-    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
-    ap.add_argument("--out-dir", type=Path, default=common.RESULTS, help="where the CSVs, plots and report go")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run, seconds)")
+    ap.add_argument("--only", default=",".join(BENCHES), help=f"subset of {','.join(BENCHES)}")
+    ap.add_argument("--out-dir", type=Path, default=common.RESULTS, help="where the CSVs, plots, report go")
     ap.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
     ap.add_argument("--kd-providers", default=None,
                     help="subset of the KD-loss providers, e.g. fastkd,eager (leaves out torch.compile)")

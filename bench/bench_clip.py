@@ -7,8 +7,9 @@ Cases: 2000 x 1000 (many small tensors), a transformer-like mix (a few hundred t
 elements), 10 x 10M (few large tensors), in fp32 and bf16; and a sweep, in fp32, of 8M elements
 (32 MB) split into 1 to 4096 equal tensors: time against tensor count at a fixed size, i.e. the
 per-tensor overhead (32 MB can stay in a large last-level cache, so the sweep's GB/s may pass the
-copy ceiling, which is measured on 1 GiB). Each clipped (coefficient < 1: a norm pass and a scale pass) and not clipped
-(coefficient 1: fastkd's scale kernel returns at once, torch multiplies by 1). GB/s counts the bytes a pass must move (norm: read; scale: read + write), next to the copy
+copy ceiling, which is measured on 1 GiB). Each case clipped (coefficient < 1: a norm pass and a
+scale pass) and not clipped (coefficient 1: fastkd's scale kernel returns at once, torch multiplies
+by 1). GB/s counts the bytes a pass must move (norm: read; scale: read + write), next to the copy
 ceiling measured in the same run. On CUDA it also counts kernel launches (torch.profiler) for 2000
 tensors and measures bandwidth on 1e9 bf16 elements.
 """
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
     device = common.device(args.device)
     both = (torch.float32, torch.bfloat16)
     if args.cases:
-        cases = {c: (CASES[c], both, False) if c in CASES else (SWEEP[c], SWEEP_DTYPES, True) for c in args.cases}
+        cases = {c: (CASES[c], both, False) if c in CASES else (SWEEP[c], SWEEP_DTYPES, True)
+                 for c in args.cases}
     else:
         named, swept = (QUICK_CASES, QUICK_SWEEP) if args.quick else (CASES, SWEEP)
         cases = {**{c: (s, both, False) for c, s in named.items()},

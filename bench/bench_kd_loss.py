@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                                      "dtype": str(dtype).replace("torch.", ""), "mode": mode, **r,
                                      "pct_copy_ceiling": 100 * r["gbps"] / ceiling if r["gbps"] else None,
                                      "copy_gbps": ceiling, **info})
-                    base = results.get("fastkd") if mode != "bwd" else None  # bwd: different work (docstring)
+                    base = results.get("fastkd") if mode != "bwd" else None  # bwd: not the same work
                     for row in rows[-len(results):]:
                         row["fastkd_speedup"] = (row["median_ms"] / base["median_ms"]) if base else None
                     common.write_csv(out, rows)  # after every case: a run cut short keeps what it measured

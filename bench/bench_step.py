@@ -56,10 +56,13 @@ class StepConfig:
 
 
 CONFIGS = {
-    "cpu": StepConfig(batch=4, seq=128, vocab=32000, d_model=256, student_layers=2, teacher_layers=4, repeats=10),
-    # Same vocabulary, 16x the tokens and a wider model: a step the GPU does not finish in launch overhead.
-    "cuda": StepConfig(batch=32, seq=512, vocab=32000, d_model=512, student_layers=4, teacher_layers=8, repeats=20),
-    "quick": StepConfig(batch=2, seq=16, vocab=1000, d_model=32, student_layers=1, teacher_layers=1, repeats=3),
+    "cpu": StepConfig(batch=4, seq=128, vocab=32000, d_model=256, student_layers=2, teacher_layers=4,
+                      repeats=10),
+    # The same vocabulary, 32x the tokens and a wider model: a step that is more than launch overhead.
+    "cuda": StepConfig(batch=32, seq=512, vocab=32000, d_model=512, student_layers=4, teacher_layers=8,
+                       repeats=20),
+    "quick": StepConfig(batch=2, seq=16, vocab=1000, d_model=32, student_layers=1, teacher_layers=1,
+                        repeats=3),
 }
 
 
@@ -105,8 +108,9 @@ def check_same_maths(steps: dict) -> dict:
     got = {name: tuple(float(x) for x in step()) for name, step in steps.items()}
     (ra, (la, na)), (rb, (lb, nb)) = got.items()
     if abs(la - lb) > 1e-4 * abs(la) + 1e-6 or abs(na - nb) > 1e-3 * abs(na) + 1e-6:
-        raise RuntimeError(f"bench_step: the styles compute different things: {ra} loss {la:.7g} grad norm "
-                           f"{na:.7g}, {rb} loss {lb:.7g} grad norm {nb:.7g}; timing them would be meaningless")
+        raise RuntimeError(f"bench_step: the styles compute different things: {ra} loss {la:.7g} grad "
+                           f"norm {na:.7g}, {rb} loss {lb:.7g} grad norm {nb:.7g}; timing them would be "
+                           "meaningless")
     return got
 
 
@@ -151,7 +155,8 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     cfg = CONFIGS["quick" if args.quick else device.type]
-    out = Path(args.out) if args.out else common.RESULTS / f"step_{device.type}{'_quick' if args.quick else ''}.csv"
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out) if args.out else common.RESULTS / f"step_{device.type}{suffix}.csv"
     info = common.machine_info(device)
     print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
           f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; {cfg}", flush=True)

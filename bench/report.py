@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("csvs", nargs="*", type=Path,
                     help="CSV files (default: the full runs in bench/results, i.e. not *_quick.csv)")
     ap.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
-    ap.add_argument("--md", type=Path, default=None, help="also write the tables (and plot links) to this file")
+    ap.add_argument("--md", type=Path, default=None, help="also write the tables and plot links to this file")
     args = ap.parse_args(argv)
     paths = args.csvs or [p for p in sorted(common.RESULTS.glob("*.csv")) if not p.stem.endswith("_quick")]
     render(paths, readme=not args.no_readme, md=args.md)
