@@ -110,7 +110,7 @@ def bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats):
     call, setup = {"fwd": (fwd, clear_grad), "fwd+bwd": (fwd_bwd, clear_grad), "bwd": (bwd, forward)}[mode]
     med, p20, p80 = common.time_call(call, device, repeats=repeats, warmup=1, setup=setup)
     setup()
-    mem = common.peak_memory_mb(call, device)  # includes the gradient the call leaves in s.grad
+    mem = common.peak_memory_mb(call, device)  # above what setup left (bwd: the graph); includes s.grad
     clear_grad()
     nbytes = s.nbytes + t.nbytes + (s.nbytes if mode == "fwd+bwd" else 0)
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80,
