@@ -4,7 +4,10 @@ foreach=False), side by side in one process.
     python -m bench.bench_clip [--device cpu|cuda] [--quick] [--out bench/results/clip_cpu.csv]
 
 Cases: 2000 x 1000 (many small tensors), a transformer-like mix (a few hundred tensors, ~100M
-elements), 10 x 10M (few large tensors); fp32 and bf16; clipped (coefficient < 1: a norm pass and a
+elements), 10 x 10M (few large tensors), in fp32 and bf16; and a sweep, in fp32, of 8M elements
+(32 MB) split into 1 to 4096 equal tensors: time against tensor count at a fixed size, i.e. the
+per-tensor overhead (32 MB can stay in a large last-level cache, so the sweep's GB/s may pass the
+copy ceiling, which is measured on 1 GiB). Each case clipped (coefficient < 1: a norm pass and a
 scale pass) and not clipped (coefficient 1: fastkd's scale kernel returns at once, torch multiplies
 by 1). GB/s counts the bytes a pass must move (norm: read; scale: read + write), next to the copy
 ceiling measured in the same run. On CUDA it also counts kernel launches (torch.profiler) for 2000
@@ -34,11 +37,20 @@ def transformer_mix(total=100_000_000, d=512, vocab=32000):
     return shapes + layer * n_layers + [(d,), (d,)]
 
 
+def sweep(total: int, counts) -> dict:
+    """``total`` elements split into n equal 1-D tensors, for each n in counts."""
+    return {f"{n}x{total // n}": [(total // n,)] * n for n in counts}
+
+
 CASES = {
     "2000x1000": [(1000,)] * 2000,
     "transformer": transformer_mix(),
     "10x10M": [(10_000_000,)] * 10,
 }
+SWEEP = sweep(1 << 23, (1, 8, 64, 512, 4096))
+QUICK_CASES = {"200x1000": [(1000,)] * 200}
+QUICK_SWEEP = sweep(1 << 16, (1, 16, 256))
+SWEEP_DTYPES = (torch.float32,)
 
 PROVIDERS = {
     "fastkd": lambda ps, m: fastkd.clip_grad_norm_(ps, m),
@@ -58,10 +70,11 @@ def make_params(shapes, dtype, device):
 
 
 def run(device, repeats, cases, info, ceiling, out):
+    """cases: {name: (shapes, dtypes, is_sweep)}."""
     rows = []
-    for case in cases:
-        for dtype in (torch.float32, torch.bfloat16):
-            params = make_params(CASES[case], dtype, device)
+    for case, (shapes, dtypes, is_sweep) in cases.items():
+        for dtype in dtypes:
+            params = make_params(shapes, dtype, device)
             grads = [p.grad for p in params]
             elems = sum(g.numel() for g in grads)
             nbytes = elems * grads[0].element_size()
@@ -82,7 +95,8 @@ def run(device, repeats, cases, info, ceiling, out):
                 moved = nbytes * (3 if clipped else 1)  # norm: read; scale: read + write
                 for name, (med, p20, p80) in results.items():
                     rows.append({
-                        "op": "clip_grad_norm_", "case": case, "provider": name, "tensors": len(grads),
+                        "op": "clip_grad_norm_", "case": case, "sweep": is_sweep, "provider": name,
+                        "tensors": len(grads),
                         "elements": elems, "dtype": str(dtype).replace("torch.", ""), "clipped": clipped,
                         "median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": moved / (med * 1e-3) / 1e9,
                         "fastkd_speedup": med / results["fastkd"][0], "copy_gbps": ceiling, **info,
@@ -117,22 +131,31 @@ def cuda_extras(repeats):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="small cases, fewer repeats (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--cases", nargs="*", default=None, choices=list(CASES) + list(SWEEP),
+                    help="a subset of the full-size cases (default: all, or the quick ones with --quick)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = common.device(args.device)
+    both = (torch.float32, torch.bfloat16)
+    if args.cases:
+        cases = {c: (CASES[c], both, False) if c in CASES else (SWEEP[c], SWEEP_DTYPES, True)
+                 for c in args.cases}
+    else:
+        named, swept = (QUICK_CASES, QUICK_SWEEP) if args.quick else (CASES, SWEEP)
+        cases = {**{c: (s, both, False) for c, s in named.items()},
+                 **{c: (s, SWEEP_DTYPES, True) for c, s in swept.items()}}
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     repeats = args.repeats or (7 if args.quick else 21)
     out = Path(args.out) if args.out else common.RESULTS / f"clip_{device.type}{'_quick' if args.quick else ''}.csv"
     info = common.machine_info(device)
-    ceiling = common.copy_ceiling_gbps(device)
+    ceiling = common.copy_ceiling_gbps(device, 1 << 26 if args.quick else 1 << 29)
     print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
           f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; copy ceiling {ceiling:.1f} GB/s", flush=True)
-    extras = cuda_extras(repeats) if device.type == "cuda" else {}
-    rows = run(device, repeats, args.cases, {**info, **extras}, ceiling, out)
+    extras = cuda_extras(repeats) if device.type == "cuda" and not args.quick else {}
+    rows = run(device, repeats, cases, {**info, **extras}, ceiling, out)
     common.print_table(rows, ["case", "provider", "dtype", "clipped", "median_ms", "p20_ms", "p80_ms", "gbps",
                               "fastkd_speedup"])
     for k, v in extras.items():

@@ -5,8 +5,16 @@ side by side in one process.
 
 The eager reference is what users write today (fastkd.reference.textbook_kd_loss):
 F.kl_div(F.log_softmax(s / T), F.softmax(t / T), reduction="batchmean") * T^2 (+ cross-entropy).
-GB/s counts one read of both logits (and one write of the student gradient in backward modes); the
-copy ceiling (read + write of a 512 MiB buffer) is measured in the same run.
+Modes: fwd (no grad), fwd+bwd (loss and loss.backward()), bwd (loss.backward() alone: each call gets
+a fresh graph from a forward in the untimed setup; its peak memory is what backward adds above what the
+forward left). fastkd computes the gradient in its forward kernel when the logits require grad, so its
+bwd is only the hand-over of that gradient: neither GB/s nor a speedup ratio is given for bwd, whose
+work differs between providers (compare fwd+bwd for the whole).
+
+GB/s counts one read of both logits (and one write of the student gradient for fwd+bwd); the copy
+ceiling (read + write of a 512 MiB buffer) is measured in the same run. On the CPU the shapes sweep the
+vocabulary at 1024 rows (8192, 32000, 128256) after a batch of 4096 rows at 32000 (where the
+cross-entropy mix kl+ce is measured too, in fp32).
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from fastkd import reference
 
 from . import common
 
-CPU_SHAPES = [(4096, 32000), (1024, 128256)]
+CPU_SHAPES = [(4096, 32000), (1024, 8192), (1024, 32000), (1024, 128256)]
 CUDA_SHAPES = [(8192, 128256), (16384, 131072)]
+QUICK_SHAPES = [(64, 512), (64, 2048)]
+MODES = ("fwd", "bwd", "fwd+bwd")
 TEMPERATURE = 2.0
 
 
@@ -88,36 +98,42 @@ def bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats):
     def clear_grad():  # outside the timed call: the previous gradient is not part of the next one
         s.grad = None
 
-    if mode == "fwd":
-        call = fwd
-    elif mode == "fwd+bwd":
-        call = fwd_bwd
-    else:
-        raise ValueError(mode)
-    med, p20, p80 = common.time_call(call, device, repeats=repeats, warmup=1, setup=clear_grad)
+    graph = {}
+
+    def forward():  # bwd's untimed setup: a fresh graph for every backward
+        clear_grad()
+        graph["loss"] = fn(s, t, labels, hard_weight)
+
+    def bwd():
+        graph.pop("loss").backward()
+
+    call, setup = {"fwd": (fwd, clear_grad), "fwd+bwd": (fwd_bwd, clear_grad), "bwd": (bwd, forward)}[mode]
+    med, p20, p80 = common.time_call(call, device, repeats=repeats, warmup=1, setup=setup)
+    setup()
+    mem = common.peak_memory_mb(call, device)  # above what setup left (bwd: the graph); includes s.grad
     clear_grad()
-    mem = common.peak_memory_mb(call, device)  # includes the gradient the call leaves in s.grad
-    clear_grad()
-    nbytes = s.nbytes + t.nbytes + (s.nbytes if mode != "fwd" else 0)
-    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": nbytes / (med * 1e-3) / 1e9,
-            "peak_mem_mib": mem}
+    nbytes = s.nbytes + t.nbytes + (s.nbytes if mode == "fwd+bwd" else 0)
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80,
+            "gbps": nbytes / (med * 1e-3) / 1e9 if mode != "bwd" else None, "peak_mem_mib": mem}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="one small shape, few repeats (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="two small shapes, few repeats (a smoke run)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--modes", default="fwd+bwd,fwd")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--providers", default=None, help="comma-separated subset")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = common.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
-    shapes = [(256, 4096)] if args.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    shapes = QUICK_SHAPES if args.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        ap.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from {MODES}")
     provs = providers(device)
     if args.providers:
         provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
@@ -154,8 +170,9 @@ def main(argv=None) -> int:
                         rows.append({"op": "kd_loss", "loss": "kl" + ("+ce" if hard_weight else ""),
                                      "provider": name, "rows": rows_, "vocab": vocab,
                                      "dtype": str(dtype).replace("torch.", ""), "mode": mode, **r,
-                                     "pct_copy_ceiling": 100 * r["gbps"] / ceiling, "copy_gbps": ceiling, **info})
-                    base = results.get("fastkd")
+                                     "pct_copy_ceiling": 100 * r["gbps"] / ceiling if r["gbps"] else None,
+                                     "copy_gbps": ceiling, **info})
+                    base = results.get("fastkd") if mode != "bwd" else None  # bwd: not the same work
                     for row in rows[-len(results):]:
                         row["fastkd_speedup"] = (row["median_ms"] / base["median_ms"]) if base else None
                     common.write_csv(out, rows)  # after every case: a run cut short keeps what it measured

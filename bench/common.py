@@ -23,6 +23,15 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def device(name: str) -> torch.device:
+    """The torch.device a benchmark was asked for; a clear exit where it is not there (no GPU)."""
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench: --device {name} asked for, but torch {torch.__version__} sees no CUDA GPU "
+                         f"(torch.version.cuda = {torch.version.cuda}); run with --device cpu")
+    return dev
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -56,18 +56,20 @@ class LMDemoConfig:
 
 
 class ByteLM(nn.Module):
-    """A small causal transformer over bytes: (B, S) ids -> (B, S, 257) logits."""
+    """A small causal transformer LM: (B, S) ids -> (B, S, vocab) logits; by default over the 256 bytes
+    and the padding id (vocab 257). bench/bench_step.py uses it with a 32k vocabulary."""
 
-    def __init__(self, dim: int, layers: int, heads: int | None = None, seq_len: int = 128, dropout: float = 0.0):
+    def __init__(self, dim: int, layers: int, heads: int | None = None, seq_len: int = 128, dropout: float = 0.0,
+                 vocab: int = VOCAB):
         super().__init__()
         heads = heads or max(1, dim // 32)
-        self.tok = nn.Embedding(VOCAB, dim)
+        self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(seq_len, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True,
                                            activation="gelu")
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, VOCAB)
+        self.head = nn.Linear(dim, vocab)
         self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

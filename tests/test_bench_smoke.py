@@ -1,22 +1,129 @@
-"""The benchmark scripts run (a tiny case, every provider) and write what they claim; timings are not
+"""The benchmark grid runs (tiny cases, every benchmark) and writes what it claims; timings are not
 checked here: speed is shown in bench/, never in tests."""
 
 import csv
 
+import pytest
 import torch
 
-from bench import bench_kd_loss, report
+import bench.__main__ as grid
+from bench import bench_step, common, report
+
+MACHINE = ["cpu", "cores", "threads", "gpu", "torch", "cuda", "git", "date"]
 
 
-def test_kd_loss_benchmark_smoke(tmp_path):
-    out = tmp_path / "kd.csv"
-    assert bench_kd_loss.main(["--quick", "--device", "cpu", "--dtypes", "float32", "--providers",
-                               "fastkd,eager", "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out)))
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m bench --quick` into a temporary folder (torch.compile left out: its compiles take
+    longer than the rest together); README.md and bench/results must stay as they were."""
+    out = tmp_path_factory.mktemp("bench")
+    readme = report.README.read_bytes()
+    results = sorted((p.name, p.stat().st_mtime_ns) for p in common.RESULTS.iterdir())
+    rc = grid.main(["--quick", "--device", "cpu", "--out-dir", str(out), "--kd-providers", "fastkd,eager"])
+    assert report.README.read_bytes() == readme
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in common.RESULTS.iterdir()) == results
+    return rc, out
+
+
+def test_grid_writes_every_file(quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "clip_cpu_quick.csv", "clip_cpu_quick.png", "kd_loss_cpu_quick.csv", "kd_loss_cpu_quick.png",
+        "report_quick.md", "step_cpu_quick.csv"]
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report_quick.md").read_text()
+    for stem in ("kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick"):
+        assert f"## {stem}\n" in md
+    for stem in ("kd_loss_cpu_quick", "clip_cpu_quick"):
+        assert f"![{stem}]({stem}.png)" in md
+    assert "| provider" in md and "torch " + torch.__version__ in md
+
+
+def test_kd_rows(quick_run):
+    rows = rows_of(quick_run[1] / "kd_loss_cpu_quick.csv")
     assert {r["provider"] for r in rows} == {"fastkd", "eager"}
-    assert {r["mode"] for r in rows} == {"fwd+bwd", "fwd"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert len({r["vocab"] for r in rows}) >= 2  # the plot's vocabulary axis
+    assert len(rows) == len({(r["provider"], r["rows"], r["vocab"], r["dtype"], r["mode"]) for r in rows})
     for r in rows:
-        assert float(r["median_ms"]) > 0 and float(r["gbps"]) > 0
-        assert r["torch"] == torch.__version__ and r["cpu"]
-    md = report.markdown(rows, "kd_loss")
-    assert "| provider" in md.splitlines()[2] and "fastkd" in md
+        assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert all(k in r for k in MACHINE) and r["torch"] == torch.__version__ and r["cpu"]
+        if r["mode"] == "bwd":  # bwd is different work per provider: no GB/s and no ratio
+            assert r["gbps"] == "" and r["fastkd_speedup"] == ""
+        else:
+            assert float(r["gbps"]) > 0 and float(r["fastkd_speedup"]) > 0
+
+
+def test_clip_rows(quick_run):
+    rows = rows_of(quick_run[1] / "clip_cpu_quick.csv")
+    assert {r["provider"] for r in rows} == {"fastkd", "torch_foreach", "torch_loop"}
+    sweep = [r for r in rows if r["sweep"] == "True"]
+    assert len({r["tensors"] for r in sweep}) >= 2 and len({r["elements"] for r in sweep}) == 1
+    assert {r["clipped"] for r in rows} == {"True", "False"}
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["gbps"]) > 0 and all(k in r for k in MACHINE)
+
+
+def test_step_rows(quick_run):
+    rows = rows_of(quick_run[1] / "step_cpu_quick.csv")
+    assert [r["provider"] for r in rows] == ["reference", "fastkd"]
+    ref, fkd = rows
+    assert float(ref["loss"]) == pytest.approx(float(fkd["loss"]), rel=1e-4)
+    assert float(ref["grad_norm"]) == pytest.approx(float(fkd["grad_norm"]), rel=1e-3)
+    for r in rows:
+        assert float(r["tokens_per_s"]) > 0 and int(r["tokens"]) == int(r["batch"]) * int(r["seq"])
+        assert all(k in r for k in MACHINE)
+
+
+def test_step_refuses_different_maths():
+    same = (torch.tensor(2.0), torch.tensor(0.5))
+    steps = {"reference": lambda: same, "fastkd": lambda: (torch.tensor(2.1), torch.tensor(0.5))}
+    with pytest.raises(RuntimeError, match="different things"):
+        bench_step.check_same_maths(steps)
+    agreed = bench_step.check_same_maths({"reference": lambda: same, "fastkd": lambda: same})
+    assert agreed == {"reference": (2.0, 0.5), "fastkd": (2.0, 0.5)}
+
+
+def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+        grid.main(["--quick", "--device", "cuda", "--only", "step", "--no-readme"])
+
+
+def test_unknown_benchmark_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        grid.main(["--quick", "--only", "kd,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_report_refreshes_readme_blocks_from_full_runs_only(quick_run, tmp_path, monkeypatch):
+    """bench.report with no arguments: the CSVs of bench/results (here a stand-in folder) go into their
+    README blocks with their plot linked; text outside the markers and *_quick.csv stay as they were."""
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    results.mkdir()
+    for stem in ("kd_loss_cpu", "step_cpu"):
+        (results / f"{stem}.csv").write_bytes((quick_run[1] / f"{stem}_quick.csv").read_bytes())
+    (results / "clip_cpu_quick.csv").write_bytes((quick_run[1] / "clip_cpu_quick.csv").read_bytes())
+    before = ("intro\n<!-- bench:kd_loss_cpu -->\nold\n<!-- /bench:kd_loss_cpu -->\nmiddle\n"
+              "<!-- bench:step_cpu -->\n<!-- /bench:step_cpu -->\n<!-- bench:clip_cpu_quick -->\nkeep\n"
+              "<!-- /bench:clip_cpu_quick -->\nend\n")
+    readme.write_text(before)
+    monkeypatch.setattr(common, "RESULTS", results.resolve())
+    monkeypatch.setattr(report, "README", readme)
+    assert report.main([]) == 0
+    text = readme.read_text()
+    kd = text.split("<!-- bench:kd_loss_cpu -->\n")[1].split("<!-- /bench:kd_loss_cpu -->")[0]
+    step = text.split("<!-- bench:step_cpu -->\n")[1].split("<!-- /bench:step_cpu -->")[0]
+    assert "old" not in kd and "| provider" in kd and "kd_loss_cpu.png)" in kd
+    assert (results / "kd_loss_cpu.png").exists() and not (results / "clip_cpu_quick.png").exists()
+    assert "tokens_per_s" in step and "reference" in step and "fastkd" in step
+    assert text.startswith("intro\n") and text.endswith("\nend\n")
+    assert "\nmiddle\n" in text and "\nkeep\n" in text

@@ -1,0 +1,172 @@
+"""One distillation training step of a small language model with a 32k vocabulary: the textbook way
+against fastkd, side by side in one process.
+
+    python -m bench.bench_step [--device cpu|cuda] [--quick] [--out bench/results/step_cpu.csv]
+
+A step: teacher forward (no grad), student forward and backward through the distillation loss (forward
+KL at temperature T mixed with the hard-label cross-entropy), gradient clipping to norm 1, an AdamW
+step. The two styles differ in the loss and the clipping only:
+
+    reference  F.kl_div(F.log_softmax(s/T), F.softmax(t/T), "batchmean") * T^2 + w * F.cross_entropy
+               (fastkd.reference.textbook_kd_loss), torch.nn.utils.clip_grad_norm_
+    fastkd     fastkd.kd_loss(s, t, labels, temperature=T, hard_weight=w), fastkd.clip_grad_norm_
+
+Both use the same teacher, the same initial student weights (one copy each, since steps update them)
+and the same batch. Before timing, one step of each style from the same weights must give the same
+loss and gradient norm: otherwise the run stops, since it would compare different maths.
+
+Size (CPU): batch 4 x 128 tokens, vocabulary 32000 (a Llama-2-sized tokenizer), student d_model 256 x
+2 layers, teacher d_model 256 x 4 layers, fp32. The vocabulary makes the logits ([512, 32000], 66 MB)
+the largest tensors of the step, as in LM distillation; the transformer bodies are small, so that a
+step takes under a second on two cores and the loss is a visible share of it rather than hidden behind
+a large model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import fastkd
+from fastkd import reference
+from fastkd.lm_demo import ByteLM
+
+from . import common
+
+TEMPERATURE = 2.0
+HARD_WEIGHT = 0.5
+MAX_NORM = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    batch: int
+    seq: int
+    vocab: int
+    d_model: int
+    student_layers: int
+    teacher_layers: int
+    repeats: int
+
+
+CONFIGS = {
+    "cpu": StepConfig(batch=4, seq=128, vocab=32000, d_model=256, student_layers=2, teacher_layers=4,
+                      repeats=10),
+    # The same vocabulary, 32x the tokens and a wider model: a step that is more than launch overhead.
+    "cuda": StepConfig(batch=32, seq=512, vocab=32000, d_model=512, student_layers=4, teacher_layers=8,
+                       repeats=20),
+    "quick": StepConfig(batch=2, seq=16, vocab=1000, d_model=32, student_layers=1, teacher_layers=1,
+                        repeats=3),
+}
+
+
+def _reference_loss(s, t, labels):
+    return reference.textbook_kd_loss(s, t, labels, temperature=TEMPERATURE, hard_weight=HARD_WEIGHT)
+
+
+def _fastkd_loss(s, t, labels):
+    return fastkd.kd_loss(s, t, labels, temperature=TEMPERATURE, hard_weight=HARD_WEIGHT)
+
+
+STYLES = {
+    "reference": (_reference_loss, torch.nn.utils.clip_grad_norm_),
+    "fastkd": (_fastkd_loss, fastkd.clip_grad_norm_),
+}
+
+
+def make_step(teacher, student, ids, labels, style):
+    """The training step of one style, as a closure: returns the loss and the pre-clip gradient norm
+    (0-d tensors, never read inside the timed step)."""
+    loss_fn, clip = STYLES[style]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    vocab = student.head.out_features
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t_logits = teacher(ids)
+        s_logits = student(ids)
+        # (tokens, vocab): "batchmean" of F.kl_div divides by the first dimension, so the textbook loss
+        # is per token only on 2-D logits; fastkd's batchmean is per token for any leading shape.
+        loss = loss_fn(s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab), labels.reshape(-1))
+        loss.backward()
+        norm = clip(student.parameters(), MAX_NORM)
+        opt.step()
+        return loss.detach(), norm
+
+    return step
+
+
+def check_same_maths(steps: dict) -> dict:
+    """One step of each style from the same weights; the losses and gradient norms must agree."""
+    got = {name: tuple(float(x) for x in step()) for name, step in steps.items()}
+    (ra, (la, na)), (rb, (lb, nb)) = got.items()
+    if abs(la - lb) > 1e-4 * abs(la) + 1e-6 or abs(na - nb) > 1e-3 * abs(na) + 1e-6:
+        raise RuntimeError(f"bench_step: the styles compute different things: {ra} loss {la:.7g} grad "
+                           f"norm {na:.7g}, {rb} loss {lb:.7g} grad norm {nb:.7g}; timing them would be "
+                           "meaningless")
+    return got
+
+
+def run(cfg: StepConfig, device: torch.device, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    teacher = ByteLM(cfg.d_model, cfg.teacher_layers, seq_len=cfg.seq, vocab=cfg.vocab).to(device).eval()
+    student0 = ByteLM(cfg.d_model, cfg.student_layers, seq_len=cfg.seq, vocab=cfg.vocab).to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device, generator=g)
+    labels = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device, generator=g)
+    students = {name: copy.deepcopy(student0) for name in STYLES}
+    del student0
+    steps = {name: make_step(teacher, students[name], ids, labels, name) for name in STYLES}
+    first = check_same_maths(steps)
+    tokens = cfg.batch * cfg.seq
+    n_params = sum(p.numel() for p in students["fastkd"].parameters())
+    rows = []
+    for name, step in steps.items():
+        med, p20, p80 = common.time_call(step, device, repeats=repeats, warmup=1)
+        mem = common.peak_memory_mb(step, device)  # above the models, optimizer state and batch
+        loss, norm = first[name]
+        rows.append({"op": "kd_train_step", "provider": name, **dataclasses.asdict(cfg), "repeats": repeats,
+                     "tokens": tokens, "student_params": n_params, "dtype": "float32", "median_ms": med,
+                     "p20_ms": p20, "p80_ms": p80, "tokens_per_s": tokens / (med * 1e-3), "peak_mem_mib": mem,
+                     "loss": loss, "grad_norm": norm})
+    base = next(r["median_ms"] for r in rows if r["provider"] == "fastkd")
+    for r in rows:
+        r["fastkd_speedup"] = r["median_ms"] / base
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="a tiny model and vocabulary (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = common.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    cfg = CONFIGS["quick" if args.quick else device.type]
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out) if args.out else common.RESULTS / f"step_{device.type}{suffix}.csv"
+    info = common.machine_info(device)
+    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
+          f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; {cfg}", flush=True)
+    rows = [{**r, **info} for r in run(cfg, device, args.repeats or cfg.repeats)]
+    common.write_csv(out, rows)
+    common.print_table(rows, ["provider", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
+                              "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"])
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
