@@ -117,6 +117,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def fastkd_kernel(device: torch.device) -> str:
+    """What serves fastkd's ops here: the compiled kernels (on the CPU, the KD kernel's instruction set)
+    or the pure-PyTorch reference."""
+    import fastkd  # noqa: PLC0415
+
+    if fastkd.backend(device) != "extension":
+        return "reference"
+    return "cuda" if device.type == "cuda" else f"cpu-{fastkd._ops._EXT.cpu_kernel_isa()}"
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
@@ -125,6 +135,7 @@ def machine_info(device: torch.device) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "",
+        "fastkd_kernel": fastkd_kernel(device),
         "git": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
