@@ -98,7 +98,7 @@ def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
                                capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
                                timeout=10).stdout.strip()  # results being written do not make the code dirty
         return out.stdout.strip() + ("-dirty" if dirty else "")
