@@ -365,26 +365,48 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
   if constexpr (kFusedKL) {
     if (grad != nullptr) {
       // Sweep 2: g = w (soft_weight T (p_s - p_t) + hard_weight softmax(s)) from the kept exponentials.
+      // An fp32 gradient is written straight from the registers (the label's entry fixed in its
+      // vector); other dtypes go through buf.a and store_from_float.
       const float cs = w * p.soft_weight * p.temperature, ch = w * p.hard_weight;
       for (int64_t c0 = 0, k = 0; c0 < vocab; c0 += kChunk, ++k) {
         const int64_t n = std::min(kChunk, vocab - c0);
         const float* ea = buf.ea.data() + c0;
         const float* eb = buf.eb.data() + c0;
         const float fa = (cs + (p.hard && !sep ? ch : 0.f)) * buf.ma[k], fb = cs * buf.mb[k];
+        const int64_t lab = p.hard && label >= c0 && label < c0 + n ? label - c0 : -1;
+        auto emit = [&](int64_t i, auto v) {
+          using V = decltype(v);
+          if constexpr (std::is_same_v<S, float>) {
+            float* dst = grad + c0 + i;
+            if constexpr (std::is_same_v<V, Vec>) {
+              if (lab >= i && lab < i + Vec::size()) {
+                alignas(64) float lanes[Vec::size()];
+                v.store(lanes);
+                lanes[lab - i] -= ch;
+                v = Vec::loadu(lanes);
+              }
+              if (!stream || !stream_store(v, dst)) v.store(dst);
+            } else {
+              *dst = lab == i ? v - ch : v;
+            }
+          } else {
+            st(v, buf.a + i);
+          }
+        };
         if (sep) {
           const float* e1 = buf.e1.data() + c0;
           const float f1 = ch * buf.m1[k];
           for_each_vec(n, [&](int64_t i, auto tag) {
             using V = decltype(tag);
-            st(fkd_fma(ld<V>(ea + i), V(fa), fkd_fma(ld<V>(e1 + i), V(f1), ld<V>(eb + i) * V(-fb))), buf.a + i);
+            emit(i, fkd_fma(ld<V>(ea + i), V(fa), fkd_fma(ld<V>(e1 + i), V(f1), ld<V>(eb + i) * V(-fb))));
           });
         } else {
           for_each_vec(n, [&](int64_t i, auto tag) {
             using V = decltype(tag);
-            st(fkd_fma(ld<V>(ea + i), V(fa), ld<V>(eb + i) * V(-fb)), buf.a + i);
+            emit(i, fkd_fma(ld<V>(ea + i), V(fa), ld<V>(eb + i) * V(-fb)));
           });
         }
-        finish_grad_chunk(c0, n);
+        if constexpr (!std::is_same_v<S, float>) finish_grad_chunk(c0, n);
       }
     }
     return row_loss(p, d, n1, s_label);

@@ -1,6 +1,6 @@
 """fastkd: fused knowledge-distillation loss and gradient clipping for PyTorch."""
 
-from ._ops import backend, extension_error
+from ._ops import backend, empty_cache, extension_error
 from .kd_loss import KDLoss, kd_loss
 from .clip import (
     clip_grad_norm_,
@@ -16,7 +16,7 @@ from . import reference
 __version__ = "0.1.0"
 
 __all__ = [
-    "kd_loss", "KDLoss", "backend", "extension_error", "reference", "__version__",
+    "kd_loss", "KDLoss", "backend", "empty_cache", "extension_error", "reference", "__version__",
     "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "nonfinite_flag",
     "step_if_finite", "patch_torch_clip_grad", "Distiller",
 ]

@@ -183,6 +183,12 @@ def backend(device="cpu") -> str:
     return "extension" if torch.device(device).type in _COMPILED else "reference"
 
 
+def empty_cache() -> int:
+    """Free the CPU gradient buffers fastkd keeps for reuse (the last two freed, of 1 MiB or more; see the
+    README's KD-loss kernels). Returns the bytes freed; 0 without the extension."""
+    return _EXT.empty_cpu_grad_cache() if _EXT is not None else 0
+
+
 def extension_error() -> str | None:
     """Why the compiled extension is not in use (None when it is)."""
     return _EXT_ERROR

@@ -470,3 +470,46 @@ def test_large_gradient_equals_row_blocks(dtype, vocab):
     parts = [run(fastkd.kd_loss, s[i:i + 100], t[i:i + 100], labels[i:i + 100], **kw) for i in range(0, 600, 100)]
     assert torch.equal(grad, torch.cat([g for _, g in parts]))
     torch.testing.assert_close(loss, sum(p for p, _ in parts), rtol=1e-6, atol=0)
+
+
+# ---- the CPU gradient-buffer cache ----------------------------------------------------------------------
+needs_extension = pytest.mark.skipif(fastkd._ops._EXT is None, reason="the extension is disabled or not built")
+
+
+@needs_extension
+def test_freed_gradient_buffers_are_reused_and_fully_rewritten():
+    """A freed gradient of >= 1 MiB goes back to fastkd's cache and the next gradient of that size reuses
+    it: every entry is written again (ignored rows included), nothing of the old values survives."""
+    fastkd.empty_cache()
+    s, t = make_logits(40, 8000, seed=40)  # 1.2 MiB of fp32 gradient
+    all_valid = make_labels((40,), 8000, ignore_frac=0.0)
+    _, g1 = run(fastkd.kd_loss, s, t, all_valid, temperature=2.0, hard_weight=0.5)
+    ptr = g1.data_ptr()
+    del g1
+    assert fastkd._ops._EXT.cpu_grad_cache_bytes() >= 40 * 8000 * 4
+    labels = all_valid.clone()
+    labels[::3] = -100
+    _, g2 = run(fastkd.kd_loss, s, t, labels, temperature=2.0, hard_weight=0.5)
+    assert g2.data_ptr() == ptr  # the same buffer, reused
+    assert (g2[::3] == 0).all()
+    check(s, t, labels, temperature=2.0, hard_weight=0.5)
+    del g2
+    freed = fastkd.empty_cache()
+    assert freed >= 40 * 8000 * 4 and fastkd._ops._EXT.cpu_grad_cache_bytes() == 0
+
+
+@needs_extension
+def test_gradient_cache_keeps_two_buffers_and_can_be_turned_off():
+    fastkd.empty_cache()
+    grads = [run(fastkd.kd_loss, *make_logits(8, 40000 + 10000 * k, seed=k), None)[1] for k in range(3)]
+    sizes = [g.nbytes for g in grads]
+    del grads  # three buffers freed: the cache keeps the last two
+    assert fastkd._ops._EXT.cpu_grad_cache_bytes() == sum(-(-n // (2 << 20)) * (2 << 20) for n in sizes[1:])
+    fastkd.empty_cache()
+    code = ("import fastkd, torch; s = torch.randn(8, 40000, requires_grad=True); "
+            "fastkd.kd_loss(s, torch.randn(8, 40000)).backward(); s.grad = None; "
+            "print(fastkd._ops._EXT.cpu_grad_cache_bytes())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTKD_CPU_GRAD_CACHE": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0"
