@@ -162,6 +162,16 @@ inline V ldc(const T* p) {
   }
 }
 
+// Software prefetch into L1 (no fault past the end of a buffer: prefetches never fault).
+template <typename T>
+inline void prefetch(const T* p) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+
 // ---- generic vector/scalar loop --------------------------------------------------------------------
 // f(i, V{}) is called for full vectors with V = Vec, then for the tail element by element with
 // V = float, so one generic body (the shared header's templates) serves both.
@@ -257,6 +267,10 @@ PairChunk pair_chunk(const S* s, const T* t, float inv_t, float* ea, float* eb, 
   Acc sa, sb, cross;
   for_each_vec(n, [&](int64_t i, auto tag) {
     using V = decltype(tag);
+    if constexpr (std::is_same_v<V, Vec>) {  // the next chunk (or row) arrives while this one computes
+      prefetch(s + i + kChunk);
+      prefetch(t + i + kChunk);
+    }
     const V da = ldc<V>(s + i) * V(inv_t) - V(sha);  // a rounded to fp32 first, as torch's s / T
     const V db = ldc<V>(t + i) * V(inv_t) - V(shb);
     const V xa = exp_nonpos(da), xb = exp_nonpos(db);
@@ -281,8 +295,8 @@ struct RowScratch {
   std::vector<float> ea, eb, e1;  // [vocab] exp(a - chunk max), same for b, s (T = 1)
   std::vector<float> ma, mb, m1;  // [chunks] chunk shifts, then probability factors
   std::vector<float> cross, sb;   // [chunks] C_k and E_k of forward KL
-  alignas(64) float a[kChunk];    // student / T (then the gradient chunk)
-  alignas(64) float b[kChunk];    // teacher / T
+  alignas(64) float a[kChunk];    // student / T for reverse KL and JSD; a non-fp32 gradient chunk
+  alignas(64) float b[kChunk];    // teacher / T for reverse KL and JSD
 
   // Grows only: the scratch of a worker thread lives as long as the thread (2 x 4 bytes per entry of
   // the largest vocabulary seen with a gradient, 3 x with a separate cross-entropy statistic).
