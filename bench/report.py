@@ -105,6 +105,20 @@ def _save(plt, fig, rows: list[dict], out: Path) -> Path:
     return out
 
 
+def _provider_lines(ax_time, ax_other, sel: list[dict], panel: list[dict], x: str, other: str) -> None:
+    """One line per provider and dtype of `panel`: the median time (ax_time) and column `other`
+    (ax_other) against column `x`; colours by provider and line styles by dtype over all of `sel`."""
+    colors = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["provider"] for r in sel))}
+    dtypes = list(dict.fromkeys(r["dtype"] for r in sel))
+    for prov, dt in dict.fromkeys((r["provider"], r["dtype"]) for r in panel):
+        pts = sorted((int(r[x]), float(r["median_ms"]), _float(r[other])) for r in panel
+                     if r["provider"] == prov and r["dtype"] == dt)
+        style = {"color": colors[prov], "ls": ("-", "--", ":")[dtypes.index(dt) % 3], "marker": "o",
+                 "label": f"{prov} {dt}"}
+        ax_time.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+        ax_other.plot([p[0] for p in pts], [p[2] for p in pts], **style)
+
+
 def plot_kd(rows: list[dict], out: Path) -> Path | None:
     """Time and peak memory against the vocabulary size (the row count with the most vocabularies),
     one panel per mode, one line per provider and dtype."""
@@ -118,17 +132,9 @@ def plot_kd(rows: list[dict], out: Path) -> Path | None:
     n_rows = max(vocabs, key=lambda k: len(vocabs[k]))
     sel = [r for r in sel if int(r["rows"]) == n_rows]
     modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in sel)]
-    colors = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["provider"] for r in sel))}
-    dtypes = list(dict.fromkeys(r["dtype"] for r in sel))
     fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.5), squeeze=False)
     for j, mode in enumerate(modes):
-        for prov, dt in dict.fromkeys((r["provider"], r["dtype"]) for r in sel if r["mode"] == mode):
-            pts = sorted((int(r["vocab"]), float(r["median_ms"]), _float(r["peak_mem_mib"])) for r in sel
-                         if r["mode"] == mode and r["provider"] == prov and r["dtype"] == dt)
-            style = {"color": colors[prov], "ls": ("-", "--", ":")[dtypes.index(dt) % 3], "marker": "o",
-                     "label": f"{prov} {dt}"}
-            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], **style)
-            axes[1][j].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+        _provider_lines(axes[0][j], axes[1][j], sel, [r for r in sel if r["mode"] == mode], "vocab", "peak_mem_mib")
         axes[0][j].set_title(f"KD loss {mode}, {n_rows} rows")
         _log_axes(axes[0][j], vocabs[n_rows], log_y=True)
         _log_axes(axes[1][j], vocabs[n_rows], log_y=False)
@@ -147,17 +153,9 @@ def plot_clip(rows: list[dict], out: Path) -> Path | None:
     if plt is None:
         return None
     panels = list(dict.fromkeys(r["clipped"] for r in sel))
-    colors = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["provider"] for r in sel))}
-    dtypes = list(dict.fromkeys(r["dtype"] for r in sel))
     fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 7.5), squeeze=False)
     for j, clipped in enumerate(panels):
-        for prov, dt in dict.fromkeys((r["provider"], r["dtype"]) for r in sel if r["clipped"] == clipped):
-            pts = sorted((int(r["tensors"]), float(r["median_ms"]), float(r["gbps"])) for r in sel
-                         if r["clipped"] == clipped and r["provider"] == prov and r["dtype"] == dt)
-            style = {"color": colors[prov], "ls": ("-", "--", ":")[dtypes.index(dt) % 3], "marker": "o",
-                     "label": f"{prov} {dt}"}
-            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], **style)
-            axes[1][j].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+        _provider_lines(axes[0][j], axes[1][j], sel, [r for r in sel if r["clipped"] == clipped], "tensors", "gbps")
         elements = int(sel[0]["elements"])
         axes[0][j].set_title(f"clip_grad_norm_, {elements:,} elements in n tensors, "
                              f"{'clipped' if clipped == 'True' else 'not clipped'}", fontsize=10)
