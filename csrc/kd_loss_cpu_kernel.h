@@ -21,7 +21,7 @@
 // exponentials and the per-chunk factors alone: the logits are not read again.
 // Reverse KL and JSD: sweep 2 sums the divergence from normalised log-probabilities
 // (x - max) - log(sum) and the kept exponentials; sweep 3 writes the gradient, which needs the row's
-// divergence. The row (logits and kept exponentials) stays in L2 between the sweeps for vocabularies
+// divergence (JSD keeps log M from sweep 2, so sweep 3 takes no logarithm). The row (logits and kept exponentials) stays in L2 between the sweeps for vocabularies
 // up to ~64k, so DRAM sees about one read of both logits and one write of the gradient.
 #pragma once
 
@@ -294,25 +294,28 @@ PairChunk pair_chunk(const S* s, const T* t, float inv_t, float* ea, float* eb, 
 struct RowScratch {
   std::vector<float> ea, eb, e1;  // [vocab] exp(a - chunk max), same for b, s (T = 1)
   std::vector<float> ma, mb, m1;  // [chunks] chunk shifts, then probability factors
+  std::vector<float> lm;          // [vocab] log M of JSD, from sweep 2 to sweep 3
   std::vector<float> cross, sb;   // [chunks] C_k and E_k of forward KL
   alignas(64) float a[kChunk];    // student / T for reverse KL and JSD; a non-fp32 gradient chunk
   alignas(64) float b[kChunk];    // teacher / T for reverse KL and JSD
 
   // Grows only: the scratch of a worker thread lives as long as the thread (2 x 4 bytes per entry of
-  // the largest vocabulary seen with a gradient, 3 x with a separate cross-entropy statistic).
+  // the largest vocabulary seen with a gradient, one more 4 for a separate cross-entropy statistic,
+  // one more for JSD's log M).
   // Allocating it per call cost a quarter of a call's time in page faults for buffers above malloc's
   // mmap threshold.
-  void reserve(int64_t vocab, bool keep, bool sep) {
+  void reserve(int64_t vocab, bool keep, bool sep, bool jsd_grad) {
     const size_t v = static_cast<size_t>(vocab), chunks = static_cast<size_t>((vocab + kChunk - 1) / kChunk);
     if (keep && ea.size() < v) { ea.resize(v); eb.resize(v); }
+    if (jsd_grad && lm.size() < v) lm.resize(v);
     if (sep && e1.size() < v) e1.resize(v);
     if (ma.size() < chunks) { ma.resize(chunks); mb.resize(chunks); m1.resize(chunks); cross.resize(chunks); sb.resize(chunks); }
   }
 };
 
-RowScratch& thread_scratch(int64_t vocab, bool keep, bool sep) {
+RowScratch& thread_scratch(int64_t vocab, bool keep, bool sep, bool jsd_grad) {
   thread_local RowScratch scratch;
-  scratch.reserve(vocab, keep, sep);
+  scratch.reserve(vocab, keep, sep, jsd_grad);
   return scratch;
 }
 
@@ -426,6 +429,10 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
     return row_loss(p, d, n1, s_label);
   } else {
     const float beta = p.beta;
+    // JSD keeps log M from sweep 2 (buf.lm) so that sweep 3 computes no logarithm and needs no
+    // teacher logits.
+    constexpr bool kJSD = D == Divergence::JSD;
+    float* lm_row = kJSD && grad != nullptr ? buf.lm.data() : nullptr;
     // Sweeps 2 and 3: `with_grad` writes the gradient (row_c is then the row constant).
     auto sweep = [&](bool with_grad, float row_c, float* d_out, float* aux_out) {
       // Two-level sums (lanes within a chunk, then chunk totals) keep the rounding error of a 262k
@@ -435,24 +442,38 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
         const int64_t n = std::min(kChunk, vocab - c0);
         Acc dchunk, auxchunk;
         load_float(s + c0, buf.a, n, p.inv_temperature);
-        load_float(t + c0, buf.b, n, p.inv_temperature);
+        if (!kJSD || !with_grad) load_float(t + c0, buf.b, n, p.inv_temperature);
         const float* ea = buf.ea.data() + c0;
         const float* eb = buf.eb.data() + c0;
         const float* e1 = sep ? buf.e1.data() + c0 : nullptr;
+        float* lmk = lm_row ? lm_row + c0 : nullptr;
         const float fa = buf.ma[k], fb = buf.mb[k], f1 = sep ? buf.m1[k] : 0.f;
         for_each_vec(n, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           const V lps = log_prob(ld<V>(buf.a + i), na);
-          const V lpt = log_prob(ld<V>(buf.b + i), nb);
           const V ps = ld<V>(ea + i) * V(fa);
-          const V pt = ld<V>(eb + i) * V(fb);
           if (!with_grad) {
+            const V lpt = log_prob(ld<V>(buf.b + i), nb);
+            const V pt = ld<V>(eb + i) * V(fb);
             V x(0.f);
-            dchunk.add(div_term<D>(lps, lpt, ps, pt, beta, &x));
+            if constexpr (kJSD) {
+              const V lm = log_mixture(ps, pt, beta);
+              if (lmk) st(lm, lmk + i);
+              dchunk.add(jsd_term(lps, lpt, ps, pt, lm, beta, &x));
+            } else {
+              dchunk.add(div_term<D>(lps, lpt, ps, pt, beta, &x));
+            }
             auxchunk.add(x);
           } else {
             const V p1 = !p.hard ? V(0.f) : (sep ? ld<V>(e1 + i) * V(f1) : ps);
-            st(grad_combine(p, w, div_grad<D>(lps, lpt, ps, pt, beta, row_c), p1), buf.a + i);
+            const V dg = [&] {
+              if constexpr (kJSD) {
+                return jsd_grad(lps, ps, ld<V>(lmk + i), beta, row_c);
+              } else {
+                return div_grad<D>(lps, log_prob(ld<V>(buf.b + i), nb), ps, ld<V>(eb + i) * V(fb), beta, row_c);
+              }
+            }();
+            st(grad_combine(p, w, dg, p1), buf.a + i);
           }
         });
         dsum += dchunk.total();
@@ -479,7 +500,7 @@ void kd_rows_typed(const KdLossArgs& a, float w, float* row_losses, S* grad, boo
   const int64_t grain = std::max<int64_t>(1, 32768 / vocab);
   const bool keep = grad != nullptr || D != Divergence::KL;
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    RowScratch& buf = thread_scratch(vocab, keep, p.separate_lse1);
+    RowScratch& buf = thread_scratch(vocab, keep, p.separate_lse1, D == Divergence::JSD && grad != nullptr);
     for (int64_t r = begin; r < end; ++r) {
       S* g = grad ? grad + r * vocab : nullptr;
       const int64_t label = labels ? labels[r] : 0;

@@ -82,6 +82,21 @@ FKD_HD V log_mixture(const V& ps, const V& pt, float beta) {
   return fkd_log(fkd_max(V(beta) * pt + V(1.f - beta) * ps, V(1.17549435e-38f)));
 }
 
+// JSD's terms given lm = log M (kernels that keep log M between sweeps call these directly):
+// D = beta KL(p_t || M) + (1 - beta) KL(p_s || M), *aux = this entry's part of KL(p_s || M);
+// dD/da_j = (1 - beta) p_s (log p_s - log M - KL(p_s || M)), row_c = KL(p_s || M).
+template <typename V>
+FKD_HD V jsd_term(const V& lps, const V& lpt, const V& ps, const V& pt, const V& lm, float beta, V* aux) {
+  const V ks = fkd_if_pos(ps, ps * (lps - lm));
+  *aux = ks;
+  return V(beta) * fkd_if_pos(pt, pt * (lpt - lm)) + V(1.f - beta) * ks;
+}
+
+template <typename V>
+FKD_HD V jsd_grad(const V& lps, const V& ps, const V& lm, float beta, float row_c) {
+  return V(1.f - beta) * fkd_if_pos(ps, ps * (lps - lm - V(row_c)));
+}
+
 // Contribution of one vocabulary entry to the row's divergence D (summed over the row), and the
 // auxiliary sum the gradient needs (only JSD has one: KL(p_s || M)).
 template <Divergence D, typename V>
@@ -93,11 +108,7 @@ FKD_HD V div_term(const V& lps, const V& lpt, const V& ps, const V& pt, float be
     (void)pt; (void)beta; (void)aux;
     return fkd_if_pos(ps, ps * (lps - lpt));  // KL(p_s || p_t)
   } else {
-    // M = beta p_t + (1 - beta) p_s; D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)
-    const V lm = log_mixture(ps, pt, beta);
-    const V ks = fkd_if_pos(ps, ps * (lps - lm));
-    *aux = ks;
-    return V(beta) * fkd_if_pos(pt, pt * (lpt - lm)) + V(1.f - beta) * ks;
+    return jsd_term(lps, lpt, ps, pt, log_mixture(ps, pt, beta), beta, aux);
   }
 }
 
@@ -118,8 +129,7 @@ FKD_HD V div_grad(const V& lps, const V& lpt, const V& ps, const V& pt, float be
     (void)pt; (void)beta;
     return fkd_if_pos(ps, ps * (lps - lpt - V(row_c)));
   } else {
-    const V lm = log_mixture(ps, pt, beta);
-    return V(1.f - beta) * fkd_if_pos(ps, ps * (lps - lm - V(row_c)));
+    return jsd_grad(lps, ps, log_mixture(ps, pt, beta), beta, row_c);
   }
 }
 
