@@ -57,7 +57,8 @@ def _grads_of(parameters, *, warn_empty_generator: bool = False) -> list[torch.T
         parameters = list(parameters)
         if warn_empty_generator and is_generator and not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
-    return [p.grad for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]  # .grad is a property: read once per parameter
+    return [g for g in grads if g is not None]
 
 
 def _is_dtensor(t) -> bool:
