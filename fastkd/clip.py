@@ -36,7 +36,7 @@ __all__ = [
 
 # torch's own functions, captured at import (before any patching): norm orders our kernels do not
 # serve (0, -inf, negative p) are handed to torch's get_total_norm.
-_TORCH_GET_TOTAL_NORM = _torch_clip._get_total_norm
+_TORCH_GET_TOTAL_NORM = torch.nn.utils.get_total_norm
 
 try:  # torch.distributed is optional (some builds lack it)
     import torch.distributed as _dist
