@@ -34,11 +34,7 @@ std::atomic<const CpuKernelTable*> g_cpu_kernels{nullptr};
 
 // This module's own copy of the row kernel.
 const CpuKernelTable& own_cpu_kernels() {
-#if defined(CPU_CAPABILITY_AVX2)
-  static const CpuKernelTable own{kCpuKernelAbi, "avx2", &CPU_CAPABILITY::kd_rows};
-#else
-  static const CpuKernelTable own{kCpuKernelAbi, "default", &CPU_CAPABILITY::kd_rows};
-#endif
+  static const CpuKernelTable own{kCpuKernelAbi, FASTKD_CPU_ISA, &CPU_CAPABILITY::kd_rows};  // setup.py's ISA
   return own;
 }
 
@@ -83,7 +79,6 @@ class GradAllocator final : public c10::Allocator {
     return {p, new Block{p, bytes}, &release, c10::Device(c10::kCPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context is not the data
   void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
 
   // Frees every cached block; returns the bytes freed.
