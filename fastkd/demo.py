@@ -166,11 +166,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     table = format_table(report)
     plot = _plot(curves, out / "learning_curves.png")
     report["plot"] = str(plot) if plot else None
+    write_report(out, report, table)
+    print(f"\nrun folder: {out}\n  report:  {out / 'report.json'}\n  plot:    {plot or '(matplotlib missing)'}")
+    return report
+
+
+def write_report(out: Path, report: dict, table: str) -> None:
+    """A demo's results in its run folder (report.json, table.txt), and the table on stdout."""
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "table.txt").write_text(table + "\n")
     print(table)
-    print(f"\nrun folder: {out}\n  report:  {out / 'report.json'}\n  plot:    {plot or '(matplotlib missing)'}")
-    return report
 
 
 def format_table(report: dict) -> str:

@@ -14,7 +14,6 @@ bits per byte. Results go to the run folder (report.json, table.txt, one Distill
 
 from __future__ import annotations
 
-import json
 import math
 import sysconfig
 import time
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .demo import write_report
 from .trainer import Distiller, RunDirError
 
 __all__ = ["LMDemoConfig", "ByteLM", "load_stdlib_text", "run_lm_demo", "PAD", "VOCAB"]
@@ -170,9 +170,7 @@ def run_lm_demo(cfg: LMDemoConfig) -> dict:
         print(f"{name}: val perplexity {math.exp(m['ce']):.3f} ({steps} steps, {secs:.0f} s)", flush=True)
     report["config"] = asdict(cfg)
     table = format_table(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.txt").write_text(table + "\n")
-    print(table)
+    write_report(out, report, table)
     print(f"\nrun folder: {out}")
     return report
 
