@@ -35,7 +35,7 @@ import torch
 
 import fastkd
 from fastkd import reference
-from fastkd.lm_demo import ByteLM
+from fastkd.demos.byte_lm import ByteLM
 
 from . import common
 

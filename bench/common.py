@@ -126,9 +126,8 @@ def fastkd_kernel(device: torch.device) -> str:
     or the pure-PyTorch reference."""
     import fastkd  # noqa: PLC0415
 
-    if fastkd.backend(device) != "extension":
-        return "reference"
-    return "cuda" if device.type == "cuda" else f"cpu-{fastkd._ops._EXT.cpu_kernel_isa()}"
+    kernel = fastkd.kernel_info()[device.type]
+    return kernel if kernel in ("reference", "cuda") else f"cpu-{kernel}"
 
 
 def machine_info(device: torch.device) -> dict:

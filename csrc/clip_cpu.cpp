@@ -1,5 +1,5 @@
 // CPU kernels of gradient clipping (ops fastkd::grad_norm, scale_grads_, clamp_grads_; schemas in
-// fastkd/_ops.py). One call handles every gradient of one dtype on the CPU.
+// fastkd/ops/clip.py). One call handles every gradient of one dtype on the CPU.
 //
 // The gradients are viewed as one virtual concatenation cut into fixed chunks of kChunk elements
 // (a chunk may span several small tensors, a large tensor spans many chunks), so the work is

@@ -1,5 +1,5 @@
 // CUDA kernels of gradient clipping (ops fastkd::grad_norm, scale_grads_, clamp_grads_; schemas in
-// fastkd/_ops.py). One call = one multi-tensor launch (csrc/multi_tensor.cuh) over every gradient of
+// fastkd/ops/clip.py). One call = one multi-tensor launch (csrc/multi_tensor.cuh) over every gradient of
 // one dtype on one device, plus the non-blocking upload of its table.
 //
 // grad_norm: block b reduces chunk b into partials[b] (fp32; fp64 for fp64 gradients) with a fixed

@@ -1,6 +1,6 @@
 // Host-side argument handling of the fused KD loss ops, shared by the CPU and CUDA implementations.
 //
-// Ops (schemas in fastkd/_ops.py, the one home of every schema):
+// Ops (schemas in fastkd/ops/kd.py, beside the wrapper):
 //   fastkd::kd_loss_fwd(student [..., V], teacher [..., V], labels [...]?, ...) -> (loss, grad)
 //     loss: fp32, [] for "sum"/"batchmean", [...] (the leading shape) for "none";
 //     grad: d(loss)/d(student) for grad_output = 1 (per row for "none"), student dtype and shape,

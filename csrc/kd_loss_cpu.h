@@ -1,6 +1,6 @@
 // The CPU row kernel of the fused KD loss exists once per instruction set (kd_loss_cpu_kernel.h):
 // fastkd._C carries the AVX2 (or portable) copy, the optional module fastkd._C_avx512 the AVX-512
-// copy. fastkd/_ops.py hands the AVX-512 table to fastkd._C (install_cpu_kernels) when torch's own
+// copy. fastkd/_extension.py hands the AVX-512 table to fastkd._C (install_cpu_kernels) when torch's own
 // CPU capability is AVX512, so fastkd follows torch's choice, ATEN_CPU_CAPABILITY included.
 //
 // The table crosses the module boundary in a PyCapsule named kCpuKernelCapsule; both modules are

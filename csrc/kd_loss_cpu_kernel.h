@@ -1,7 +1,7 @@
 // The CPU row kernels of the fused KD loss, compiled once per instruction set: kd_loss_cpu.cpp
 // includes this file with the extension's flags (AVX2, or the portable DEFAULT), and
 // csrc/avx512/kd_loss_cpu_avx512.cpp with AVX-512 flags into the separate module fastkd._C_avx512,
-// which fastkd/_ops.py installs when torch itself runs AVX-512 kernels (see kd_loss_cpu.h).
+// which fastkd/_extension.py installs when torch itself runs AVX-512 kernels (see kd_loss_cpu.h).
 // Everything is in namespace fastkd::<CPU_CAPABILITY> so the copies never share a symbol.
 //
 // Rows run in parallel (at::parallel_for); the vocabulary is processed in chunks that stay in L1,

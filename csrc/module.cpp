@@ -1,5 +1,5 @@
 // The Python module fastkd._C: importing it registers the kernels (TORCH_LIBRARY_IMPL blocks in the
-// kernel files) for the ops whose schemas fastkd/_ops.py defines, and tells what it was built with.
+// kernel files) for the ops whose schemas fastkd/ops/ defines, and tells what it was built with.
 #include <torch/extension.h>
 
 #include <string>

@@ -1,8 +1,6 @@
 """fastkd: fused knowledge-distillation loss and gradient clipping for PyTorch."""
 
-from ._ops import backend, empty_cache, extension_error
-from .kd_loss import KDLoss, kd_loss
-from .clip import (
+from .ops.clip import (
     clip_grad_norm_,
     clip_grad_value_,
     clip_grads_with_norm_,
@@ -11,22 +9,29 @@ from .clip import (
     patch_torch_clip_grad,
     step_if_finite,
 )
+from .ops.kd import KDLoss, kd_loss
+from ._extension import backend, empty_cache, extension_error, kernel_info  # after the ops: their schemas first
 from . import reference
 
-__version__ = "0.1.0"
+from ._version import version as _version
+
+__version__ = _version()
 
 __all__ = [
-    "kd_loss", "KDLoss", "backend", "empty_cache", "extension_error", "reference", "__version__",
+    "kd_loss", "KDLoss", "backend", "kernel_info", "empty_cache", "extension_error", "reference", "__version__",
     "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "nonfinite_flag",
-    "step_if_finite", "patch_torch_clip_grad", "Distiller",
+    "step_if_finite", "patch_torch_clip_grad", "Distiller", "schedules",
 ]
+
+# The trainer is imported lazily: `import fastkd` for the ops stays light.
+_LAZY = {"Distiller": ("fastkd.train", "Distiller"), "schedules": ("fastkd.train.schedules", None)}
 
 
 def __getattr__(name):
-    # The trainer is imported lazily: `import fastkd` for the ops stays light.
-    if name in ("Distiller", "trainer", "schedules", "checkpoint"):
+    if name in _LAZY:
         import importlib  # noqa: PLC0415
 
-        mod = importlib.import_module(".trainer" if name == "Distiller" else f".{name}", __name__)
-        return mod.Distiller if name == "Distiller" else mod
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(module)
+        return getattr(mod, attr) if attr else mod
     raise AttributeError(f"module 'fastkd' has no attribute {name!r}")

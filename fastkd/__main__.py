@@ -1,4 +1,4 @@
-"""``python -m fastkd``: the fastkd command line (see fastkd/cli.py)."""
+"""``python -m fastkd``: the fastkd command line (see fastkd/cli/)."""
 
 import sys
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .trainer import Distiller, RunDirError
+from ..train.distiller import Distiller, RunDirError
 
 __all__ = ["DemoConfig", "run_demo", "load_digits_split", "mlp"]
 

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastkd
-from fastkd.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from fastkd.schedules import Constant, Cosine, Linear, as_schedule
-from fastkd.trainer import Callback, Distiller, RunDirError
+from fastkd.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from fastkd.train.schedules import Constant, Cosine, Linear, as_schedule
+from fastkd.train.distiller import Callback, Distiller, RunDirError
 
 IGNORE = -100
 
@@ -230,7 +230,7 @@ def test_trainer_schedules_reach_the_kernel(monkeypatch):
             seen.append((kw["temperature"], kw["soft_weight"], kw["hard_weight"]))
         return real(*args, **kw)
 
-    monkeypatch.setattr(fastkd, "kd_loss", spy)
+    monkeypatch.setattr(fastkd.train.distiller, "kd_loss", spy)  # the name the trainer calls
     d = Distiller(mlp(seed=1), mlp(), sgd, temperature={"schedule": "linear", "start": 5.0, "end": 1.0},
                   soft_weight=lambda step: 1.0 - 0.1 * step, hard_weight=Cosine(0.0, 1.0, steps=3), progress=False)
     d.fit(DataLoader(class_data(n=30), batch_size=6), epochs=1)  # 5 steps: the linear ramp spans them

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from fastkd.trainer import Distiller
+from fastkd.train.distiller import Distiller
 
 IGNORE = -100
 WORLD = 2

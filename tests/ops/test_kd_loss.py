@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import reference
+from fastkd import _extension, reference
 
 CPU = torch.device("cpu")
 DIVERGENCES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
@@ -71,23 +71,7 @@ def check(s, t, labels=None, grad_out=None, floor=1e-6, **kw):
 
 
 # ---- the CPU kernel's instruction sets -------------------------------------------------------------------
-def _cpu_kernel_tables() -> dict:
-    """The copies of the CPU KD-loss kernel this build has and this CPU runs, by instruction set."""
-    ext = fastkd._ops._EXT
-    if ext is None:
-        return {}
-    tables = {ext.cpu_isa: ext.kernel_table()}
-    if torch.cpu._is_avx512_supported():
-        try:
-            from fastkd import _C_avx512
-        except ImportError:
-            pass
-        else:
-            tables["avx512"] = _C_avx512.kernel_table()
-    return tables
-
-
-_TABLES = _cpu_kernel_tables()
+_TABLES = _extension.cpu_kernel_tables()
 
 
 @pytest.fixture(params=sorted(_TABLES) or ["reference"])
@@ -96,28 +80,23 @@ def cpu_kernel(request):
     if request.param == "reference":
         yield request.param
         return
-    ext = fastkd._ops._EXT
-    before = ext.cpu_kernel_isa()
-    ext.install_cpu_kernels(_TABLES[request.param])
-    try:
-        assert ext.cpu_kernel_isa() == request.param
+    with _extension.use_cpu_kernel(request.param):
+        assert fastkd.kernel_info()["cpu"] == request.param
         yield request.param
-    finally:
-        ext.install_cpu_kernels(_TABLES[before])
 
 
-@pytest.mark.skipif(fastkd._ops._EXT is None, reason="the extension is disabled or not built")
+@pytest.mark.skipif(fastkd.kernel_info()["cpu"] == "reference", reason="the extension is disabled or not built")
 @pytest.mark.parametrize("capability", ["", "avx2", "default"])
 def test_cpu_kernel_follows_torch_capability(capability):
     """fastkd runs the AVX-512 copy exactly where torch runs its own AVX-512 kernels (ATEN_CPU_CAPABILITY
     included) and the module was built; otherwise fastkd._C's own copy."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    code = ("import torch, fastkd; from fastkd import _ops; "
-            "print(torch.backends.cpu.get_cpu_capability(), _ops._EXT.cpu_kernel_isa())")
+    code = ("import torch, fastkd; "
+            "print(torch.backends.cpu.get_cpu_capability(), fastkd.kernel_info()['cpu'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     torch_cap, isa = out.stdout.split()
-    expect = "avx512" if torch_cap == "AVX512" and "avx512" in _TABLES else fastkd._ops._EXT.cpu_isa
+    expect = "avx512" if torch_cap == "AVX512" and "avx512" in _TABLES else fastkd.kernel_info()["cpu_build_isa"]
     assert isa == expect, (torch_cap, isa)
 
 
@@ -473,7 +452,7 @@ def test_large_gradient_equals_row_blocks(dtype, vocab):
 
 
 # ---- the CPU gradient-buffer cache ----------------------------------------------------------------------
-needs_extension = pytest.mark.skipif(fastkd._ops._EXT is None, reason="the extension is disabled or not built")
+needs_extension = pytest.mark.skipif(fastkd.kernel_info()["cpu"] == "reference", reason="the extension is disabled or not built")
 
 
 @needs_extension
@@ -486,7 +465,7 @@ def test_freed_gradient_buffers_are_reused_and_fully_rewritten():
     _, g1 = run(fastkd.kd_loss, s, t, all_valid, temperature=2.0, hard_weight=0.5)
     ptr = g1.data_ptr()
     del g1
-    assert fastkd._ops._EXT.cpu_grad_cache_bytes() >= 40 * 8000 * 4
+    assert _extension.cpu_grad_cache_bytes() >= 40 * 8000 * 4
     labels = all_valid.clone()
     labels[::3] = -100
     _, g2 = run(fastkd.kd_loss, s, t, labels, temperature=2.0, hard_weight=0.5)
@@ -495,7 +474,7 @@ def test_freed_gradient_buffers_are_reused_and_fully_rewritten():
     check(s, t, labels, temperature=2.0, hard_weight=0.5)
     del g2
     freed = fastkd.empty_cache()
-    assert freed >= 40 * 8000 * 4 and fastkd._ops._EXT.cpu_grad_cache_bytes() == 0
+    assert freed >= 40 * 8000 * 4 and _extension.cpu_grad_cache_bytes() == 0
 
 
 @needs_extension
@@ -504,11 +483,11 @@ def test_gradient_cache_keeps_two_buffers_and_can_be_turned_off():
     grads = [run(fastkd.kd_loss, *make_logits(8, 40000 + 10000 * k, seed=k), None)[1] for k in range(3)]
     sizes = [g.nbytes for g in grads]
     del grads  # three buffers freed: the cache keeps the last two
-    assert fastkd._ops._EXT.cpu_grad_cache_bytes() == sum(-(-n // (2 << 20)) * (2 << 20) for n in sizes[1:])
+    assert _extension.cpu_grad_cache_bytes() == sum(-(-n // (2 << 20)) * (2 << 20) for n in sizes[1:])
     fastkd.empty_cache()
     code = ("import fastkd, torch; s = torch.randn(8, 40000, requires_grad=True); "
             "fastkd.kd_loss(s, torch.randn(8, 40000)).backward(); s.grad = None; "
-            "print(fastkd._ops._EXT.cpu_grad_cache_bytes())")
+            "print(fastkd._extension.cpu_grad_cache_bytes())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTKD_CPU_GRAD_CACHE": "0"},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -32,15 +32,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import fastkd
-
-from .kd_loss import DIVERGENCES
+from .._version import version as _fastkd_version
+from ..ops.clip import clip_grad_norm_, clip_grad_value_
+from ..ops.kd import DIVERGENCES, kd_loss
 from .checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .schedules import Schedule, as_schedule
 
 __all__ = ["Distiller", "Callback", "RunDirError", "TrainState", "PRECISIONS"]
 
-log = logging.getLogger("fastkd.trainer")
+log = logging.getLogger("fastkd.train")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _LOWER_IS_BETTER = ("loss", "ce", "ppl", "perplexity")
@@ -318,7 +318,7 @@ class Distiller:
         if self.run_dir is None or not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"fastkd_version": fastkd.__version__, "torch_version": torch.__version__,
+        meta = {"fastkd_version": _fastkd_version(), "torch_version": torch.__version__,
                 "fingerprint": self.fingerprint()}
         tmp = self.run_dir / ".run.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -444,7 +444,7 @@ class Distiller:
         return (labels != self.ignore_index).sum().float()
 
     def _loss(self, s, t, labels, hp, reduction="sum", *, soft=None, hard=None):
-        return fastkd.kd_loss(
+        return kd_loss(
             s, s.detach() if t is None else t, labels, temperature=hp["temperature"], divergence=self.divergence,
             beta=self.beta, soft_weight=hp["soft_weight"] if soft is None else soft,
             hard_weight=hp["hard_weight"] if hard is None else hard, ignore_index=self.ignore_index,
@@ -488,11 +488,11 @@ class Distiller:
         if grads:
             # DDP averaged over ranks; make it the sum over all ranks' valid rows / their count.
             torch._foreach_mul_(grads, self.world_size / stats[0])
-        norm = fastkd.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm else math.inf)
+        norm = clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm else math.inf)
         finite = bool(torch.isfinite(norm) & (stats[0] > 0))  # the step's one host sync
         if finite:
             if self.clip_value is not None:
-                fastkd.clip_grad_value_(params, self.clip_value)
+                clip_grad_value_(params, self.clip_value)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
             else:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .demo import write_report
-from .trainer import Distiller, RunDirError
+from .digits import write_report
+from ..train.distiller import Distiller, RunDirError
 
 __all__ = ["LMDemoConfig", "ByteLM", "load_stdlib_text", "run_lm_demo", "PAD", "VOCAB"]
 

@@ -56,7 +56,10 @@ def _closest(word: str, choices) -> str:
 
 def load_config(path: str | Path) -> dict:
     """Read and validate a distill config (TOML). Raises ConfigError with the closest valid key."""
-    import tomllib  # noqa: PLC0415  (Python 3.11+)
+    try:
+        import tomllib  # noqa: PLC0415  (Python 3.11+)
+    except ModuleNotFoundError:  # Python 3.10: the same reader, packaged (a dependency there)
+        import tomli as tomllib  # noqa: PLC0415
 
     path = Path(path)
     try:
@@ -194,7 +197,7 @@ def run_distill(cfg: dict, out: str | None, resume: bool = False) -> list:
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from .trainer import Distiller  # noqa: PLC0415
+    from ..train.distiller import Distiller  # noqa: PLC0415
 
     out = out or cfg.get("out")
     if not out:
@@ -241,7 +244,7 @@ def run_distill(cfg: dict, out: str | None, resume: bool = False) -> list:
 def _load_weights(model, path, what):
     import torch  # noqa: PLC0415
 
-    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from ..train.checkpoint import CheckpointError  # noqa: PLC0415
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -259,7 +262,7 @@ def _load_weights(model, path, what):
 
 
 def run_resume(run_dir: str) -> list:
-    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from ..train.checkpoint import CheckpointError  # noqa: PLC0415
 
     meta = Path(run_dir) / "run.json"
     if not meta.is_file():
@@ -276,8 +279,8 @@ def run_resume(run_dir: str) -> list:
 
 # ---- argument parsing -----------------------------------------------------------------------------------
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
-    from .demo import DemoConfig  # noqa: PLC0415  (dataclass only; no sklearn import)
-    from .lm_demo import LMDemoConfig  # noqa: PLC0415
+    from ..demos.digits import DemoConfig  # noqa: PLC0415  (dataclass only; no sklearn import)
+    from ..demos.byte_lm import LMDemoConfig  # noqa: PLC0415
 
     # allow_abbrev=False: a mistyped option is an error with a suggestion, never silently another option.
     p = argparse.ArgumentParser(prog="fastkd", description="Knowledge distillation with fused PyTorch ops.",
@@ -338,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastkd: error: {_unknown_option_error(parser, subs, argv, unknown)}", file=sys.stderr)
         return 2
 
-    from .checkpoint import CheckpointError  # noqa: PLC0415
-    from .trainer import RunDirError  # noqa: PLC0415
+    from ..train.checkpoint import CheckpointError  # noqa: PLC0415
+    from ..train.distiller import RunDirError  # noqa: PLC0415
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
@@ -347,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import fields  # noqa: PLC0415
 
             if args.command == "demo":
-                from .demo import DemoConfig as C, run_demo as run  # noqa: PLC0415
+                from ..demos.digits import DemoConfig as C, run_demo as run  # noqa: PLC0415
             else:
-                from .lm_demo import LMDemoConfig as C, run_lm_demo as run  # noqa: PLC0415
+                from ..demos.byte_lm import LMDemoConfig as C, run_lm_demo as run  # noqa: PLC0415
             values = {f.name: getattr(args, f.name) for f in fields(C)}
             values["out"] = values["out"] or f"runs/{args.command}-{stamp}"
             run(C(**values))

@@ -1,5 +1,8 @@
 """Fused global-norm gradient clipping: a drop-in for ``torch.nn.utils.clip_grad_norm_``.
 
+The ops' one home: schemas, fallback registration (``fastkd.reference.clip``), fake kernels and the
+public functions. Compiled kernels: ``csrc/clip/``.
+
 ``clip_grad_norm_(parameters, max_norm)`` is ``get_total_norm`` then ``clip_grads_with_norm_``, as in
 torch. The gradients are grouped by (device, dtype) and each group costs one call of
 ``fastkd::grad_norm`` (one pass over its gradients) and one of ``fastkd::scale_grads_`` (which returns
@@ -22,7 +25,7 @@ import torch.nn.utils.clip_grad as _torch_clip
 
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from . import _ops  # noqa: F401  (defines the ops)
+from ..reference import clip as reference
 
 __all__ = [
     "clip_grad_norm_",
@@ -33,6 +36,51 @@ __all__ = [
     "step_if_finite",
     "patch_torch_clip_grad",
 ]
+
+_LIB = torch.library.Library("fastkd", "FRAGMENT")
+
+# ---- the ops: schemas, fallback (reference) kernels and fake kernels ---------------------------------
+# One call per device/dtype group of gradients (the functions below group them): the CPU kernels are
+# csrc/clip/clip_cpu.cpp, the CUDA ones csrc/clip/clip_cuda.cu (multi-tensor launches,
+# csrc/common/multi_tensor.cuh).
+#   grad_norm:    the group's norm (fp32; fp64 for fp64 grads) as a 0-d tensor on the group's device.
+#   scale_grads_: grads *= min(max_norm / (total_norm + 1e-6), 1), the coefficient computed on the
+#                 device from the 0-d total_norm; the kernels do nothing when it is >= 1.
+#   clamp_grads_: grads clamped to [-clip_value, clip_value].
+#   clip_grad_norm_: grad_norm then scale_grads_ in one call, for the common case of one group on one
+#                 process (one list conversion and, on CUDA, one table upload instead of two).
+_LIB.define("grad_norm(Tensor[] grads, float norm_type) -> Tensor")
+_LIB.define("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor")
+_LIB.define("scale_grads_(Tensor(a!)[] grads, Tensor total_norm, float max_norm) -> ()")
+_LIB.define("clamp_grads_(Tensor(a!)[] grads, float clip_value) -> ()")
+
+_LIB.impl("grad_norm", reference.grad_norm, "CompositeExplicitAutograd")
+_LIB.impl("scale_grads_", reference.scale_grads_, "CompositeExplicitAutograd")
+_LIB.impl("clamp_grads_", reference.clamp_grads_, "CompositeExplicitAutograd")
+_LIB.impl("clip_grad_norm_", reference.clip_grad_norm_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastkd::grad_norm")
+def _grad_norm_fake(grads, norm_type):
+    torch._check(len(grads) > 0, lambda: "fastkd::grad_norm: empty gradient list")
+    dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    return grads[0].new_empty((), dtype=dtype)
+
+
+@torch.library.register_fake("fastkd::clip_grad_norm_")
+def _clip_grad_norm_fake(grads, max_norm, norm_type):
+    return _grad_norm_fake(grads, norm_type)
+
+
+@torch.library.register_fake("fastkd::scale_grads_")
+def _scale_grads_fake(grads, total_norm, max_norm):
+    return None
+
+
+@torch.library.register_fake("fastkd::clamp_grads_")
+def _clamp_grads_fake(grads, clip_value):
+    return None
+
 
 # torch's own functions, captured at import (before any patching): norm orders our kernels do not
 # serve (0, -inf, negative p) are handed to torch's get_total_norm.

@@ -137,7 +137,7 @@ def test_resume_after_interruption(project, tmp_path, monkeypatch):
     ref = tmp_path / "ref"
     assert main(["distill", "--config", str(cfg), "--out", str(ref)]) == 0
     run = tmp_path / "run"
-    from fastkd.trainer import Distiller
+    from fastkd.train.distiller import Distiller
 
     real = Distiller._run_epoch
 

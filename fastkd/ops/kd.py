@@ -1,4 +1,9 @@
-"""``fastkd.kd_loss`` and ``fastkd.KDLoss``: the fused knowledge-distillation loss."""
+"""``fastkd.kd_loss`` and ``fastkd.KDLoss``: the fused knowledge-distillation loss.
+
+The op's one home: its schemas, the fallback registration (``fastkd.reference.kd``), the fake kernels,
+the autograd formula and the public wrapper. The compiled kernels of the same ops are in
+``csrc/kd_loss/`` (CPU per instruction set, CUDA); the dispatcher prefers them where they are built.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,81 @@ import math
 import torch
 from torch import nn
 
-from . import _ops  # noqa: F401  (defines the ops)
+from ..reference import kd as reference
+from ..reference._common import DIVERGENCES, REDUCTIONS
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS"]
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
-REDUCTIONS = ("batchmean", "sum", "none")
+_LIB = torch.library.Library("fastkd", "FRAGMENT")
+
+# ---- schemas ----------------------------------------------------------------------------------------
+_LIB.define(
+    "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, float temperature, str divergence, "
+    "float beta, float soft_weight, float hard_weight, int ignore_index, str reduction, bool with_grad) "
+    "-> (Tensor, Tensor)"
+)
+_LIB.define("kd_loss_scale_(Tensor(a!) grad, Tensor grad_output) -> ()")
+
+# ---- fallback (reference) kernels --------------------------------------------------------------------
+_LIB.impl("kd_loss_fwd", reference.kd_loss_fwd, "CompositeExplicitAutograd")
+_LIB.impl("kd_loss_scale_", reference.kd_loss_scale_, "CompositeExplicitAutograd")
+
+
+# ---- fake kernels (torch.compile, meta tensors) ------------------------------------------------------
+@torch.library.register_fake("fastkd::kd_loss_fwd")
+def _kd_loss_fwd_fake(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight,
+                      ignore_index, reduction, with_grad):
+    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=torch.float32)
+    grad = student.new_empty(student.shape if with_grad else (0,))
+    return loss, grad
+
+
+@torch.library.register_fake("fastkd::kd_loss_scale_")
+def _kd_loss_scale_fake(grad, grad_output):
+    return None
+
+
+# ---- autograd ----------------------------------------------------------------------------------------
+def _kd_loss_setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    # The second output never gets a gradient; materialising one would allocate and zero a tensor
+    # as large as the logits on every backward.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+    ctx.with_grad = inputs[-1]
+    ctx.consumed = False
+
+
+def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastkd.kd_loss does not support double backward (create_graph=True): its gradient is "
+            "computed by a fused kernel. Use fastkd.reference.kd_loss for higher-order derivatives."
+        )
+    if not ctx.with_grad:
+        raise RuntimeError(
+            "fastkd.kd_loss: the gradient was not computed in the forward (with_grad=False); call the op "
+            "through fastkd.kd_loss, which sets it when student_logits requires grad."
+        )
+    if ctx.consumed:
+        raise RuntimeError(
+            "fastkd.kd_loss: backward through the same loss twice (retain_graph=True) is not supported: "
+            "the fused gradient is scaled in place by the first backward. Recompute the loss instead."
+        )
+    ctx.consumed = True
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # the loss did not reach the differentiated output
+        return (None,) * 11
+    # In place: free when grad_loss == 1 (loss.backward()), one pass over the gradient otherwise.
+    torch.ops.fastkd.kd_loss_scale_(grad, grad_loss)
+    return grad, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastkd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context)
+
+
+# ---- the public wrapper ----------------------------------------------------------------------------
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -1,0 +1,13 @@
+"""fastkd's operators, one module per op: its schemas (``torch.library``, namespace ``fastkd``), the
+fallback registration of its pure-PyTorch maths (``fastkd.reference``), its fake kernels, its
+autograd formula and its public wrapper. The compiled kernels (``csrc/<op>/``) register ``CPU`` and
+``CUDA`` implementations of the same ops when ``fastkd._C`` loads (``fastkd/_extension.py``).
+
+    kd.py    fastkd::kd_loss_fwd, kd_loss_scale_          -> fastkd.kd_loss, fastkd.KDLoss
+    clip.py  fastkd::grad_norm, clip_grad_norm_, scale_grads_, clamp_grads_
+                                                           -> fastkd.clip_grad_norm_ and friends
+"""
+
+from . import clip, kd
+
+__all__ = ["clip", "kd"]

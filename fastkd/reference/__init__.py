@@ -1,0 +1,14 @@
+"""Pure-PyTorch maths of every fastkd op, one module per op family (mirroring ``fastkd/ops/``).
+
+These functions are three things at once: the fallback kernels of the ops (registered by each op's
+module in ``fastkd/ops/`` for every device without a compiled kernel), the tests' oracle (run in
+float64), and the benchmarks' baseline. They compute in fp32 at least (fp64 stays fp64).
+"""
+
+from .clip import clamp_grads_, clip_coef, clip_grad_norm_, clip_grad_norm_float64, grad_norm, scale_grads_
+from .kd import kd_loss, kd_loss_fwd, kd_loss_rows, kd_loss_scale_, textbook_kd_loss
+
+__all__ = [
+    "kd_loss_rows", "kd_loss", "kd_loss_fwd", "kd_loss_scale_", "textbook_kd_loss",
+    "grad_norm", "clip_coef", "scale_grads_", "clamp_grads_", "clip_grad_norm_", "clip_grad_norm_float64",
+]
