@@ -1,11 +1,12 @@
 """Build of fastkd's extension module ``fastkd._C`` (everything else is in pyproject.toml).
 
 The C++ CPU kernels are always built; the CUDA kernels too whenever torch is a CUDA build and a
-CUDA toolkit is found (no GPU is needed to compile them). The environment switches are listed in
-one table in README.md; this file is where they are read.
+CUDA toolkit is found (no GPU is needed to compile them). The build switches are parsed by
+fastkd/_env.py (the one parser and table of every FASTKD_* switch; docs/environment.md).
 """
 
 import glob
+import importlib.util
 import os
 import platform
 import shutil
@@ -18,8 +19,17 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+def _load_env_module():
+    """fastkd/_env.py, by path: the package itself (and torch) must not be imported to build it."""
+    spec = importlib.util.spec_from_file_location("_fastkd_env", ROOT / "fastkd" / "_env.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_env = _load_env_module()
+_flag = _env.flag
 
 
 def _real_cuda_home() -> str | None:
@@ -99,7 +109,7 @@ if not SKIP:
     # With avx2, the KD-loss row kernel is also compiled for AVX-512 into the module fastkd._C_avx512
     # (a module of its own: its flags then touch no code that other CPUs run); fastkd uses it where
     # torch itself runs AVX-512 kernels.
-    isa = os.environ.get("FASTKD_CPU_ISA", "avx2" if platform.machine() in ("x86_64", "AMD64") else "default")
+    isa = _env.value("FASTKD_CPU_ISA") or ("avx2" if platform.machine() in ("x86_64", "AMD64") else "default")
     base_cxx = list(cxx)
     if isa == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -121,8 +131,8 @@ if not SKIP:
         sources += sorted(glob.glob("csrc/*.cu"))
         define_macros.append(("FASTKD_WITH_CUDA", None))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            if os.environ.get("FASTKD_CUDA_ARCH_LIST"):
-                os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTKD_CUDA_ARCH_LIST"]
+            if _env.value("FASTKD_CUDA_ARCH_LIST"):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = _env.value("FASTKD_CUDA_ARCH_LIST")
             elif not torch.cuda.is_available():
                 # No GPU to ask: A100 and H100/H200 (where we measure), PTX for newer chips.
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"

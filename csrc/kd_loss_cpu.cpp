@@ -138,10 +138,11 @@ class GradAllocator final : public c10::Allocator {
   std::vector<Block> free_;
 };
 
-bool grad_cache_enabled() {
-  const char* v = std::getenv("FASTKD_CPU_GRAD_CACHE");
-  return v == nullptr || std::string(v) != "0";
-}
+// Set once at import from FASTKD_CPU_GRAD_CACHE, parsed by fastkd/_env.py (the one parser of every
+// switch): the C++ side reads no environment variable.
+std::atomic<bool> g_grad_cache_enabled{true};
+
+bool grad_cache_enabled() { return g_grad_cache_enabled.load(std::memory_order_relaxed); }
 
 // The gradient's buffer: from the cache for 1 MiB and more, else torch's CPU allocator.
 at::Tensor new_grad(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -220,6 +221,7 @@ void install_cpu_kernels(PyObject* capsule) {
 std::string cpu_kernel_isa() { return cpu_kernels().isa; }
 
 size_t empty_cpu_grad_cache() { return GradAllocator::get().empty_cache(); }
+void set_cpu_grad_cache(bool enabled) { g_grad_cache_enabled.store(enabled, std::memory_order_relaxed); }
 size_t cpu_grad_cache_bytes() { return GradAllocator::get().cached_bytes(); }
 
 PyObject* own_cpu_kernel_table() {

@@ -35,8 +35,10 @@ std::string cpu_kernel_isa();
 // fastkd._C's own table (AVX2 or portable), e.g. to go back to it.
 PyObject* own_cpu_kernel_table();
 
-// The cache of freed CPU gradient buffers (kd_loss_cpu.cpp): free it (returns the bytes freed), its size.
+// The cache of freed CPU gradient buffers (kd_loss_cpu.cpp): free it (returns the bytes freed), its size,
+// and turn it on or off (off: new gradients come from torch's allocator; what is cached stays until freed).
 size_t empty_cpu_grad_cache();
+void set_cpu_grad_cache(bool enabled);
 size_t cpu_grad_cache_bytes();
 
 }  // namespace fastkd

@@ -20,6 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use another instruction set's CPU KD-loss kernel (a table from fastkd._C_avx512.kernel_table()).");
   m.def("cpu_kernel_isa", &fastkd::cpu_kernel_isa, "Instruction set of the CPU KD-loss kernel in use.");
   m.def("empty_cpu_grad_cache", &fastkd::empty_cpu_grad_cache, "Free the cached CPU gradient buffers (bytes freed).");
+  m.def("set_cpu_grad_cache", &fastkd::set_cpu_grad_cache,
+        "Turn the cache of freed CPU gradient buffers on or off (fastkd/_extension.py, from FASTKD_CPU_GRAD_CACHE).");
   m.def("cpu_grad_cache_bytes", &fastkd::cpu_grad_cache_bytes, "Bytes of freed CPU gradient buffers kept for reuse.");
   m.def("kernel_table", [] { return py::reinterpret_steal<py::object>(fastkd::own_cpu_kernel_table()); },
         "This module's own CPU KD-loss kernel table (for install_cpu_kernels).");

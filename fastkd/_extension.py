@@ -9,27 +9,24 @@ after the ops, so the schemas exist before the compiled kernels are attached to 
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
 
+from . import _env
 
 __all__ = ["backend", "extension_error", "empty_cache", "kernel_info"]
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _load_extension():
     """Import fastkd._C (which registers the compiled kernels). Returns (module or None, reason)."""
-    if _flag("FASTKD_DISABLE_EXTENSION"):
+    if _env.flag("FASTKD_DISABLE_EXTENSION"):
         return None, "disabled by FASTKD_DISABLE_EXTENSION=1"
     try:
         from . import _C  # noqa: PLC0415  (registers the CPU/CUDA kernels as a side effect)
     except Exception as exc:  # ImportError, or an undefined symbol from a torch version mismatch
         return None, f"{type(exc).__name__}: {exc}"
+    _C.set_cpu_grad_cache(_env.flag("FASTKD_CPU_GRAD_CACHE"))
     _install_avx512(_C)
     return _C, None
 
@@ -56,8 +53,8 @@ def _install_avx512(ext) -> None:
 
 
 EXT, _EXT_ERROR = _load_extension()
-if EXT is None and not _flag("FASTKD_DISABLE_EXTENSION"):
-    if _flag("FASTKD_REQUIRE_EXTENSION"):
+if EXT is None and not _env.flag("FASTKD_DISABLE_EXTENSION"):
+    if _env.flag("FASTKD_REQUIRE_EXTENSION"):
         raise ImportError(
             f"fastkd: FASTKD_REQUIRE_EXTENSION=1 but the compiled extension fastkd._C is unusable ({_EXT_ERROR}). "
             "Rebuild it against the installed torch: pip install --no-build-isolation -e ."
@@ -68,7 +65,7 @@ if EXT is None and not _flag("FASTKD_DISABLE_EXTENSION"):
         RuntimeWarning,
         stacklevel=2,
     )
-if EXT is None and _flag("FASTKD_DISABLE_EXTENSION") and _flag("FASTKD_REQUIRE_EXTENSION"):
+if EXT is None and _env.flag("FASTKD_DISABLE_EXTENSION") and _env.flag("FASTKD_REQUIRE_EXTENSION"):
     raise ImportError("fastkd: FASTKD_REQUIRE_EXTENSION=1 and FASTKD_DISABLE_EXTENSION=1 contradict each other")
 
 _COMPILED = frozenset(EXT.compiled_backends()) if EXT is not None else frozenset()

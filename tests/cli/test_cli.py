@@ -13,7 +13,7 @@ import torch
 
 from fastkd.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A user's project: teacher, student and data factories, importable from the config's folder.
 USER_MODULE = '''
