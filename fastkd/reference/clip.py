@@ -25,17 +25,35 @@ def grad_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     if device.type != "cpu" or p <= 0 or math.isinf(p):
         norms = torch._foreach_norm(grads, p, dtype=acc)
         return torch.linalg.vector_norm(torch.stack(norms), p)
-    # On the CPU, torch's norm kernel accumulates long vectors with a relative error up to ~1e-3
-    # (measured: 11.5M fp32 elements); torch.sum's cascade summation does not. One tensor at a time
-    # in fp32, so the temporary is one gradient's size.
+    # On the CPU: the elementwise terms (x^2, |x| or |x|^p), one tensor at a time in the accumulation
+    # dtype (the temporary is one gradient's size), summed by _pairwise_sum; the per-tensor sums in the
+    # same way. torch.sum is not used: how it splits a long vector depends on the thread count (the
+    # bits then do too), and torch's norm kernel loses up to ~1e-3 relative on long vectors (measured:
+    # 11.5M fp32 elements).
     if p == 2.0:
-        sums = [torch.sum(g.to(acc).square()) for g in grads]
+        sums = [_pairwise_sum(g.to(acc).square()) for g in grads]
     elif p == 1.0:
-        sums = [torch.sum(g.to(acc).abs()) for g in grads]
+        sums = [_pairwise_sum(g.to(acc).abs()) for g in grads]
     else:
-        sums = [torch.sum(g.to(acc).abs().pow(p)) for g in grads]
-    total = torch.stack(sums).sum()
+        sums = [_pairwise_sum(g.to(acc).abs().pow(p)) for g in grads]
+    total = _pairwise_sum(torch.stack(sums))
     return total.sqrt() if p == 2.0 else (total if p == 1.0 else total.pow(1.0 / p))
+
+
+def _pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x``'s elements as a 0-d tensor, by a fixed pairwise tree of elementwise additions
+    (neighbours added level by level; an odd last element joins the last pair). Elementwise IEEE
+    additions round the same way on every thread count and every CPU, so the same input gives the
+    same bits everywhere; the error grows as log2(n), as in a cascade sum. About two passes of work."""
+    x = x.reshape(-1)
+    while x.numel() > 1:
+        n = x.numel()
+        even = n - n % 2
+        y = x[0:even:2] + x[1:even:2]
+        if n % 2:
+            y[-1] += x[-1]
+        x = y
+    return x.reshape(())
 
 
 def clip_coef(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -305,6 +305,25 @@ def test_norm_is_deterministic_across_threads():
     assert all(_bit_equal(r, results[0]) for r in results)
 
 
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_reference_norm_is_deterministic_across_threads(norm_type, dtype):
+    """The pure-PyTorch grad_norm (the fallback kernel on the CPU) gives the same bits with 1 and 2
+    threads, for sizes on both sides of ATen's parallel grain (32768) and odd ones; and it is accurate."""
+    grads = [p.grad for p in _params([(7,), (32768,), (32769,), (1000, 77), (3_000_001,)], dtypes=(dtype,))]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for nt in (1, 2, 1, 2):
+            torch.set_num_threads(nt)
+            results.append(reference.grad_norm(grads, norm_type))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(_bit_equal(r, results[0]) for r in results)
+    exact, _ = reference.clip_grad_norm_float64(grads, 1.0, norm_type)
+    torch.testing.assert_close(results[0].double(), exact, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+
+
 def test_coefficient_formula_is_torchs():
     # a norm whose coefficient rounding depends on evaluating reciprocal(norm + 1e-6) * max_norm
     for v in (0.3, 1.7, 3.3333333, 123.456, 9.99e-7):
