@@ -17,6 +17,7 @@ DTensor gradients (FSDP2) or ``process_group=`` the returned norm is already the
 from __future__ import annotations
 
 import math
+import sys
 import types
 import warnings
 
@@ -88,11 +89,15 @@ _TORCH_GET_TOTAL_NORM = torch.nn.utils.get_total_norm
 
 try:  # torch.distributed is optional (some builds lack it)
     import torch.distributed as _dist
-    from torch.distributed.tensor import DTensor as _DTensor
-    from torch.distributed.tensor import Replicate as _Replicate
-    from torch.distributed.tensor import Shard as _Shard
 except ImportError:  # pragma: no cover - depends on the torch build
-    _dist, _DTensor, _Replicate, _Shard = None, None, None, None
+    _dist = None
+
+
+def _dtensor_module():
+    """``torch.distributed.tensor`` once anything has imported it, else None. No DTensor can exist before
+    that module is loaded, so it is never imported here: importing it costs about a second, which
+    ``import fastkd`` would otherwise pay for every user."""
+    return sys.modules.get("torch.distributed.tensor")
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
@@ -110,7 +115,10 @@ def _grads_of(parameters, *, warn_empty_generator: bool = False) -> list[torch.T
 
 
 def _is_dtensor(t) -> bool:
-    return _DTensor is not None and type(t) not in _PLAIN and isinstance(t, _DTensor)
+    if type(t) in _PLAIN:
+        return False
+    mod = _dtensor_module()
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -134,7 +142,7 @@ class _Prepared:
     def __init__(self, tensors: list[torch.Tensor]):
         self.device = tensors[0].device if tensors else None
         self.domains: list[tuple] = []
-        if _DTensor is None or set(map(type, tensors)) <= _PLAIN:
+        if set(map(type, tensors)) <= _PLAIN or _dtensor_module() is None:
             self.plain = _groups(tensors)
             return
         plain, by_domain = [], {}
@@ -188,11 +196,12 @@ def _all_reduce_norm(norm: torch.Tensor, p: float, groups) -> torch.Tensor:
 
 def _shard_groups(dt) -> tuple:
     """(mesh, mesh dims over which dt is sharded): the process groups its norm^p is summed over."""
+    mod = _dtensor_module()
     dims = []
     for i, pl in enumerate(dt.placements):
-        if isinstance(pl, _Shard) or type(pl).__name__ in ("_StridedShard",):
+        if isinstance(pl, mod.Shard) or type(pl).__name__ in ("_StridedShard",):
             dims.append(i)
-        elif not isinstance(pl, _Replicate):
+        elif not isinstance(pl, mod.Replicate):
             raise NotImplementedError(
                 f"fastkd.clip: DTensor gradient with placement {pl} (only Shard and Replicate are supported; "
                 "a Partial gradient must be reduced before clipping)"
@@ -242,7 +251,8 @@ def _total_norm(prep: _Prepared, p: float, error_if_nonfinite: bool, process_gro
         # Every rank holds the global norm: hand it back as a replicated DTensor, as code written for
         # torch's FSDP2 path expects (``total_norm.full_tensor()``).
         (mesh,) = meshes.values()
-        total = _DTensor.from_local(total, mesh, [_Replicate()] * mesh.ndim, run_check=False)
+        mod = _dtensor_module()
+        total = mod.DTensor.from_local(total, mesh, [mod.Replicate()] * mesh.ndim, run_check=False)
     return total
 
 

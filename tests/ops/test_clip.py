@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 import os
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -322,6 +325,15 @@ def test_reference_norm_is_deterministic_across_threads(norm_type, dtype):
     assert all(_bit_equal(r, results[0]) for r in results)
     exact, _ = reference.clip_grad_norm_float64(grads, 1.0, norm_type)
     torch.testing.assert_close(results[0].double(), exact, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+
+
+def test_import_does_not_load_dtensor():
+    """DTensor support costs `import fastkd` nothing: torch.distributed.tensor (about a second to import)
+    is only looked at once something else has imported it (test_clip_distributed covers that case)."""
+    code = "import sys, fastkd; print('torch.distributed.tensor' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"]
 
 
 def test_coefficient_formula_is_torchs():
