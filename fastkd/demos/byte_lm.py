@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from .digits import write_report
 from ..train.distiller import Distiller, RunDirError
+from .common import tensor_batches, write_report
 
 __all__ = ["LMDemoConfig", "ByteLM", "load_stdlib_text", "run_lm_demo", "PAD", "VOCAB"]
 
@@ -126,7 +126,7 @@ def windows(docs: list[bytes], seq_len: int) -> TensorDataset:
 
 def _fit(name, out, teacher, student, train, val, epochs, cfg, **loss):
     torch.manual_seed(cfg.seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True)
+    loader = tensor_batches(train, cfg.batch_size, shuffle=True)
     steps = epochs * len(loader)
     d = Distiller(teacher, student, lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.01),
                   scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, cfg.lr, total_steps=steps,
@@ -134,7 +134,7 @@ def _fit(name, out, teacher, student, train, val, epochs, cfg, **loss):
                   max_grad_norm=1.0, run_dir=out / name, log_every=20, best_metric="ce", tensorboard=False,
                   config={"lm_demo": name, **{k: v for k, v in asdict(cfg).items() if k != "out"}}, **loss)
     t0 = time.perf_counter()
-    history = d.fit(loader, epochs=epochs, eval_loader=DataLoader(val, batch_size=64))
+    history = d.fit(loader, epochs=epochs, eval_loader=tensor_batches(val, 64))
     return history[-1], time.perf_counter() - t0, steps
 
 

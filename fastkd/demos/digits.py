@@ -13,7 +13,6 @@ accuracy_mean, accuracy_std, seconds, ...) and the printed table as table.txt.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -22,9 +21,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ..train.distiller import Distiller, RunDirError
+from .common import tensor_batches, write_report
 
 __all__ = ["DemoConfig", "run_demo", "load_digits_split", "mlp"]
 
@@ -89,7 +89,7 @@ def mlp(hidden: int, layers: int = 1, dropout: float = 0.0) -> nn.Module:
 def _train(name, run_dir, teacher, student, train, test, epochs, cfg, seed, **loss):
     torch.manual_seed(seed)
     is_teacher = name == "teacher"
-    loader = DataLoader(train, batch_size=cfg.teacher_batch_size if is_teacher else cfg.batch_size, shuffle=True)
+    loader = tensor_batches(train, cfg.teacher_batch_size if is_teacher else cfg.batch_size, shuffle=True)
     lr = cfg.teacher_lr if is_teacher else cfg.lr
     d = Distiller(teacher, student, lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=1e-4),
                   scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, epochs * len(loader)),
@@ -97,7 +97,7 @@ def _train(name, run_dir, teacher, student, train, test, epochs, cfg, seed, **lo
                   progress=False,
                   tensorboard=False, config={"demo": name, "seed": seed}, **loss)
     t0 = time.perf_counter()
-    history = d.fit(loader, epochs=epochs, eval_loader=DataLoader(test, batch_size=1024))
+    history = d.fit(loader, epochs=epochs, eval_loader=tensor_batches(test, 1024))
     return d, history, time.perf_counter() - t0
 
 
@@ -145,7 +145,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             d, history, secs = _train(name, out / f"seed{seed}" / name, t, s, data, test, epochs, cfg, seed, **loss)
             final = history[-1]
             results[name].append({"seed": seed, "accuracy": final["student_acc"], "ce": final["ce"],
-                                  "agreement": d.evaluate(DataLoader(test, batch_size=1024))["agreement"]
+                                  "agreement": d.evaluate(tensor_batches(test, 1024))["agreement"]
                                   if t is not None else math.nan, "seconds": secs})
             curves[name].append(history)
             line.append(f"{name} {final['student_acc']:.4f}")
@@ -169,13 +169,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_report(out, report, table)
     print(f"\nrun folder: {out}\n  report:  {out / 'report.json'}\n  plot:    {plot or '(matplotlib missing)'}")
     return report
-
-
-def write_report(out: Path, report: dict, table: str) -> None:
-    """A demo's results in its run folder (report.json, table.txt), and the table on stdout."""
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.txt").write_text(table + "\n")
-    print(table)
 
 
 def format_table(report: dict) -> str:
