@@ -1,34 +1,62 @@
 # The README's two commands are `make demo` (the main job) and `make test`. Each sets up what it
 # needs (venv, torch, the extension build) and is idempotent: a second run reuses all of it.
+# Long steps write their output to build/logs/<step>.log; the terminal gets one line per step, and a
+# failing step prints the tail of its log.
 PYTHON ?= python3
 VENV   ?= .venv
-# A CUDA build of torch, so the CUDA kernels are compiled too (they need no GPU to compile);
-# TORCH=2.13.0 gives a CPU-only build (1 GB instead of 5.5 GB).
+# A CUDA build of torch, so that `make test` compiles the CUDA kernels too (they need no GPU to
+# compile); TORCH=2.13.0 gives a CPU-only build (1 GB instead of 5.5 GB).
 TORCH  ?= 2.14.1
+RUFF   ?= 0.17.6
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastkd-deps-$(TORCH)
+LOGS   := build/logs
+SOURCES := setup.py fastkd/_env.py $(shell find csrc -type f)
+# The extension as the demo needs it (the C++ CPU kernels), and as the tests need it (the CUDA kernels
+# compiled too, where torch is a CUDA build). A full build serves the demo as well.
+EXT_CPU  := build/.ext-cpu
+EXT_FULL := build/.ext-full
+BUILD   = MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace --force
 
-.PHONY: demo test build bench clean
+# $(call logged,STEP,COMMAND): COMMAND's output goes to $(LOGS)/STEP.log; on failure its tail is shown.
+logged = mkdir -p $(LOGS); if ! { $(2); } > $(LOGS)/$(1).log 2>&1; then tail -n 40 $(LOGS)/$(1).log; \
+	echo "*** make: step '$(1)' failed; its whole log is $(LOGS)/$(1).log"; exit 1; fi
+
+.PHONY: demo test lint build bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=23" setuptools wheel
-	$(PY) -m pip install -q "torch==$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark expecttest matplotlib scikit-learn tqdm
-	FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	rm -f $(VENV)/.fastkd-deps-* && touch $@
+	@echo "[1/3] environment: $(VENV) with torch $(TORCH) and the dependencies ($(LOGS)/venv.log)"
+	@$(call logged,venv,test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+		$(PY) -m pip install -q --upgrade "pip>=23" setuptools wheel && \
+		$(PY) -m pip install -q "torch==$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark expecttest \
+			matplotlib scikit-learn tqdm "ruff==$(RUFF)" && \
+		FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .)
+	@rm -f $(VENV)/.fastkd-deps-* && touch $@
 
-# Incremental (ninja keeps its objects in build/); compiles csrc/*.cu too when torch has CUDA.
-build: $(STAMP)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+$(EXT_CPU): $(STAMP) $(SOURCES)
+	@echo "[2/3] build: fastkd._C, C++ CPU kernels ($(LOGS)/build.log)"
+	@$(call logged,build,FASTKD_NO_CUDA=1 $(BUILD))
+	@rm -f $(EXT_FULL) && touch $@
 
-test: build
+$(EXT_FULL): $(STAMP) $(SOURCES)
+	@echo "[2/3] build: fastkd._C, C++ CPU kernels and, with a CUDA build of torch, the CUDA kernels ($(LOGS)/build.log)"
+	@$(call logged,build,$(BUILD))
+	@touch $@ $(EXT_CPU)
+
+build: $(EXT_FULL)
+
+demo: $(EXT_CPU)
+	@echo "[3/3] fastkd demo"
+	@$(PY) -m fastkd demo
+
+test: $(EXT_FULL)
 	FASTKD_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
 	FASTKD_DISABLE_EXTENSION=1 $(PY) -m pytest -q
 
-demo: build
-	$(PY) -m fastkd demo
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
-bench: build
+bench: $(EXT_FULL)
 	$(PY) -m bench
 
 clean:

@@ -155,6 +155,18 @@ if not SKIP:
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
     ext_modules.insert(0, ext)
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    variant = "cuda" if cuda_ok else "cpu"
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """torch's BuildExtension, with the object files of the C++-only and the C++ + CUDA builds in
+        folders of their own (build/temp-cpu, build/temp-cuda): `make demo` builds the first, `make test`
+        the second, and switching between them relinks instead of recompiling everything."""
+
+        def finalize_options(self):
+            if self.build_temp is None:
+                self.build_temp = str(Path("build") / f"temp-{variant}")
+            super().finalize_options()
+
+    cmdclass["build_ext"] = BuildExt
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
