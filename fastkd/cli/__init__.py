@@ -300,7 +300,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     demo = sub.add_parser("demo", allow_abbrev=False,
                           help="digits: teacher vs student from scratch vs distilled student")
     from_dataclass(demo, DemoConfig, {"seeds": "seeds (teacher, scratch and distilled student each)",
-                                      "threads": "torch threads; 0 = torch's default"})
+                                      "threads": "torch threads per process; 0 = torch's default",
+                                      "workers": "processes the seeds run in; 0 = one per CPU core"})
     subs["demo"] = demo
     lm = sub.add_parser("lm-demo", allow_abbrev=False,
                         help="token-level: distil a byte-level transformer LM (stdlib sources)")

@@ -14,8 +14,11 @@ accuracy_mean, accuracy_std, seconds, ...) and the printed table as table.txt.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +49,8 @@ class DemoConfig:
     soft_weight: float = 1.0
     hard_weight: float = 0.5
     test_fraction: float = 0.4
-    threads: int = 1  # torch threads: one is fastest for these tiny matrices (0: torch's default)
+    threads: int = 1  # torch threads per process: one is fastest for these tiny matrices (0: torch's default)
+    workers: int = 0  # processes the seeds are spread over (0: one per CPU core, at most one per seed)
 
 
 def _need(module: str, extra: str = "demo"):
@@ -110,46 +114,80 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _run_seed(cfg: DemoConfig, out: Path, data, seed: int):
+    """One seed: the teacher, then the scratch and the distilled student (the same initial weights).
+    Returns ({model: result}, {model: learning curve}, {model: parameters}, the seed's printed line)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    full, test, subset = data
+    torch.manual_seed(seed)
+    teacher = mlp(cfg.teacher_hidden, layers=2, dropout=0.2)
+    torch.manual_seed(10_000 + seed)
+    student_init = mlp(cfg.student_hidden)
+    scratch, distilled = student_init, mlp(cfg.student_hidden)
+    distilled.load_state_dict(student_init.state_dict())  # the same initial student for both
+    sizes = {"teacher": _params(teacher), "scratch": _params(scratch), "distilled": _params(distilled)}
+    runs = [
+        ("teacher", None, teacher, full, cfg.teacher_epochs, {}),
+        ("scratch", None, scratch, subset, cfg.student_epochs, {}),
+        ("distilled", teacher, distilled, subset, cfg.student_epochs,
+         {"temperature": cfg.temperature, "soft_weight": cfg.soft_weight, "hard_weight": cfg.hard_weight}),
+    ]
+    results, curves, line = {}, {}, [f"seed {seed}:"]
+    for name, t, s, train, epochs, loss in runs:
+        d, history, secs = _train(name, out / f"seed{seed}" / name, t, s, train, test, epochs, cfg, seed, **loss)
+        final = history[-1]
+        results[name] = {"seed": seed, "accuracy": final["student_acc"], "ce": final["ce"],
+                         "agreement": d.evaluate(tensor_batches(test, 1024))["agreement"]
+                         if t is not None else math.nan, "seconds": secs}
+        curves[name] = history
+        line.append(f"{name} {final['student_acc']:.4f}")
+    return results, curves, sizes, " ".join(line)
+
+
+def _workers(cfg: DemoConfig) -> int:
+    return min(cfg.workers or os.cpu_count() or 1, cfg.seeds)
+
+
+def _seed_runs(cfg: DemoConfig, out: Path, data):
+    """_run_seed for every seed, in seed order; the seeds are independent, so with workers > 1 they run
+    in that many processes (each with cfg.threads torch threads): the same results, sooner."""
+    workers = _workers(cfg)
+    if workers <= 1:
+        for seed in range(cfg.seeds):
+            yield _run_seed(cfg, out, data, seed)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP pool is running
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_run_seed, cfg, out, data, seed) for seed in range(cfg.seeds)]
+        for f in futures:
+            yield f.result()
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty: choose another --out (nothing was overwritten)")
     if cfg.seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if cfg.workers < 0:
+        raise ValueError("--workers must be >= 0 (0: one process per CPU core)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     xtr, ytr, xte, yte, idx = load_digits_split(cfg.test_fraction, cfg.student_samples)
     full, test = TensorDataset(xtr, ytr), TensorDataset(xte, yte)
     subset = TensorDataset(xtr[idx], ytr[idx])
     print(f"digits: {len(ytr)} train / {len(yte)} test images (fixed split); students see {len(idx)} labelled "
-          f"train images; {cfg.seeds} seed(s); torch threads: {torch.get_num_threads()}", flush=True)
+          f"train images; {cfg.seeds} seed(s) in {_workers(cfg)} process(es), torch threads: {torch.get_num_threads()} "
+          "each", flush=True)
     results: dict[str, list[dict]] = {"teacher": [], "scratch": [], "distilled": []}
     curves: dict[str, list[list[dict]]] = {k: [] for k in results}
-    sizes = {}
-    for seed in range(cfg.seeds):
-        torch.manual_seed(seed)
-        teacher = mlp(cfg.teacher_hidden, layers=2, dropout=0.2)
-        torch.manual_seed(10_000 + seed)
-        student_init = mlp(cfg.student_hidden)
-        scratch, distilled = student_init, mlp(cfg.student_hidden)
-        distilled.load_state_dict(student_init.state_dict())  # the same initial student for both
-        sizes = {"teacher": _params(teacher), "scratch": _params(scratch), "distilled": _params(distilled)}
-        runs = [
-            ("teacher", None, teacher, full, cfg.teacher_epochs, {}),
-            ("scratch", None, scratch, subset, cfg.student_epochs, {}),
-            ("distilled", teacher, distilled, subset, cfg.student_epochs,
-             {"temperature": cfg.temperature, "soft_weight": cfg.soft_weight, "hard_weight": cfg.hard_weight}),
-        ]
-        line = [f"seed {seed}:"]
-        for name, t, s, data, epochs, loss in runs:
-            d, history, secs = _train(name, out / f"seed{seed}" / name, t, s, data, test, epochs, cfg, seed, **loss)
-            final = history[-1]
-            results[name].append({"seed": seed, "accuracy": final["student_acc"], "ce": final["ce"],
-                                  "agreement": d.evaluate(tensor_batches(test, 1024))["agreement"]
-                                  if t is not None else math.nan, "seconds": secs})
-            curves[name].append(history)
-            line.append(f"{name} {final['student_acc']:.4f}")
-        print(" ".join(line), flush=True)
+    data = (full, test, subset)
+    for seed_results, seed_curves, sizes, line in _seed_runs(cfg, out, data):
+        print(line, flush=True)
+        for name in results:
+            results[name].append(seed_results[name])
+            curves[name].append(seed_curves[name])
 
     report = {}
     for name, rows in results.items():
