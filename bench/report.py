@@ -21,20 +21,13 @@ import re
 import sys
 from pathlib import Path
 
-from . import common
+from . import common, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
-# Columns shown per kind of result (the CSV keeps everything).
-COLUMNS = {
-    "kd_loss": ["loss", "provider", "rows", "vocab", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
-                "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"],
-    "clip": ["case", "provider", "tensors", "elements", "dtype", "clipped", "median_ms", "p20_ms", "p80_ms", "gbps",
-             "fastkd_speedup"],
-    "step": ["provider", "batch", "seq", "vocab", "d_model", "student_layers", "teacher_layers", "median_ms",
-             "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"],
-}
+# Columns shown per kind of result (the CSV keeps everything): the registry's.
+COLUMNS = {b.stem: list(b.columns) for b in registry.BENCHES if b.columns}
 
 
 def load(path: Path) -> list[dict]:
@@ -188,7 +181,8 @@ def update_readme(blocks: dict[str, str]) -> None:
 
 
 def kind_of(path: Path) -> str:
-    return next((k for k in ("kd_loss", "clip", "step") if path.stem.startswith(k)), path.stem)
+    bench = registry.of_csv(path.stem)
+    return bench.stem if bench else path.stem
 
 
 def _image(name: str, png: Path | None, base: Path) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bench.__main__ as grid
-from bench import bench_step, common, report
+from bench import bench_step, common, registry, report
 
 MACHINE = ["cpu", "cores", "threads", "gpu", "torch", "cuda", "git", "date"]
 
@@ -102,6 +102,16 @@ def test_unknown_benchmark_is_refused(capsys):
     with pytest.raises(SystemExit):
         grid.main(["--quick", "--only", "kd,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_every_registered_benchmark_runs_alone():
+    """A registry line names a module that `python -m` runs alone and a CSV stem the report knows."""
+    assert [b.name for b in registry.BENCHES] == grid.NAMES
+    for b in registry.BENCHES:
+        assert callable(b.load().main)
+        assert registry.of_csv(f"{b.stem}_cpu") is b and registry.of_csv(f"{b.stem}_cuda_quick") is b
+        assert report.kind_of(common.RESULTS / f"{b.stem}_cpu.csv") == b.stem
+    assert registry.of_csv("nothing_cpu") is None
 
 
 def test_report_refreshes_readme_blocks_from_full_runs_only(quick_run, tmp_path, monkeypatch):
