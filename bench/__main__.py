@@ -1,16 +1,16 @@
 """The benchmark grid: every registered benchmark in turn (bench/registry.py), then the report.
 
     python -m bench                       # the full grid on the default device (`make bench`)
-    python -m bench --quick               # tiny shapes, seconds: a smoke run (README left alone)
-    python -m bench --only kd,step --device cuda --out-dir /tmp/gpu --no-readme
+    python -m bench --quick               # tiny shapes, seconds: a smoke run (docs left alone)
+    python -m bench --only kd,step --device cuda --out-dir /tmp/gpu --no-docs
 
 Writes one CSV per benchmark, {stem}_{device}[_quick].csv in --out-dir (default bench/results; the
-stems are the registry's: kd_loss, clip, step), one row per provider x case (shape or tensor set) x dtype x mode with the machine
-columns; then runs bench.report on them: the plots beside the CSVs, and the Markdown tables into the
-README's generated blocks (a full run into bench/results) or else into report[_quick].md in --out-dir.
-The grids themselves live in the registered modules (bench_kd_loss, bench_clip, bench_step); this only
-runs them.
-A benchmark that fails is reported and the others still run; the exit status is then 1.
+stems are the registry's: kd_loss, clip, step), one row per provider x case (shape or tensor set) x
+dtype x mode with the machine columns; then runs bench.report on them: the plots beside the CSVs, and
+the Markdown tables into docs/benchmarks.md's generated blocks and the README's headline table (a full
+run into bench/results) or else into report[_quick].md in --out-dir. The grids themselves live in the
+registered modules (bench_kd_loss, bench_clip, bench_step); this only runs them. A benchmark that fails
+is reported and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run, seconds)")
     ap.add_argument("--only", default=",".join(NAMES), help=f"subset of {','.join(NAMES)}")
     ap.add_argument("--out-dir", type=Path, default=common.RESULTS, help="where the CSVs, plots, report go")
-    ap.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    ap.add_argument("--no-docs", "--no-readme", dest="no_docs", action="store_true",
+                    help="leave docs/benchmarks.md and README.md as they are (--no-readme: the old name)")
     ap.add_argument("--kd-providers", default=None,
                     help="subset of the KD-loss providers, e.g. fastkd,eager (leaves out torch.compile)")
     args = ap.parse_args(argv)
@@ -59,8 +60,8 @@ def main(argv=None) -> int:
             failed.append(key)
         if out.exists():
             paths.append(out)
-    readme = not (args.no_readme or args.quick) and args.out_dir.resolve() == common.RESULTS
-    report.render(paths, readme=readme, md=None if readme else args.out_dir / f"report{suffix}.md")
+    publish = not (args.no_docs or args.quick) and args.out_dir.resolve() == common.RESULTS
+    report.render(paths, docs=publish, md=None if publish else args.out_dir / f"report{suffix}.md")
     if failed:
         print(f"\nFAILED: {', '.join(failed)} (see the tracebacks above)", file=sys.stderr)
         return 1
