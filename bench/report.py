@@ -1,15 +1,18 @@
 """Render benchmark CSVs (bench/results/*.csv) as Markdown tables and PNG plots, and refresh the
-README's generated sections.
+generated blocks of docs/benchmarks.md and the README's headline table.
 
-    python -m bench.report                       # the full runs in bench/results: tables, plots, README.md
-    python -m bench.report DIR/kd_loss_cuda.csv --no-readme --md DIR/report.md   # e.g. a GPU run's CSVs
+    python -m bench.report                       # the full runs in bench/results: tables, plots, docs, README
+    python -m bench.report DIR/kd_loss_cuda.csv --no-docs --md DIR/report.md   # e.g. a GPU run's CSVs
 
 Plots (a PNG beside its CSV): KD loss time and peak memory against the vocabulary size, clipping time
 and GB/s against the number of tensors; the step benchmark has a table only.
 
-README.md holds blocks delimited by ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; NAME is a
-CSV's stem (e.g. kd_loss_cpu). Everything between the markers is regenerated from the CSV, so the
-numbers in the README are always those of a committed, real run.
+docs/benchmarks.md holds blocks delimited by ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``;
+NAME is a CSV's stem (e.g. kd_loss_cpu): the CSV's full table and its plot. README.md holds one block,
+``bench:headline``: per CSV, its registry entry's headline cases (bench/registry.py), fastkd against
+the fastest other provider measured in that CSV, with the CSV's machine line. Everything between the
+markers is regenerated from the CSVs, so the numbers in both files are always those of a committed,
+real run. ``--no-docs`` (old name ``--no-readme``) leaves both files alone.
 """
 
 from __future__ import annotations
@@ -21,20 +24,15 @@ import re
 import sys
 from pathlib import Path
 
-from . import common
+from . import common, registry
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "README.md"  # the headline block
+DOCS = ROOT / "docs" / "benchmarks.md"  # a block per CSV: its table and plot
+HEADLINE = "headline"
 
-# Columns shown per kind of result (the CSV keeps everything).
-COLUMNS = {
-    "kd_loss": ["loss", "provider", "rows", "vocab", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
-                "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"],
-    "clip": ["case", "provider", "tensors", "elements", "dtype", "clipped", "median_ms", "p20_ms", "p80_ms", "gbps",
-             "fastkd_speedup"],
-    "step": ["provider", "batch", "seq", "vocab", "d_model", "student_layers", "teacher_layers", "median_ms",
-             "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"],
-}
+# Columns shown per kind of result (the CSV keeps everything): the registry's.
+COLUMNS = {b.stem: list(b.columns) for b in registry.BENCHES if b.columns}
 
 
 def load(path: Path) -> list[dict]:
@@ -54,14 +52,61 @@ def markdown(rows: list[dict], kind: str) -> str:
     cols = [c for c in COLUMNS.get(kind, list(rows[0])) if c in rows[0]]
     conv = [{c: _num(r.get(c)) for c in cols} for r in rows]
     text = common.print_table(conv, cols)
+    return machine_line(rows) + "\n\n" + text + "\n"
+
+
+def machine_line(rows: list[dict]) -> str:
+    """The machine, torch, git sha and date of a CSV's run (its first row), as one line."""
     r0 = rows[0]
     machine = f"{r0.get('cpu')} x{r0.get('cores')} ({r0.get('threads')} threads)"
     if r0.get("gpu"):
         machine = f"{r0['gpu']}, host {machine}"
-    head = (f"Machine: {machine}; torch {r0.get('torch')}"
+    return (f"Machine: {machine}; torch {r0.get('torch')}"
             f"{' CUDA ' + r0['cuda'] if r0.get('gpu') else ''}; git {r0.get('git')}; {r0.get('date')}"
             + (f"; copy ceiling {float(r0['copy_gbps']):.1f} GB/s" if r0.get("copy_gbps") else ""))
-    return head + "\n\n" + text + "\n"
+
+
+def headline_rows(rows: list[dict], bench: registry.Bench) -> list[dict]:
+    """The registry entry's headline cases found in a CSV's rows: per case, fastkd's median and the
+    fastest other provider's median and fastkd_speedup, as the CSV has them."""
+    out = []
+    for h in bench.headline:
+        cases: dict[str, list[dict]] = {}
+        for r in rows:
+            if all(r.get(k) == v for k, v in h.where.items()):
+                cases.setdefault(h.case.format(**r), []).append(r)
+        if not cases:
+            continue
+        case, group = next(iter(cases.items()))  # the first matching case, in the CSV's order
+        ours = [r for r in group if r["provider"] == "fastkd"]
+        others = [r for r in group if r["provider"] != "fastkd" and r.get("fastkd_speedup")]
+        if not ours or not others:
+            continue
+        best = min(others, key=lambda r: float(r["median_ms"]))
+        out.append({"what": h.label, "case": case, "fastkd median_ms": float(ours[0]["median_ms"]),
+                    "fastest alternative": best["provider"], "its median_ms": float(best["median_ms"]),
+                    "fastkd_speedup": float(best["fastkd_speedup"])})
+    return out
+
+
+def headline(tables: list[tuple[Path, list[dict]]], base: Path) -> str:
+    """The headline block: a table of every CSV's headline rows, each row naming its CSV (a link
+    relative to base), then each CSV's machine line."""
+    order = {b.stem: i for i, b in enumerate(registry.BENCHES)}
+    tables = sorted(tables, key=lambda t: order.get(kind_of(t[0]), len(order)))  # the registry's order
+    rows, machines = [], []
+    for path, csv_rows in tables:
+        bench = registry.of_csv(path.stem)
+        found = headline_rows(csv_rows, bench) if bench else []
+        link = f"[{path.name}]({Path(os.path.relpath(path, base)).as_posix()})"
+        rows += [{**r, "CSV": link} for r in found]
+        if found:
+            machines.append(f"`{path.name}`: {machine_line(csv_rows)}")
+    if not rows:
+        return ""
+    cols = ["what", "case", "fastkd median_ms", "fastest alternative", "its median_ms", "fastkd_speedup",
+            "CSV"]
+    return common.print_table(rows, cols) + "\n\n" + "\n".join(f"- {m}" for m in machines) + "\n"
 
 
 def _pyplot():
@@ -175,20 +220,23 @@ def plot_clip(rows: list[dict], out: Path) -> Path | None:
 PLOTS = {"kd_loss": plot_kd, "clip": plot_clip}
 
 
-def update_readme(blocks: dict[str, str]) -> None:
-    if not blocks or not README.exists():
+def update_blocks(target: Path, blocks: dict[str, str]) -> None:
+    """Replace the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in target by
+    blocks[NAME]; everything else in the file stays as it is."""
+    if not blocks or not target.exists():
         return
-    text = README.read_text()
+    text = target.read_text()
     for name, body in blocks.items():
         pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
         text, n = pat.subn(lambda m: m.group(1) + body + m.group(2), text)
         if n:
-            print(f"README.md: refreshed bench:{name}")
-    README.write_text(text)
+            print(f"{target.name}: refreshed bench:{name}")
+    target.write_text(text)
 
 
 def kind_of(path: Path) -> str:
-    return next((k for k in ("kd_loss", "clip", "step") if path.stem.startswith(k)), path.stem)
+    bench = registry.of_csv(path.stem)
+    return bench.stem if bench else path.stem
 
 
 def _image(name: str, png: Path | None, base: Path) -> str:
@@ -196,12 +244,17 @@ def _image(name: str, png: Path | None, base: Path) -> str:
     return f"\n![{name}]({Path(os.path.relpath(png, base)).as_posix()})\n" if png else ""
 
 
-def render(paths: list[Path], readme: bool = True, md: Path | None = None) -> dict[str, str]:
-    """Tables (printed; into the README blocks and/or the Markdown file md) and plots (a PNG beside
-    each CSV that has one, linked under its table) of the CSVs at paths. Only full runs in
-    bench/results reach the README: its blocks and image links are about those files. Returns
-    {CSV stem: README block}."""
-    blocks, sections = {}, []
+def _official(path: Path) -> bool:
+    """A full run's CSV in bench/results: the only kind that docs/benchmarks.md and the README show."""
+    return not path.stem.endswith("_quick") and path.parent.resolve() == common.RESULTS
+
+
+def render(paths: list[Path], docs: bool = True, md: Path | None = None) -> dict[str, str]:
+    """Tables (printed; into docs/benchmarks.md's blocks and/or the Markdown file md) and plots (a PNG
+    beside each CSV that has one, linked under its table) of the CSVs at paths, and the headline table
+    (into the README's block and/or md). Only full runs in bench/results reach docs/benchmarks.md and
+    the README: their blocks and links are about those files. Returns {CSV stem: docs block}."""
+    blocks, sections, tables = {}, [], []
     for path in paths:
         rows = load(path)
         if not rows:
@@ -213,17 +266,24 @@ def render(paths: list[Path], readme: bool = True, md: Path | None = None) -> di
         png = PLOTS[kind](rows, path.with_suffix(".png")) if kind in PLOTS else None
         if png:
             print(f"plot: {png}")
-        blocks[path.stem] = table + _image(path.stem, png, ROOT)
+        blocks[path.stem] = table + _image(path.stem, png, DOCS.parent)
         sections.append(f"## {path.stem}\n\n{table}" + (_image(path.stem, png, md.parent) if md else ""))
-    if readme:
-        official = {k: v for k, v in blocks.items() if not k.endswith("_quick")
-                    and any(p.stem == k and p.parent.resolve() == common.RESULTS for p in paths)}
-        for k in blocks.keys() - official.keys():
-            print(f"README.md: not refreshed from {k} (only full runs in {common.RESULTS} go there)")
-        update_readme(official)
+        tables.append((path, rows))
+    if docs:
+        official = [(p, r) for p, r in tables if _official(p)]
+        for p, _ in tables:
+            if not _official(p):
+                print(f"{DOCS.name}, README.md: not refreshed from {p.stem} "
+                      f"(only full runs in {common.RESULTS} go there)")
+        update_blocks(DOCS, {p.stem: blocks[p.stem] for p, _ in official})
+        print("\n## headline")
+        top = headline(official, README.parent)
+        if top:
+            update_blocks(README, {HEADLINE: top})
     if md:
+        top = headline(tables, md.parent)
         md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text("\n".join(sections))
+        md.write_text("\n".join(([f"## {HEADLINE}\n\n{top}"] if top else []) + sections))
         print(f"wrote {md}")
     return blocks
 
@@ -232,11 +292,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csvs", nargs="*", type=Path,
                     help="CSV files (default: the full runs in bench/results, i.e. not *_quick.csv)")
-    ap.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    ap.add_argument("--no-docs", "--no-readme", dest="no_docs", action="store_true",
+                    help="leave docs/benchmarks.md and README.md as they are (--no-readme: the old name)")
     ap.add_argument("--md", type=Path, default=None, help="also write the tables and plot links to this file")
     args = ap.parse_args(argv)
     paths = args.csvs or [p for p in sorted(common.RESULTS.glob("*.csv")) if not p.stem.endswith("_quick")]
-    render(paths, readme=not args.no_readme, md=args.md)
+    render(paths, docs=not args.no_docs, md=args.md)
     return 0
 
 

@@ -309,7 +309,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     subs["lm-demo"] = lm
     dist = sub.add_parser("distill", allow_abbrev=False,
                           help="distil your own teacher into your student (TOML config)")
-    dist.add_argument("--config", required=True, help="TOML file (see the README, section fastkd distill)")
+    dist.add_argument("--config", required=True, help="TOML file (see docs/cli.md)")
     dist.add_argument("--out", default=None, help="run folder (overrides `out` in the config)")
     subs["distill"] = dist
     res = sub.add_parser("resume", allow_abbrev=False,

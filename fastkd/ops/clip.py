@@ -9,7 +9,7 @@ torch. The gradients are grouped by (device, dtype) and each group costs one cal
 at once when the coefficient is >= 1); per-group norms are combined with tensor ops in fp32. No host
 synchronisation happens anywhere unless ``error_if_nonfinite=True``.
 
-Differences from torch (see the README, Gradient clipping): the norm is accumulated and returned in fp32 whatever the
+Differences from torch (docs/clipping.md): the norm is accumulated and returned in fp32 whatever the
 gradient dtype (fp64 for fp64 gradients; torch returns a bf16/fp16 norm for bf16/fp16 gradients); with
 DTensor gradients (FSDP2) or ``process_group=`` the returned norm is already the global one.
 """

@@ -577,7 +577,7 @@ class Distiller:
         The run folder must be new, or hold this very run when resuming (``RunDirError`` otherwise).
         Resuming restores everything (weights, optimizer, scheduler, scaler, step, RNG, position in the data),
         so an interrupted and resumed run ends with the same weights as an uninterrupted one, provided the
-        loader is deterministic given the RNG (shuffling from torch's RNG is; see the README, fastkd.Distiller).
+        loader is deterministic given the RNG (shuffling from torch's RNG is; see docs/trainer.md, Checkpoints).
         """
         self._check_run_dir(resume)
         try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bench.__main__ as grid
-from bench import bench_step, common, report
+from bench import bench_step, common, registry, report
 
 MACHINE = ["cpu", "cores", "threads", "gpu", "torch", "cuda", "git", "date"]
 
@@ -20,12 +20,12 @@ def rows_of(path):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """`python -m bench --quick` into a temporary folder (torch.compile left out: its compiles take
-    longer than the rest together); README.md and bench/results must stay as they were."""
+    longer than the rest together); README.md, docs/benchmarks.md and bench/results must stay as they were."""
     out = tmp_path_factory.mktemp("bench")
-    readme = report.README.read_bytes()
+    readme, docs = report.README.read_bytes(), report.DOCS.read_bytes()
     results = sorted((p.name, p.stat().st_mtime_ns) for p in common.RESULTS.iterdir())
     rc = grid.main(["--quick", "--device", "cpu", "--out-dir", str(out), "--kd-providers", "fastkd,eager"])
-    assert report.README.read_bytes() == readme
+    assert report.README.read_bytes() == readme and report.DOCS.read_bytes() == docs
     assert sorted((p.name, p.stat().st_mtime_ns) for p in common.RESULTS.iterdir()) == results
     return rc, out
 
@@ -39,7 +39,7 @@ def test_grid_writes_every_file(quick_run):
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report_quick.md").read_text()
-    for stem in ("kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick"):
+    for stem in ("headline", "kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick"):
         assert f"## {stem}\n" in md
     for stem in ("kd_loss_cpu_quick", "clip_cpu_quick"):
         assert f"![{stem}]({stem}.png)" in md
@@ -104,26 +104,64 @@ def test_unknown_benchmark_is_refused(capsys):
     assert "unknown ['nope']" in capsys.readouterr().err
 
 
-def test_report_refreshes_readme_blocks_from_full_runs_only(quick_run, tmp_path, monkeypatch):
+def test_every_registered_benchmark_runs_alone():
+    """A registry line names a module that `python -m` runs alone and a CSV stem the report knows."""
+    assert [b.name for b in registry.BENCHES] == grid.NAMES
+    for b in registry.BENCHES:
+        assert callable(b.load().main)
+        assert registry.of_csv(f"{b.stem}_cpu") is b and registry.of_csv(f"{b.stem}_cuda_quick") is b
+        assert report.kind_of(common.RESULTS / f"{b.stem}_cpu.csv") == b.stem
+    assert registry.of_csv("nothing_cpu") is None
+
+
+def test_headline_is_fastkd_against_the_fastest_other_provider():
+    """The headline row of a case: fastkd's median against the fastest other provider's median and
+    fastkd_speedup, exactly as the CSV has them; the first matching case in the CSV's order."""
+    def row(provider, rows, ms, speedup):
+        return {"loss": "kl", "mode": "fwd+bwd", "dtype": "float32", "provider": provider, "rows": rows,
+                "vocab": "32000", "median_ms": ms, "fastkd_speedup": speedup}
+
+    rows = [row("fastkd", "4096", "83.3", "1.0"), row("eager", "4096", "2254", "27.1"),
+            row("compile", "4096", "978", "11.7"), row("fastkd", "1024", "19.7", "1.0"),
+            row("compile", "1024", "228", "11.5"), {**row("eager", "4096", "9", "0.1"), "mode": "fwd"}]
+    (got,) = report.headline_rows(rows, registry.BY_NAME["kd"])
+    assert got == {"what": "KD loss, fwd+bwd", "case": "4096 x 32000, float32", "fastkd median_ms": 83.3,
+                   "fastest alternative": "compile", "its median_ms": 978.0, "fastkd_speedup": 11.7}
+
+
+def test_report_refreshes_docs_and_readme_blocks_from_full_runs_only(quick_run, tmp_path, monkeypatch):
     """bench.report with no arguments: the CSVs of bench/results (here a stand-in folder) go into their
-    README blocks with their plot linked; text outside the markers and *_quick.csv stay as they were."""
-    results, readme = tmp_path / "results", tmp_path / "README.md"
+    blocks of docs/benchmarks.md with their plot linked, and their headline rows into the README's one
+    block with the CSV linked; text outside the markers and *_quick.csv stay as they were."""
+    results, readme, docs = tmp_path / "results", tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
     results.mkdir()
+    docs.parent.mkdir()
     for stem in ("kd_loss_cpu", "step_cpu"):
         (results / f"{stem}.csv").write_bytes((quick_run[1] / f"{stem}_quick.csv").read_bytes())
     (results / "clip_cpu_quick.csv").write_bytes((quick_run[1] / "clip_cpu_quick.csv").read_bytes())
     before = ("intro\n<!-- bench:kd_loss_cpu -->\nold\n<!-- /bench:kd_loss_cpu -->\nmiddle\n"
               "<!-- bench:step_cpu -->\n<!-- /bench:step_cpu -->\n<!-- bench:clip_cpu_quick -->\nkeep\n"
               "<!-- /bench:clip_cpu_quick -->\nend\n")
-    readme.write_text(before)
+    docs.write_text(before)
+    readme.write_text("front\n<!-- bench:headline -->\nold\n<!-- /bench:headline -->\nback\n")
     monkeypatch.setattr(common, "RESULTS", results.resolve())
     monkeypatch.setattr(report, "README", readme)
+    monkeypatch.setattr(report, "DOCS", docs)
+    assert report.main(["--no-readme"]) == 0  # the old flag still leaves both files alone
+    assert docs.read_text() == before and "\nold\n" in readme.read_text()
     assert report.main([]) == 0
-    text = readme.read_text()
+    text = docs.read_text()
     kd = text.split("<!-- bench:kd_loss_cpu -->\n")[1].split("<!-- /bench:kd_loss_cpu -->")[0]
     step = text.split("<!-- bench:step_cpu -->\n")[1].split("<!-- /bench:step_cpu -->")[0]
-    assert "old" not in kd and "| provider" in kd and "kd_loss_cpu.png)" in kd
+    assert "old" not in kd and "| provider" in kd and "(../results/kd_loss_cpu.png)" in kd
     assert (results / "kd_loss_cpu.png").exists() and not (results / "clip_cpu_quick.png").exists()
     assert "tokens_per_s" in step and "reference" in step and "fastkd" in step
     assert text.startswith("intro\n") and text.endswith("\nend\n")
     assert "\nmiddle\n" in text and "\nkeep\n" in text
+    front = readme.read_text()
+    top = front.split("<!-- bench:headline -->\n")[1].split("<!-- /bench:headline -->")[0]
+    assert front.startswith("front\n") and front.endswith("\nback\n") and "old" not in top
+    assert "KD loss, fwd+bwd" in top and "distillation training step" in top and "clip" not in top
+    assert "[kd_loss_cpu.csv](results/kd_loss_cpu.csv)" in top
+    assert "[step_cpu.csv](results/step_cpu.csv)" in top
+    assert "`kd_loss_cpu.csv`: Machine: " in top and "torch " + torch.__version__ in top
