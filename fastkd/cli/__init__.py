@@ -13,7 +13,6 @@ end the command with one clear message and exit status 2, before anything is ove
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import json
 import math
@@ -21,6 +20,8 @@ import random
 import sys
 import time
 from pathlib import Path
+
+from .._suggest import did_you_mean
 
 __all__ = ["main", "ConfigError", "load_config", "resolve", "CONFIG_SCHEMA"]
 
@@ -49,11 +50,6 @@ CONFIG_SCHEMA: dict[str, dict] = {
 _REQUIRED = {"teacher": ("factory",), "student": ("factory",), "data": ("train",)}
 
 
-def _closest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def load_config(path: str | Path) -> dict:
     """Read and validate a distill config (TOML). Raises ConfigError with the closest valid key."""
     try:
@@ -74,7 +70,7 @@ def load_config(path: str | Path) -> dict:
     top_level_keys = set(CONFIG_SCHEMA[""]) | (set(CONFIG_SCHEMA) - {""})
     for key, value in raw.items():
         if key not in top_level_keys:
-            raise ConfigError(f"{path}: unknown key or section {key!r}{_closest(key, top_level_keys)}")
+            raise ConfigError(f"{path}: unknown key or section {key!r}{did_you_mean(key, top_level_keys)}")
         if key in CONFIG_SCHEMA[""]:
             _check_type(path, key, value, CONFIG_SCHEMA[""][key])
             cfg[key] = value
@@ -88,7 +84,7 @@ def load_config(path: str | Path) -> dict:
         schema = CONFIG_SCHEMA[key]
         for k, v in value.items():
             if k not in schema:
-                raise ConfigError(f"{path}: unknown key {k!r} in [{key}]{_closest(k, schema)}; valid keys: "
+                raise ConfigError(f"{path}: unknown key {k!r} in [{key}]{did_you_mean(k, schema)}; valid keys: "
                                   f"{', '.join(sorted(schema))}")
             _check_type(path, f"{key}.{k}", v, schema[k])
         cfg[key] = dict(value)
@@ -125,7 +121,7 @@ def resolve(spec: str, what: str):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
             raise ConfigError(f"{what} = {spec!r}: {getattr(obj, '__name__', mod_name)!r} has no attribute "
-                              f"{part!r}{_closest(part, names)}")
+                              f"{part!r}{did_you_mean(part, names)}")
         obj = getattr(obj, part)
     return obj
 
@@ -146,27 +142,28 @@ def _build(section: dict, what: str, key: str = "factory"):
 
 
 def _optimizer_factory(cfg: dict):
-    import torch  # noqa: PLC0415
+    from ..train.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS, default_optimizer  # noqa: PLC0415
 
     opt = dict(cfg.get("optimizer", {}))
     if "factory" in opt:
         fn = resolve(opt["factory"], "optimizer.factory")
         kwargs = opt.get("kwargs", {})
         return lambda params: fn(params, **kwargs)
-    name = opt.pop("name", "adamw")
-    table = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if name not in table:
-        raise ConfigError(f"optimizer.name = {name!r}: unknown{_closest(name, table)}; use one of {sorted(table)} "
-                          "or optimizer.factory")
+    name = opt.pop("name", DEFAULT_OPTIMIZER)
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name = {name!r}: unknown{did_you_mean(name, OPTIMIZERS)}; use one of "
+                          f"{sorted(OPTIMIZERS)} or optimizer.factory")
     kwargs = {**opt.pop("kwargs", {}), **opt}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     kwargs.setdefault("lr", 1e-3)
-    return lambda params: table[name](params, **kwargs)
+    return default_optimizer(name, **kwargs)
 
 
 def _scheduler_factory(cfg: dict, total_steps: int | None):
     import torch  # noqa: PLC0415
+
+    from ..train.schedules import SCHEDULES, Constant  # noqa: PLC0415
 
     sch = cfg.get("scheduler")
     if not sch:
@@ -176,19 +173,19 @@ def _scheduler_factory(cfg: dict, total_steps: int | None):
         kwargs = sch.get("kwargs", {})
         return lambda opt: fn(opt, **kwargs)
     name, warmup = sch.get("name", "constant"), int(sch.get("warmup_steps", 0))
-    shapes = {"constant": lambda p: 1.0, "linear": lambda p: 1.0 - p,
-              "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p))}
-    if name not in shapes:
-        raise ConfigError(f"scheduler.name = {name!r}: unknown{_closest(name, shapes)}; use one of {sorted(shapes)}")
+    if name not in SCHEDULES:
+        raise ConfigError(f"scheduler.name = {name!r}: unknown{did_you_mean(name, SCHEDULES)}; use one of "
+                          f"{sorted(SCHEDULES)}")
     if name != "constant" and total_steps is None:
         raise ConfigError(f"scheduler.name = {name!r} needs the number of steps: the train loader has no len()")
-    shape = shapes[name]
     total = max(1, (total_steps or 1) - warmup)
+    # After a linear warm-up, the LR factor follows the schedule of that name (fastkd.schedules) from 1 to 0.
+    shape = Constant(1.0) if name == "constant" else SCHEDULES[name](1.0, 0.0, steps=total)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return shape(min((step - warmup) / total, 1.0))
+        return shape(step - warmup)
 
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -244,7 +241,7 @@ def run_distill(cfg: dict, out: str | None, resume: bool = False) -> list:
 def _load_weights(model, path, what):
     import torch  # noqa: PLC0415
 
-    from ..train.checkpoint import CheckpointError  # noqa: PLC0415
+    from ..train.checkpoint import FORMAT, CheckpointError  # noqa: PLC0415
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -253,7 +250,7 @@ def _load_weights(model, path, what):
     except Exception as exc:
         raise CheckpointError(f"{what}.checkpoint {path} is unreadable or corrupt ({type(exc).__name__}: "
                               f"{exc})") from exc
-    if isinstance(sd, dict) and sd.get("format") == "fastkd.checkpoint":
+    if isinstance(sd, dict) and sd.get("format") == FORMAT:
         sd = sd["student"]
     try:
         model.load_state_dict(sd)
@@ -323,7 +320,7 @@ def _unknown_option_error(parser, subs, argv, unknown) -> str:
     options = [o for a in (subs[command] if command else parser)._actions for o in a.option_strings]
     flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
     if flags:
-        msgs = [f"unknown option {f!r}{_closest(f, options)}" for f in flags]
+        msgs = [f"unknown option {f!r}{did_you_mean(f, options)}" for f in flags]
     else:
         msgs = [f"unexpected argument {u!r}" for u in unknown]
     return "; ".join(msgs) + f". See `fastkd {command or ''} --help`.".replace("  ", " ")
@@ -333,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = _parser()
     if argv and not argv[0].startswith("-") and argv[0] not in subs:
-        print(f"fastkd: error: unknown command {argv[0]!r}{_closest(argv[0], subs)}; commands: "
+        print(f"fastkd: error: unknown command {argv[0]!r}{did_you_mean(argv[0], subs)}; commands: "
               f"{', '.join(subs)}", file=sys.stderr)
         return 2
     args, unknown = parser.parse_known_args(argv)

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -698,10 +698,3 @@ class Distiller:
                 cb.on_eval_end(self, metrics)
         return metrics
 
-
-def default_optimizer(name: str = "adamw", **kwargs) -> Callable:
-    """An optimizer factory by name (used by the CLI): adamw, adam, sgd."""
-    table = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if name not in table:
-        raise ValueError(f"unknown optimizer {name!r}; use one of {sorted(table)} or a factory import path")
-    return lambda params: table[name](params, **kwargs)
