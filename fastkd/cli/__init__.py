@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .._suggest import did_you_mean
+from ..train.config import toml_section
 
 __all__ = ["main", "ConfigError", "load_config", "resolve", "CONFIG_SCHEMA"]
 
@@ -41,11 +42,9 @@ CONFIG_SCHEMA: dict[str, dict] = {
     "optimizer": {"name": str, "factory": str, "lr": (int, float), "weight_decay": (int, float),
                   "momentum": (int, float), "betas": list, "kwargs": dict},
     "scheduler": {"name": str, "factory": str, "warmup_steps": int, "kwargs": dict},
-    "loss": {"temperature": (int, float, dict), "divergence": str, "beta": (int, float),
-             "soft_weight": (int, float, dict), "hard_weight": (int, float, dict), "ignore_index": int},
-    "train": {"epochs": int, "accumulation_steps": int, "max_grad_norm": (int, float), "clip_value": (int, float),
-              "precision": str, "device": str, "log_every": int, "checkpoint_every": int, "checkpoint_epochs": int,
-              "eval_every": int, "best_metric": str, "best_mode": str, "progress": bool, "tensorboard": bool},
+    # The Distiller's options (fastkd.train.config.DistillerConfig), and the number of epochs for fit().
+    "loss": toml_section("loss"),
+    "train": {"epochs": int, **toml_section("train")},
 }
 _REQUIRED = {"teacher": ("factory",), "student": ("factory",), "data": ("train",)}
 
@@ -194,6 +193,7 @@ def run_distill(cfg: dict, out: str | None, resume: bool = False) -> list:
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    from ..train.config import DistillerConfig  # noqa: PLC0415
     from ..train.distiller import Distiller  # noqa: PLC0415
 
     out = out or cfg.get("out")
@@ -222,14 +222,15 @@ def run_distill(cfg: dict, out: str | None, resume: bool = False) -> list:
         evald = evald(**data_kwargs) if callable(evald) else evald
     tr = dict(cfg.get("train", {}))
     epochs = int(tr.pop("epochs", 1))
+    options = DistillerConfig(**cfg.get("loss", {}), **tr, run_dir=out,
+                              config={k: v for k, v in cfg.items() if k != "out"})  # the run's identity
     try:
-        per_epoch = math.ceil(len(train) / int(tr.get("accumulation_steps", 1)))
+        per_epoch = math.ceil(len(train) / options.accumulation_steps)
     except TypeError:
         per_epoch = None
     total = per_epoch * epochs if per_epoch is not None else None
-    config_id = {k: v for k, v in cfg.items() if k != "out"}
     d = Distiller(teacher, student, _optimizer_factory(cfg), scheduler=_scheduler_factory(cfg, total),
-                  run_dir=out, config=config_id, **cfg.get("loss", {}), **tr)
+                  options=options)
     history = d.fit(train, epochs=epochs, eval_loader=evald, resume=resume)
     print(f"run folder: {out} (step {d.state.step}, {d.state.skipped} skipped step(s))")
     if history:
@@ -259,15 +260,12 @@ def _load_weights(model, path, what):
 
 
 def run_resume(run_dir: str) -> list:
-    from ..train.checkpoint import CheckpointError  # noqa: PLC0415
+    from ..train.run_dir import RunFolder  # noqa: PLC0415
 
-    meta = Path(run_dir) / "run.json"
-    if not meta.is_file():
+    meta = RunFolder(run_dir).read_meta()
+    if meta is None:
         raise ConfigError(f"{run_dir} is not a fastkd run folder (no run.json)")
-    try:
-        cfg = json.loads(meta.read_text())["fingerprint"]["config"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{meta} is unreadable ({exc})") from exc
+    cfg = (meta.get("fingerprint") or {}).get("config") or {}
     if "teacher" not in cfg or "_base_dir" not in cfg:
         raise ConfigError(f"{run_dir} was not started by `fastkd distill`; resume it from Python "
                           "(Distiller.fit(..., resume=True))")
@@ -339,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from ..train.checkpoint import CheckpointError  # noqa: PLC0415
-    from ..train.distiller import RunDirError  # noqa: PLC0415
+    from ..train.run_dir import RunDirError  # noqa: PLC0415
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..train.distiller import Distiller, RunDirError
+from ..train.distiller import Distiller
+from ..train.run_dir import refuse_non_empty
 
 __all__ = ["DemoConfig", "run_demo", "load_digits_split", "mlp"]
 
@@ -112,8 +113,7 @@ def _params(model: nn.Module) -> int:
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} exists and is not empty: choose another --out (nothing was overwritten)")
+    refuse_non_empty(out, ": choose another --out (nothing was overwritten)")
     if cfg.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     if cfg.threads:
