@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..train.distiller import Distiller, RunDirError
+from ..train.distiller import Distiller
+from ..train.run_dir import refuse_non_empty
 from .common import tensor_batches, write_report
 
 __all__ = ["LMDemoConfig", "ByteLM", "load_stdlib_text", "run_lm_demo", "PAD", "VOCAB"]
@@ -140,8 +141,7 @@ def _fit(name, out, teacher, student, train, val, epochs, cfg, **loss):
 
 def run_lm_demo(cfg: LMDemoConfig) -> dict:
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} exists and is not empty: choose another --out (nothing was overwritten)")
+    refuse_non_empty(out, ": choose another --out (nothing was overwritten)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_docs, val_docs = load_stdlib_text(cfg.train_bytes, cfg.val_bytes)

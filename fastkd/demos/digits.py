@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..train.distiller import Distiller, RunDirError
+from ..train.distiller import Distiller
+from ..train.run_dir import refuse_non_empty
 from .common import tensor_batches, write_report
 
 __all__ = ["DemoConfig", "run_demo", "load_digits_split", "mlp"]
@@ -166,8 +167,7 @@ def _seed_runs(cfg: DemoConfig, out: Path, data):
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} exists and is not empty: choose another --out (nothing was overwritten)")
+    refuse_non_empty(out, ": choose another --out (nothing was overwritten)")
     if cfg.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     if cfg.workers < 0:

@@ -1,7 +1,20 @@
-"""``fastkd.Distiller`` and its parts: the training loop (distiller.py), checkpoints (checkpoint.py)
-and the hyper-parameter schedules (schedules.py). The trainer is built on the public ops
-(``fastkd.ops``), not on the ``fastkd`` package namespace."""
+"""``fastkd.Distiller`` and its parts, one job each:
 
-from .distiller import Callback, Distiller, RunDirError, TrainState
+    distiller.py    the training loop (Distiller, Callback, TrainState)
+    config.py       DistillerConfig: the options (names, types, defaults, checks, docs), in one place
+    run_dir.py      the run folder: run.json, the run's fingerprint, the "holds another run" check
+    metrics.py      metrics.csv, eval.csv, TensorBoard, the progress bar
+    checkpoint.py   checkpoint files (atomic writes, checked reads) and RNG state
+    schedules.py    schedules of the temperature and the loss weights
+    batches.py      batches and model outputs: splitting, moving to the device, windows
+    stats.py        named sums on the device (one all_reduce, one host read)
+    distributed.py  rank, world size and the object collectives
+    optimizers.py   optimizers by name
 
-__all__ = ["Distiller", "Callback", "RunDirError", "TrainState"]
+The trainer is built on the public ops (``fastkd.ops``), not on the ``fastkd`` package namespace."""
+
+from .config import DistillerConfig
+from .distiller import Callback, Distiller, TrainState
+from .run_dir import RunDirError
+
+__all__ = ["Distiller", "DistillerConfig", "Callback", "RunDirError", "TrainState"]

@@ -19,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from .._suggest import did_you_mean
+
 __all__ = ["Schedule", "Constant", "Linear", "Cosine", "Lambda", "as_schedule", "SCHEDULES"]
 
 
@@ -122,11 +124,8 @@ def as_schedule(spec, name: str = "value") -> Schedule:
         spec = dict(spec)
         kind = spec.pop("schedule", None)
         if kind not in SCHEDULES:
-            from difflib import get_close_matches  # noqa: PLC0415
-
-            close = get_close_matches(str(kind), SCHEDULES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{name}: unknown schedule {kind!r}{hint}; use one of {sorted(SCHEDULES)}")
+            raise ValueError(f"{name}: unknown schedule {kind!r}{did_you_mean(str(kind), SCHEDULES)}; use one of "
+                             f"{sorted(SCHEDULES)}")
         cls = SCHEDULES[kind]
         fields = ("value",) if cls is Constant else ("start", "end", "steps", "warmup")
         unknown = sorted(set(spec) - set(fields))

@@ -1,0 +1,106 @@
+"""The ``fastkd`` commands: argument parsing and ``main`` (the console script; also ``python -m fastkd``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .._suggest import did_you_mean
+from .config import ConfigError, load_config
+from .distill import run_distill, run_resume
+
+__all__ = ["main"]
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
+    from ..demos.digits import DemoConfig  # noqa: PLC0415  (dataclass only; no sklearn import)
+    from ..demos.byte_lm import LMDemoConfig  # noqa: PLC0415
+
+    # allow_abbrev=False: a mistyped option is an error with a suggestion, never silently another option.
+    p = argparse.ArgumentParser(prog="fastkd", description="Knowledge distillation with fused PyTorch ops.",
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subs = {}
+
+    def from_dataclass(sp, cls, help_):
+        for name, f in cls.__dataclass_fields__.items():
+            flag = "--" + name.replace("_", "-")
+            if name == "out":
+                sp.add_argument(flag, default=None, help="run folder (default: runs/<command>-<time>)")
+            else:
+                sp.add_argument(flag, type=type(f.default), default=f.default, help=f"{help_.get(name, '')} "
+                                f"(default: {f.default})".strip())
+
+    demo = sub.add_parser("demo", allow_abbrev=False,
+                          help="digits: teacher vs student from scratch vs distilled student")
+    from_dataclass(demo, DemoConfig, {"seeds": "seeds (teacher, scratch and distilled student each)",
+                                      "threads": "torch threads per process; 0 = torch's default",
+                                      "workers": "processes the seeds run in; 0 = one per CPU core"})
+    subs["demo"] = demo
+    lm = sub.add_parser("lm-demo", allow_abbrev=False,
+                        help="token-level: distil a byte-level transformer LM (stdlib sources)")
+    from_dataclass(lm, LMDemoConfig, {})
+    subs["lm-demo"] = lm
+    dist = sub.add_parser("distill", allow_abbrev=False,
+                          help="distil your own teacher into your student (TOML config)")
+    dist.add_argument("--config", required=True, help="TOML file (see the README, section fastkd distill)")
+    dist.add_argument("--out", default=None, help="run folder (overrides `out` in the config)")
+    subs["distill"] = dist
+    res = sub.add_parser("resume", allow_abbrev=False,
+                         help="continue a `fastkd distill` run from its last checkpoint")
+    res.add_argument("run_dir", help="the run folder")
+    subs["resume"] = res
+    return p, subs
+
+
+def _unknown_option_error(parser, subs, argv, unknown) -> str:
+    command = next((a for a in argv if a in subs), None)
+    options = [o for a in (subs[command] if command else parser)._actions for o in a.option_strings]
+    flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if flags:
+        msgs = [f"unknown option {f!r}{did_you_mean(f, options)}" for f in flags]
+    else:
+        msgs = [f"unexpected argument {u!r}" for u in unknown]
+    return "; ".join(msgs) + f". See `fastkd {command or ''} --help`.".replace("  ", " ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subs = _parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in subs:
+        print(f"fastkd: error: unknown command {argv[0]!r}{did_you_mean(argv[0], subs)}; commands: "
+              f"{', '.join(subs)}", file=sys.stderr)
+        return 2
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(f"fastkd: error: {_unknown_option_error(parser, subs, argv, unknown)}", file=sys.stderr)
+        return 2
+
+    from ..train.checkpoint import CheckpointError  # noqa: PLC0415
+    from ..train.run_dir import RunDirError  # noqa: PLC0415
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        if args.command in ("demo", "lm-demo"):
+            from dataclasses import fields  # noqa: PLC0415
+
+            if args.command == "demo":
+                from ..demos.digits import DemoConfig as C, run_demo as run  # noqa: PLC0415
+            else:
+                from ..demos.byte_lm import LMDemoConfig as C, run_lm_demo as run  # noqa: PLC0415
+            values = {f.name: getattr(args, f.name) for f in fields(C)}
+            values["out"] = values["out"] or f"runs/{args.command}-{stamp}"
+            run(C(**values))
+        elif args.command == "distill":
+            run_distill(load_config(args.config), args.out)
+        elif args.command == "resume":
+            run_resume(args.run_dir)
+    except (ConfigError, RunDirError, CheckpointError, ValueError) as exc:
+        print(f"fastkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastkd: interrupted; the last checkpoint is intact (continue with `fastkd resume RUN_DIR`)",
+              file=sys.stderr)
+        return 130
+    return 0
