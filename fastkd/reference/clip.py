@@ -42,14 +42,15 @@ def grad_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
 
 def _pairwise_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of ``x``'s elements as a 0-d tensor, by a fixed pairwise tree of elementwise additions
-    (neighbours added level by level; an odd last element joins the last pair). Elementwise IEEE
-    additions round the same way on every thread count and every CPU, so the same input gives the
-    same bits everywhere; the error grows as log2(n), as in a cascade sum. About two passes of work."""
+    (the first half plus the second, level by level; an odd last element joins the last pair).
+    Elementwise IEEE additions round the same way on every thread count and every CPU, so the same
+    input gives the same bits everywhere; the error grows as log2(n), as in a cascade sum. It costs
+    about five times torch.sum (10M fp32 elements: ~9 ms against ~2 ms), in the fallback only."""
     x = x.reshape(-1)
     while x.numel() > 1:
         n = x.numel()
-        even = n - n % 2
-        y = x[0:even:2] + x[1:even:2]
+        half = n // 2
+        y = x[:half] + x[half:2 * half]
         if n % 2:
             y[-1] += x[-1]
         x = y
