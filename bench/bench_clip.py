@@ -102,7 +102,7 @@ def run(device, repeats, cases, info, ceiling, out):
                         "fastkd_speedup": med / results["fastkd"][0], "copy_gbps": ceiling, **info,
                     })
                 common.write_csv(out, rows)  # after every case: a run cut short keeps what it measured
-            del params, grads
+            params = grads = None  # freed before the next case allocates its own
     return rows
 
 

@@ -1,5 +1,8 @@
 """fastkd: fused knowledge-distillation loss and gradient clipping for PyTorch."""
 
+from . import reference
+from ._extension import backend, empty_cache, extension_error, kernel_info
+from ._version import version as _version
 from .ops.clip import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -10,10 +13,6 @@ from .ops.clip import (
     step_if_finite,
 )
 from .ops.kd import KDLoss, kd_loss
-from ._extension import backend, empty_cache, extension_error, kernel_info  # after the ops: their schemas first
-from . import reference
-
-from ._version import version as _version
 
 __version__ = _version()
 

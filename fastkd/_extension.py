@@ -2,8 +2,7 @@
 
 ``fastkd._C`` registers ``CPU`` and ``CUDA`` kernels of the ops whose schemas ``fastkd/ops/`` defines
 (TORCH_LIBRARY_IMPL in csrc/), which the dispatcher then prefers over the pure-PyTorch fallbacks.
-Callers never branch on whether the extension is there. ``fastkd/__init__.py`` imports this module
-after the ops, so the schemas exist before the compiled kernels are attached to them.
+Callers never branch on whether the extension is there.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import warnings
 import torch
 
 from . import _env
+from . import ops as _ops  # noqa: F401  (the schemas exist before the compiled kernels attach to them)
 
 __all__ = ["backend", "extension_error", "empty_cache", "kernel_info"]
 

@@ -1,7 +1,8 @@
 """The package's version, from its one source (pyproject.toml, through the installed metadata)."""
 
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version as _metadata_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _metadata_version
 
 
 @lru_cache(maxsize=1)

@@ -14,8 +14,8 @@ __all__ = ["main"]
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
-    from ..demos.digits import DemoConfig  # noqa: PLC0415  (dataclass only; no sklearn import)
     from ..demos.byte_lm import LMDemoConfig  # noqa: PLC0415
+    from ..demos.digits import DemoConfig  # noqa: PLC0415  (dataclass only; no sklearn import)
 
     # allow_abbrev=False: a mistyped option is an error with a suggestion, never silently another option.
     p = argparse.ArgumentParser(prog="fastkd", description="Knowledge distillation with fused PyTorch ops.",
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import fields  # noqa: PLC0415
 
             if args.command == "demo":
-                from ..demos.digits import DemoConfig as C, run_demo as run  # noqa: PLC0415
+                from ..demos.digits import DemoConfig as C, run_demo as run  # noqa: I001, PLC0415  (the demo's packages only when it runs)
             else:
-                from ..demos.byte_lm import LMDemoConfig as C, run_lm_demo as run  # noqa: PLC0415
+                from ..demos.byte_lm import LMDemoConfig as C, run_lm_demo as run  # noqa: I001, PLC0415
             values = {f.name: getattr(args, f.name) for f in fields(C)}
             values["out"] = values["out"] or f"runs/{args.command}-{stamp}"
             run(C(**values))

@@ -183,7 +183,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     results: dict[str, list[dict]] = {"teacher": [], "scratch": [], "distilled": []}
     curves: dict[str, list[list[dict]]] = {k: [] for k in results}
     data = (full, test, subset)
-    for seed_results, seed_curves, sizes, line in _seed_runs(cfg, out, data):
+    sizes: dict[str, int] = {}  # parameters per model: the same for every seed
+    for seed_results, seed_curves, seed_sizes, line in _seed_runs(cfg, out, data):
+        sizes = seed_sizes
         print(line, flush=True)
         for name in results:
             results[name].append(seed_results[name])

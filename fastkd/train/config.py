@@ -19,9 +19,10 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 
@@ -38,7 +39,7 @@ PRECISIONS = tuple(_AMP_DTYPES)
 _LOWER_IS_BETTER = ("loss", "ce", "ppl", "perplexity")
 
 # A number, a {schedule = ...} table, a fastkd.schedules.Schedule or f(step) -> float.
-ScheduleSpec = Union[float, dict, Schedule, Callable[[int], float]]
+ScheduleSpec = float | dict | Schedule | Callable[[int], float]
 
 
 def _option(default, doc: str, *, section: str | None = None, identity: bool = False, schedule: bool = False):

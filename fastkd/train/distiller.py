@@ -28,9 +28,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,15 @@ from torch import nn
 from ..ops.clip import clip_grad_norm_, clip_grad_value_
 from ..ops.kd import kd_loss
 from .batches import logits_of, split_batch, to_device, valid_rows, windows
-from .checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from .config import OPTION_NAMES, PRECISIONS, DistillerConfig, options_doc, resolve_options
 from .distributed import broadcast_object, gather_object, rank_and_world_size
 from .metrics import MetricsLog, progress_bar
@@ -54,10 +63,10 @@ log = logging.getLogger("fastkd.train")
 class Callback:
     """Hooks called on every rank; override what you need. Set ``distiller.should_stop = True`` to stop."""
 
-    def on_step_end(self, distiller: "Distiller", logs: dict) -> None:
+    def on_step_end(self, distiller: Distiller, logs: dict) -> None:
         """After every optimizer step (``logs``: step, epoch, skipped, and the log values on log steps)."""
 
-    def on_eval_end(self, distiller: "Distiller", metrics: dict) -> None:
+    def on_eval_end(self, distiller: Distiller, metrics: dict) -> None:
         """After every evaluation in ``fit`` (``metrics``: what ``evaluate`` returned, plus step/epoch)."""
 
 

@@ -16,8 +16,8 @@ tensor (and no host synchronisation) is involved.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from .._suggest import did_you_mean
 
@@ -32,7 +32,7 @@ class Schedule:
     def __call__(self, step: int) -> float:
         raise NotImplementedError
 
-    def with_total_steps(self, total: int) -> "Schedule":
+    def with_total_steps(self, total: int) -> Schedule:
         """Return the schedule with ``steps`` filled in where it was left open."""
         return self
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastkd.cli import main
+from fastkd.train.distiller import Distiller
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,8 +138,6 @@ def test_resume_after_interruption(project, tmp_path, monkeypatch):
     ref = tmp_path / "ref"
     assert main(["distill", "--config", str(cfg), "--out", str(ref)]) == 0
     run = tmp_path / "run"
-    from fastkd.train.distiller import Distiller
-
     real = Distiller._run_epoch
 
     def interrupted(self, loader, n):

@@ -7,11 +7,13 @@ Replicate placements on a 1-D mesh), and FSDP2 ``fully_shard``.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import fastkd
 from fastkd import reference
@@ -66,8 +68,6 @@ def _check_process_group(rank):
 
 
 def _check_dtensor(rank):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
     for norm_type in (2.0, INF, 1.0):
@@ -93,8 +93,6 @@ def _check_dtensor(rank):
 
 
 def _check_fsdp2(rank):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     def model():
         torch.manual_seed(0)

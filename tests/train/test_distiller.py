@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastkd
 from fastkd.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from fastkd.train.schedules import Constant, Cosine, Linear, as_schedule
 from fastkd.train.distiller import Callback, Distiller, RunDirError
+from fastkd.train.schedules import Constant, Cosine, Linear, as_schedule
 
 IGNORE = -100
 

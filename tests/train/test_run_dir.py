@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastkd.train.schedules import Linear
 from fastkd.train.distiller import Distiller
 from fastkd.train.run_dir import RunDirError, RunFolder, refuse_non_empty
+from fastkd.train.schedules import Linear
 
 
 def _distiller(**kw):
