@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	rm -f $(VENV)/.fastkd-deps-* && touch $@
 
-# Incremental (ninja keeps its objects in build/); compiles csrc/*.cu too when torch has CUDA.
+# Incremental (ninja keeps its objects in build/); compiles csrc/**/*.cu too when torch has CUDA.
 build: $(STAMP)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "kd_loss_cpu.h"
+#include "cpu_isa/kernel_table.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_backends", [] {

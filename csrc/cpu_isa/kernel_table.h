@@ -11,7 +11,7 @@
 
 #include <string>
 
-#include "kd_loss.h"
+#include "kd_loss/kd_loss.h"
 
 namespace fastkd {
 

@@ -1,12 +1,12 @@
 // CUDA kernels of gradient clipping (ops fastkd::grad_norm, scale_grads_, clamp_grads_; schemas in
-// fastkd/ops/clip.py). One call = one multi-tensor launch (csrc/multi_tensor.cuh) over every gradient of
+// fastkd/ops/clip.py). One call = one multi-tensor launch (csrc/common/multi_tensor.cuh) over every gradient of
 // one dtype on one device, plus the non-blocking upload of its table.
 //
 // grad_norm: block b reduces chunk b into partials[b] (fp32; fp64 for fp64 gradients) with a fixed
 //   shuffle tree; the last block to finish (atomic ticket) combines the partials in index order in
 //   double and writes the root. No atomics on values -> the same input gives the bit-identical norm.
 // scale_grads_: every block computes the coefficient from the 0-d norm in device memory (the same
-//   clip_coefficient as the CPU kernel, csrc/clip.h) and returns at once when it is >= 1.
+//   clip_coefficient as the CPU kernel, csrc/clip/clip.h) and returns at once when it is >= 1.
 // All passes stream the gradients once: the bound is HBM bandwidth.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,9 +17,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "clip.h"
-#include "common.h"
-#include "multi_tensor.cuh"
+#include "clip/clip.h"
+#include "common/common.h"
+#include "common/multi_tensor.cuh"
 
 namespace fastkd {
 namespace {

@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "host_device.h"
+#include "common/host_device.h"
 
 #if !defined(__CUDACC__)
 #include <ATen/cpu/vec/vec.h>

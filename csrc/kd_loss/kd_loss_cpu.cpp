@@ -1,5 +1,5 @@
 // The CPU ops of the fused KD loss: argument handling, the gradient buffer, the choice of the row
-// kernel's instruction set (kd_loss_cpu.h) and the in-place backward scale. The row kernels
+// kernel's instruction set (csrc/cpu_isa/kernel_table.h) and the in-place backward scale. The row kernels
 // themselves are kd_loss_cpu_kernel.h.
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -14,8 +14,8 @@
 #include <string>
 #include <type_traits>
 
-#include "kd_loss_cpu.h"
-#include "kd_loss_cpu_kernel.h"
+#include "cpu_isa/kernel_table.h"
+#include "kd_loss/kd_loss_cpu_kernel.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>

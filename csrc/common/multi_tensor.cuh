@@ -19,7 +19,7 @@
 #include <cstring>
 #include <vector>
 
-#include "common.h"
+#include "common/common.h"
 
 namespace fastkd {
 namespace mt {

@@ -54,7 +54,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "kd_loss.h"
+#include "kd_loss/kd_loss.h"
 
 namespace fastkd {
 namespace {

@@ -17,8 +17,8 @@
 #include <tuple>
 #include <vector>
 
-#include "common.h"
-#include "kd_loss_math.h"
+#include "common/common.h"
+#include "kd_loss/kd_loss_math.h"
 
 namespace fastkd {
 

@@ -1,7 +1,7 @@
 // The CPU row kernels of the fused KD loss, compiled once per instruction set: kd_loss_cpu.cpp
 // includes this file with the extension's flags (AVX2, or the portable DEFAULT), and
-// csrc/avx512/kd_loss_cpu_avx512.cpp with AVX-512 flags into the separate module fastkd._C_avx512,
-// which fastkd/_extension.py installs when torch itself runs AVX-512 kernels (see kd_loss_cpu.h).
+// csrc/kd_loss/kd_loss_cpu_avx512.cpp with AVX-512 flags into the separate module fastkd._C_avx512,
+// which fastkd/_extension.py installs when torch itself runs AVX-512 kernels (see csrc/cpu_isa/kernel_table.h).
 // Everything is in namespace fastkd::<CPU_CAPABILITY> so the copies never share a symbol.
 //
 // Rows run in parallel (at::parallel_for); the vocabulary is processed in chunks that stay in L1,
@@ -33,7 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "kd_loss.h"
+#include "kd_loss/kd_loss.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -519,7 +519,7 @@ void kd_rows_typed(const KdLossArgs& a, float w, float* row_losses, S* grad, boo
 
 }  // namespace
 
-// The entry point of this instruction set's copy (declared in kd_loss_cpu.h).
+// The entry point of this instruction set's copy (declared in csrc/cpu_isa/kernel_table.h).
 void kd_rows(const KdLossArgs& a, float w, float* row_losses, void* grad, bool stream) {
   FKD_DISPATCH_FLOATING(a.student.scalar_type(), "kd_loss_cpu", [&] {
     using S = scalar_t;
