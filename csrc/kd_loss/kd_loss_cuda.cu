@@ -51,15 +51,15 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
+#include "common/reduce.cuh"
+#include "common/vec_pack.cuh"
 #include "kd_loss/kd_loss.h"
 
 namespace fastkd {
 namespace {
 
-constexpr int kWarpSize = 32;
 // Registers: the row kernels need ~100-128 registers per thread without spilling (two packs of
 // 8 elements in flight, each entry with its exps and log-probabilities); at 64 registers (1024
 // threads per SM) ptxas spilled 150-900 bytes per thread. So a block has at most 512 threads
@@ -76,43 +76,11 @@ constexpr int kBatchElems = 16;          // elements loaded per thread before an
 constexpr int kScaleMaxThreads = 512;
 constexpr int kScaleUnroll = 4;
 
-// ---- packs: 16-byte (or 8-byte) vector loads and stores -------------------------------------------
-template <typename X, int N>
-struct alignas(sizeof(X) * N) Pack {
-  X v[N];
-};
-
+// ---- packs (common/vec_pack.cuh): 16-byte (or 8-byte) vector loads and stores ----------------------
 // Elements per pack: 16 bytes of the wider logit dtype.
 template <typename S, typename T>
 constexpr int pack_elems() {
   return 16 / static_cast<int>(sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
-}
-
-template <int Bytes> struct RawOf;
-template <> struct RawOf<16> { using type = int4; };
-template <> struct RawOf<8> { using type = int2; };
-template <> struct RawOf<4> { using type = int; };
-
-// Keep: the data is read again (L1/L2 allocate normally). Last: the element's last read from global
-// memory (evict-first, so it does not displace lines still waiting for their re-read).
-enum class Hint { Keep, Last };
-
-template <Hint H, typename X, int N>
-__device__ __forceinline__ Pack<X, N> load_pack(const X* p) {
-  using R = typename RawOf<sizeof(X) * N>::type;
-  const R* rp = reinterpret_cast<const R*>(p);
-  const R r = H == Hint::Last ? __ldcs(rp) : __ldg(rp);
-  Pack<X, N> out;
-  memcpy(&out, &r, sizeof(R));
-  return out;
-}
-
-template <typename X, int N>
-__device__ __forceinline__ void store_pack(X* p, const Pack<X, N>& v) {  // streaming: never re-read here
-  using R = typename RawOf<sizeof(X) * N>::type;
-  R r;
-  memcpy(&r, &v, sizeof(R));
-  __stcs(reinterpret_cast<R*>(p), r);
 }
 
 template <typename X>
@@ -169,7 +137,7 @@ __device__ __forceinline__ void for_packs(int begin, int end, int rank, int size
   }
 }
 
-// ---- group reductions (fixed order: deterministic) -------------------------------------------------
+// ---- group reductions (common/reduce.cuh; fixed order: deterministic) ------------------------------
 struct Stats {  // online log-sum-exp of a = s/T, b = t/T, and s (T = 1, only with separate_lse1)
   LseState a, b, c;
 };
@@ -182,47 +150,27 @@ __device__ __forceinline__ Stats merge(const Stats& x, const Stats& y) {
 }
 __device__ __forceinline__ Sums merge(const Sums& x, const Sums& y) { return {x.d + y.d, x.aux + y.aux}; }
 
-__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+using fastkd::shfl_xor;  // float (common/reduce.cuh), which the overloads below would hide
 __device__ __forceinline__ LseState shfl_xor(LseState v, int m) { return {shfl_xor(v.m, m), shfl_xor(v.s, m)}; }
 __device__ __forceinline__ Stats shfl_xor(const Stats& v, int m) {
   return {shfl_xor(v.a, m), shfl_xor(v.b, m), shfl_xor(v.c, m)};
 }
 __device__ __forceinline__ Sums shfl_xor(const Sums& v, int m) { return {shfl_xor(v.d, m), shfl_xor(v.aux, m)}; }
 
-// Butterfly: every lane ends with the same value (merge is commutative, so the two lanes of each
-// exchange compute the same bits).
-template <typename X>
-__device__ __forceinline__ X warp_allreduce(X v) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = merge(v, shfl_xor(v, m));
-  return v;
-}
+struct Merge {
+  template <typename X>
+  __device__ __forceinline__ X operator()(const X& x, const X& y) const { return merge(x, y); }
+};
 
-// Block-wide: warps reduce, warp 0 reduces the warps' partials (identity-padded), broadcast through
-// sm[kWarpSize]. sm: [kWarpSize + 1] in shared memory, one array per value type.
-template <typename X>
-__device__ __forceinline__ X block_allreduce(X v, X* sm, const X& identity) {
-  v = warp_allreduce(v);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int nwarps = blockDim.x / kWarpSize;
-  if (lane == 0) sm[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    X x = lane < nwarps ? sm[lane] : identity;
-    x = warp_allreduce(x);
-    if (lane == 0) sm[kWarpSize] = x;
-  }
-  __syncthreads();
-  return sm[kWarpSize];  // the next reduction writes sm[] only after its own __syncthreads
-}
-
+// sm: [kWarpSize + 1] in shared memory, one array per value type: a row's reductions alternate
+// between the Stats and the Sums arrays, so each array's next use comes after the other's barriers.
 template <bool kWarpGroup, typename X>
 __device__ __forceinline__ X group_allreduce(const X& v, X* sm, const X& identity) {
   if constexpr (kWarpGroup) {
     (void)sm; (void)identity;
-    return warp_allreduce(v);
+    return warp_allreduce(v, Merge{});
   } else {
-    return block_allreduce(v, sm, identity);
+    return block_allreduce(v, Merge{}, identity, sm);
   }
 }
 
