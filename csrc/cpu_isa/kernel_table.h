@@ -1,44 +1,52 @@
-// The CPU row kernel of the fused KD loss exists once per instruction set (kd_loss_cpu_kernel.h):
-// fastkd._C carries the AVX2 (or portable) copy, the optional module fastkd._C_avx512 the AVX-512
-// copy. fastkd/_extension.py hands the AVX-512 table to fastkd._C (install_cpu_kernels) when torch's own
-// CPU capability is AVX512, so fastkd follows torch's choice, ATEN_CPU_CAPABILITY included.
+// CPU kernels that exist once per instruction set, and the table through which fastkd._C calls
+// the copy in use.
 //
-// The table crosses the module boundary in a PyCapsule named kCpuKernelCapsule; both modules are
-// built from the same sources in one build, and the ABI number guards against a stale module.
+// fastkd._C carries the copies compiled with its own flags (AVX2, or the portable DEFAULT build);
+// the optional module fastkd._C_avx512 carries AVX-512 copies (every csrc/**/*_avx512.cpp, built
+// with -mavx512* flags; cpu_isa/module_avx512.cpp is the module itself). fastkd/_extension.py hands
+// that module's table to fastkd._C (install_cpu_kernels, cpu_isa/capsule.h) when torch's own CPU
+// capability is AVX512, so fastkd follows torch's choice, ATEN_CPU_CAPABILITY included. An op calls
+// its per-ISA kernel through cpu_kernels(), never through an ISA namespace directly.
+//
+// A new op's per-ISA CPU kernel joins the table with:
+//   * a field below (its entry point's type) and kCpuKernelAbi + 1;
+//   * its entry point declared in namespace CPU_CAPABILITY below and listed in isa_kernel_table();
+//   * the kernel (a header defining the entry point in namespace fastkd::CPU_CAPABILITY) included by
+//     one .cpp of fastkd._C and by one <op>/<op>_cpu_avx512.cpp of fastkd._C_avx512.
 #pragma once
-
-#include <Python.h>
 
 #include <string>
 
-#include "kd_loss/kd_loss.h"
-
 namespace fastkd {
 
-// Writes the per-row losses and, when grad != nullptr, the gradient (the student's dtype, contiguous
-// [rows, vocab]); `stream`: non-temporal stores for the gradient.
-using KdRowsFn = void (*)(const KdLossArgs& a, float w, float* row_losses, void* grad, bool stream);
+struct KdRowsArgs;  // kd_loss/kd_rows.h
 
 struct CpuKernelTable {
   int abi;          // kCpuKernelAbi of the module that filled it
   const char* isa;  // "avx512", "avx2" or "default"
-  KdRowsFn kd_rows;
+  // The KD-loss row kernel (kd_loss/kd_loss_cpu_kernel.h), behind kd_rows_cpu (kd_loss/kd_rows.h).
+  void (*kd_rows)(const KdRowsArgs& a, float row_weight, bool stream);
 };
 
-constexpr int kCpuKernelAbi = 1;
-constexpr const char* kCpuKernelCapsule = "fastkd.cpu_kernel_table";
+// Raise on every change of CpuKernelTable or of an argument struct its entries take: both modules
+// come from one build, and install_cpu_kernels refuses a table from a stale module.
+constexpr int kCpuKernelAbi = 2;
 
-// fastkd._C: use the table in `capsule` from now on (checks its ABI and, for AVX-512, the CPU).
-void install_cpu_kernels(PyObject* capsule);
-// The instruction set of the row kernel in use: "avx512", "avx2" or "default".
+#if defined(CPU_CAPABILITY)  // C++ translation units: setup.py passes the ISA of each module
+namespace CPU_CAPABILITY {
+
+// This instruction set's copies of the entry points, defined by the kernel headers.
+void kd_rows(const KdRowsArgs& a, float row_weight, bool stream);
+
+// The table of this translation unit's instruction set, named `isa`.
+constexpr CpuKernelTable isa_kernel_table(const char* isa) { return {kCpuKernelAbi, isa, &kd_rows}; }
+
+}  // namespace CPU_CAPABILITY
+#endif
+
+// fastkd._C: the table in use -- its own until install_cpu_kernels() hands over another.
+const CpuKernelTable& cpu_kernels();
+// The instruction set of the table in use: "avx512", "avx2" or "default".
 std::string cpu_kernel_isa();
-// fastkd._C's own table (AVX2 or portable), e.g. to go back to it.
-PyObject* own_cpu_kernel_table();
-
-// The cache of freed CPU gradient buffers (kd_loss_cpu.cpp): free it (returns the bytes freed), its size,
-// and turn it on or off (off: new gradients come from torch's allocator; what is cached stays until freed).
-size_t empty_cpu_grad_cache();
-void set_cpu_grad_cache(bool enabled);
-size_t cpu_grad_cache_bytes();
 
 }  // namespace fastkd

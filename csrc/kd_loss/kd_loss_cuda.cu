@@ -1,6 +1,7 @@
 // CUDA kernels of the fused KD loss (kd_loss_fwd) and of its backward scaling (kd_loss_scale_).
 // The per-element maths is kd_loss_math.h (with V = float), shared with the CPU kernel, so the CPU
-// tests exercise the formulas the GPU runs; the host-side argument handling is kd_loss.h.
+// tests exercise the formulas the GPU runs; the host-side argument handling is kd_loss.h; the row
+// kernel's launcher kd_rows_cuda is the internal API of kd_rows.h, which kd_loss_fwd calls too.
 //
 // One row is processed by a group of threads: a whole block (vocab > kWarpRowMaxVocab) or one warp
 // (small vocabularies, kWarpKernelThreads / 32 rows per block). Like the CPU kernel, a row takes two
@@ -225,7 +226,8 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
                    const int64_t* __restrict__ labels,  // [rows] or nullptr
                    const float* __restrict__ weight,    // [] the reduction weight w of a valid row
                    float* __restrict__ row_losses,      // [rows] out
-                   S* __restrict__ grad,                // [rows, vocab] out (contiguous), or nullptr
+                   S* __restrict__ grad,                // [rows, grad_stride] out, or nullptr
+                   int64_t grad_stride,
                    int64_t rows, int vocab, KdParams p,
                    int cache_packs) {                   // packs per row kept in shared memory
   constexpr int N = pack_elems<S, T>();
@@ -257,7 +259,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
   for (int64_t r = grp.id; r < rows; r += grp.count) {
     const S* s = student + r * student_stride;
     const T* t = teacher + r * teacher_stride;
-    S* g = grad != nullptr ? grad + r * static_cast<int64_t>(vocab) : nullptr;
+    S* g = grad != nullptr ? grad + r * grad_stride : nullptr;
     const RowLayout L = row_layout<N>(s, t, g, vocab);
     const int n_scalar = L.head + (vocab - L.tail);
     const auto scalar_idx = [&](int i) { return i < L.head ? i : L.tail + (i - L.head); };
@@ -448,20 +450,21 @@ int static_smem_bytes(K kernel) {
 }
 
 template <Divergence D, typename S, typename T>
-void launch_kd_loss_fwd(const KdLossArgs& a, const float* weight, float* row_losses, S* grad) {
-  const S* s = a.student.data_ptr<S>();
-  const T* t = a.teacher.data_ptr<T>();
-  const int64_t* labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+void launch_kd_loss_fwd(const KdRowsArgs& a, const float* weight, cudaStream_t stream) {
+  const S* s = static_cast<const S*>(a.student);
+  const T* t = static_cast<const T*>(a.teacher);
+  const int64_t* labels = a.labels;
+  float* row_losses = a.row_losses;
+  S* grad = static_cast<S*>(a.grad);
   const int vocab = static_cast<int>(a.vocab);
-  const int64_t ss = a.student.stride(0), ts = a.teacher.stride(0);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride;
 
   if (vocab <= kWarpRowMaxVocab) {
     // Small rows: one warp each. The row is re-read from L1/L2 right after sweep 1 (a few KB per
     // warp, microseconds later), so no shared-memory cache is needed.
     const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kWarpKernelThreads / kWarpSize), INT_MAX);
     kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(
-        s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, 0);
+        s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -498,7 +501,7 @@ void launch_kd_loss_fwd(const KdLossArgs& a, const float* weight, float* row_los
   }
   const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
   kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(
-      s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, cache_packs);
+      s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, cache_packs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -512,6 +515,28 @@ void dispatch_logits(at::ScalarType st, const char* what, F&& f) {
     default: FKD_CHECK(false, what, ": unsupported dtype ", st);
   }
 }
+
+}  // namespace
+
+void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t stream) {
+  check_kd_rows_args(a, /*in_place_ok=*/false);
+  FKD_CHECK(a.vocab <= (int64_t{1} << 30), "kd_rows_cuda: vocabulary of ", a.vocab, " entries (at most 2^30)");
+  FKD_CHECK(row_weight != nullptr, "kd_rows_cuda: null row_weight");
+  if (a.rows == 0) return;
+  dispatch_logits(a.student_dtype, "student_logits", [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_logits(a.teacher_dtype, "teacher_logits", [&](auto t_tag) {
+      using T = decltype(t_tag);
+      switch (a.params.divergence) {
+        case Divergence::KL: return launch_kd_loss_fwd<Divergence::KL, S, T>(a, row_weight, stream);
+        case Divergence::ReverseKL: return launch_kd_loss_fwd<Divergence::ReverseKL, S, T>(a, row_weight, stream);
+        case Divergence::JSD: return launch_kd_loss_fwd<Divergence::JSD, S, T>(a, row_weight, stream);
+      }
+    });
+  });
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                      const std::optional<at::Tensor>& labels, double temperature,
@@ -527,22 +552,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
   const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
   at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
-  if (a.rows > 0) {
-    dispatch_logits(a.student.scalar_type(), "student_logits", [&](auto s_tag) {
-      using S = decltype(s_tag);
-      dispatch_logits(a.teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
-        using T = decltype(t_tag);
-        S* g = with_grad ? grad.data_ptr<S>() : nullptr;
-        const float* w = weight.data_ptr<float>();
-        float* rl = row_losses.data_ptr<float>();
-        switch (a.divergence) {
-          case Divergence::KL: return launch_kd_loss_fwd<Divergence::KL, S, T>(a, w, rl, g);
-          case Divergence::ReverseKL: return launch_kd_loss_fwd<Divergence::ReverseKL, S, T>(a, w, rl, g);
-          case Divergence::JSD: return launch_kd_loss_fwd<Divergence::JSD, S, T>(a, w, rl, g);
-        }
-      });
-    });
-  }
+  kd_rows_cuda(kd_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr),
+               weight.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
   return {reduce_rows(a, row_losses, weight), grad};
 }
