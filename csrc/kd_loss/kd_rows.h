@@ -16,7 +16,8 @@
 //   kd_rows_cuda(a, weight /* device [] */, at::cuda::getCurrentCUDAStream());  // CUDA
 //   GEMMs: grad_input and grad_weight from grad_logits
 //
-// What a call computes, for every row r < rows (a = student / T, b = teacher / T, fp32 maths):
+// What a call computes, for every row r < rows (p_s = softmax(student / T), p_t = softmax(teacher / T),
+// D the divergence of params, fp32 maths whatever the dtypes):
 //   row_losses[r] = soft_weight * T^2 * D(p_t, p_s) + hard_weight * CE(student row, labels[r]),
 //     unweighted (the caller reduces them), 0 for a row whose label is ignore_index;
 //   grad row r    = row_weight * d(row_losses[r]) / d(student row), all zeros for an ignored row,
@@ -28,22 +29,26 @@
 // Memory: row r of a [rows, stride] buffer is the elements [r * stride, r * stride + vocab); the
 // last dimension is contiguous, rows may be padded (stride >= vocab) and the pointers need only the
 // alignment of their element type (vector paths are chosen per row at run time). No (rows x V) memory
-// is allocated: the CPU keeps a per-worker-thread scratch of at most 16 bytes x V (the row's kept
-// exponentials), grown on demand and held for the thread's lifetime; CUDA allocates nothing (it
-// uses dynamic shared memory only).
+// is allocated: the CPU keeps a per-worker-thread scratch of at most 16 bytes x V + 16 KiB (a row's
+// kept exponentials), grown on demand and held for the thread's lifetime; CUDA allocates nothing
+// (it uses dynamic shared memory only).
 //
 // In place: on the CPU the gradient may overwrite the student logits -- grad == student with the
 // same stride and dtype: a row's gradient is written by its last sweep only, after student[label]
 // was read, and that sweep reads each chunk of the student row (if at all) before it writes the
-// chunk's gradient; rows are disjoint and each is processed by one thread. The CUDA kernel cannot do that today (its student and gradient pointers
-// are __restrict__, and with forward KL one thread reads student[label] while others already write
-// the gradient), so kd_rows_cuda rejects it. Any other overlap of grad with either input is
-// rejected by both.
+// chunk's gradient; rows are disjoint and each is processed by one thread. The CUDA kernel cannot
+// do that today (its student and gradient pointers are __restrict__, and with forward KL one thread
+// reads student[label] while others already write the gradient), so kd_rows_cuda rejects it; an
+// in-place caller needs a separate fp32 [chunk, V] gradient buffer there until the kernel changes.
+// Any other overlap of grad with either input is rejected by both.
 //
 // Threads: the CPU entry is reentrant (concurrent calls on disjoint outputs are fine); it runs the
 // rows in parallel with at::parallel_for. The CUDA launcher enqueues its work on `stream` and never
 // synchronises with the host; it uses the current device's properties, so the current device must
-// be the one that holds the buffers (a c10::cuda::CUDAGuard in the caller).
+// be the one that holds the buffers (a c10::cuda::CUDAGuard in the caller). It sets the kernel's
+// dynamic shared-memory limit before each large-row launch (cudaFuncSetAttribute), so concurrent
+// calls from several host threads with different vocabularies can race on that limit today: call
+// it from one host thread at a time.
 #pragma once
 
 #include <c10/core/ScalarType.h>
