@@ -47,7 +47,7 @@ fi
 
 step "build (sm_90)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FASTKD_REQUIRE_CUDA=1
-# fastkd._C (CPU + CUDA sources in parallel), then the one-file module fastkd._C_avx512.
+# fastkd._C (CPU + CUDA sources in parallel), then the module fastkd._C_avx512 (csrc/**/*_avx512.cpp).
 if ! timed 240 $PY setup.py -q build_ext --inplace; then echo "BUILD FAILED"; exit 1; fi
 $PY -c "import fastkd; print('backend cuda:', fastkd.backend('cuda'), '| extension error:', fastkd.extension_error())"
 export FASTKD_REQUIRE_EXTENSION=1

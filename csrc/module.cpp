@@ -5,7 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "kd_loss_cpu.h"
+#include "cpu_isa/capsule.h"
+#include "kd_loss/kd_loss_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_backends", [] {

@@ -1,8 +1,9 @@
 // The CPU row kernels of the fused KD loss, compiled once per instruction set: kd_loss_cpu.cpp
 // includes this file with the extension's flags (AVX2, or the portable DEFAULT), and
-// csrc/avx512/kd_loss_cpu_avx512.cpp with AVX-512 flags into the separate module fastkd._C_avx512,
-// which fastkd/_extension.py installs when torch itself runs AVX-512 kernels (see kd_loss_cpu.h).
-// Everything is in namespace fastkd::<CPU_CAPABILITY> so the copies never share a symbol.
+// kd_loss_cpu_avx512.cpp with AVX-512 flags into the separate module fastkd._C_avx512, which
+// fastkd/_extension.py installs when torch itself runs AVX-512 kernels (cpu_isa/kernel_table.h).
+// Everything is in namespace fastkd::<CPU_CAPABILITY> so the copies never share a symbol; the one
+// entry point, kd_rows(), takes the raw arguments of kd_loss/kd_rows.h.
 //
 // Rows run in parallel (at::parallel_for); the vocabulary is processed in chunks that stay in L1,
 // with at::vec::Vectorized<float> inner loops; the per-element maths is kd_loss_math.h.
@@ -33,7 +34,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "kd_loss.h"
+#include "cpu_isa/kernel_table.h"
+#include "kd_loss/kd_rows.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -491,18 +493,20 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
 }
 
 template <Divergence D, typename S, typename T>
-void kd_rows_typed(const KdLossArgs& a, float w, float* row_losses, S* grad, bool stream) {
-  const S* s = a.student.data_ptr<S>();
-  const T* t = a.teacher.data_ptr<T>();
-  const int64_t ss = a.student.stride(0), ts = a.teacher.stride(0), vocab = a.vocab;
-  const int64_t* labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+void kd_rows_typed(const KdRowsArgs& a, float w, bool stream) {
+  const S* s = static_cast<const S*>(a.student);
+  const T* t = static_cast<const T*>(a.teacher);
+  S* grad = static_cast<S*>(a.grad);
+  float* row_losses = a.row_losses;
+  const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride, vocab = a.vocab;
+  const int64_t* labels = a.labels;
   const KdParams p = a.params;
   const int64_t grain = std::max<int64_t>(1, 32768 / vocab);
   const bool keep = grad != nullptr || D != Divergence::KL;
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     RowScratch& buf = thread_scratch(vocab, keep, p.separate_lse1, D == Divergence::JSD && grad != nullptr);
     for (int64_t r = begin; r < end; ++r) {
-      S* g = grad ? grad + r * vocab : nullptr;
+      S* g = grad ? grad + r * gs : nullptr;
       const int64_t label = labels ? labels[r] : 0;
       if (labels && label == p.ignore_index) {
         row_losses[r] = 0.f;
@@ -519,18 +523,18 @@ void kd_rows_typed(const KdLossArgs& a, float w, float* row_losses, S* grad, boo
 
 }  // namespace
 
-// The entry point of this instruction set's copy (declared in kd_loss_cpu.h).
-void kd_rows(const KdLossArgs& a, float w, float* row_losses, void* grad, bool stream) {
-  FKD_DISPATCH_FLOATING(a.student.scalar_type(), "kd_loss_cpu", [&] {
+// The entry point of this instruction set's copy (declared in cpu_isa/kernel_table.h; callers go
+// through kd_rows_cpu, kd_loss/kd_rows.h, which checks the arguments first).
+void kd_rows(const KdRowsArgs& a, float w, bool stream) {
+  FKD_DISPATCH_FLOATING(a.student_dtype, "kd_loss_cpu", [&] {
     using S = scalar_t;
-    S* g = static_cast<S*>(grad);
-    FKD_DISPATCH_FLOATING(a.teacher.scalar_type(), "kd_loss_cpu", [&] {
+    FKD_DISPATCH_FLOATING(a.teacher_dtype, "kd_loss_cpu", [&] {
       using T = scalar_t;
-      if constexpr (!std::is_same_v<S, double> && !std::is_same_v<T, double>) {  // fp64 arrives as fp32
-        switch (a.divergence) {
-          case Divergence::KL: return kd_rows_typed<Divergence::KL, S, T>(a, w, row_losses, g, stream);
-          case Divergence::ReverseKL: return kd_rows_typed<Divergence::ReverseKL, S, T>(a, w, row_losses, g, stream);
-          case Divergence::JSD: return kd_rows_typed<Divergence::JSD, S, T>(a, w, row_losses, g, stream);
+      if constexpr (!std::is_same_v<S, double> && !std::is_same_v<T, double>) {  // fp64: kd_loss_fwd makes it fp32
+        switch (a.params.divergence) {
+          case Divergence::KL: return kd_rows_typed<Divergence::KL, S, T>(a, w, stream);
+          case Divergence::ReverseKL: return kd_rows_typed<Divergence::ReverseKL, S, T>(a, w, stream);
+          case Divergence::JSD: return kd_rows_typed<Divergence::JSD, S, T>(a, w, stream);
         }
       }
     });

@@ -20,8 +20,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "clip.h"
-#include "common.h"
+#include "clip/clip.h"
+#include "common/common.h"
 
 namespace fastkd {
 namespace {

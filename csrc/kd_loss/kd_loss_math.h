@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "host_device.h"
+#include "common/host_device.h"
 
 #if !defined(__CUDACC__)
 #include <ATen/cpu/vec/vec.h>
@@ -143,6 +143,7 @@ struct KdParams {
   int64_t ignore_index;
   bool hard;          // hard_weight != 0: the cross-entropy term and its gradient are needed
   bool separate_lse1; // hard and T != 1: the T = 1 log-sum-exp of the student is its own statistic
+  Divergence divergence;  // JSD only for 0 < beta < 1 (make_kd_params, kd_loss/kd_rows.h)
 };
 
 // Row loss from its sums: soft_weight * T^2 * D + hard_weight * CE, CE = -log softmax(s)[label].

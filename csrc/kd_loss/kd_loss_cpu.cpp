@@ -1,9 +1,9 @@
-// The CPU ops of the fused KD loss: argument handling, the gradient buffer, the choice of the row
-// kernel's instruction set (kd_loss_cpu.h) and the in-place backward scale. The row kernels
-// themselves are kd_loss_cpu_kernel.h.
+// The CPU ops of the fused KD loss: argument handling, the gradient buffer, the row-kernel entry
+// kd_rows_cpu (kd_loss/kd_rows.h), which runs the instruction set's copy in use
+// (cpu_isa/kernel_table.h), and the in-place backward scale. The row kernels themselves are
+// kd_loss_cpu_kernel.h, whose copy for this module's instruction set this file compiles.
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,11 +11,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
-#include <string>
 #include <type_traits>
+#include <vector>
 
-#include "kd_loss_cpu.h"
-#include "kd_loss_cpu_kernel.h"
+#include "cpu_isa/kernel_table.h"
+#include "kd_loss/kd_loss.h"
+#include "kd_loss/kd_loss_cpu.h"
+#include "kd_loss/kd_loss_cpu_kernel.h"
+#include "kd_loss/kd_rows.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -28,20 +31,6 @@ namespace {
 using CPU_CAPABILITY::kChunk;
 using CPU_CAPABILITY::load_float;
 using CPU_CAPABILITY::store_from_float;
-
-// The row kernel in use: this module's own copy until install_cpu_kernels() hands over another.
-std::atomic<const CpuKernelTable*> g_cpu_kernels{nullptr};
-
-// This module's own copy of the row kernel.
-const CpuKernelTable& own_cpu_kernels() {
-  static const CpuKernelTable own{kCpuKernelAbi, FASTKD_CPU_ISA, &CPU_CAPABILITY::kd_rows};  // setup.py's ISA
-  return own;
-}
-
-const CpuKernelTable& cpu_kernels() {
-  const CpuKernelTable* t = g_cpu_kernels.load(std::memory_order_acquire);
-  return t ? *t : own_cpu_kernels();
-}
 
 // ---- gradient buffers ------------------------------------------------------------------------------
 // A fresh gradient buffer is untouched memory: on Linux its first write faults in every 4 KiB page,
@@ -167,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   at::Tensor grad = with_grad ? new_grad(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
   // Stream the gradient past the caches when it is much larger than them (see store_from_float).
   const bool stream = with_grad && grad.nbytes() >= (size_t(64) << 20);
-  cpu_kernels().kd_rows(a, w, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr, stream);
+  kd_rows_cpu(kd_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr), w, stream);
   if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
   return {reduce_rows(a, row_losses, weight), grad};
 }
@@ -202,31 +191,15 @@ void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
 
 }  // namespace
 
-void install_cpu_kernels(PyObject* capsule) {
-  FKD_CHECK(PyCapsule_IsValid(capsule, kCpuKernelCapsule), "install_cpu_kernels: expected a '",
-            kCpuKernelCapsule, "' capsule");
-  const auto* t = static_cast<const CpuKernelTable*>(PyCapsule_GetPointer(capsule, kCpuKernelCapsule));
-  FKD_CHECK(t->abi == kCpuKernelAbi, "install_cpu_kernels: the ", t->isa, " kernel module has ABI ", t->abi,
-            ", fastkd._C expects ", kCpuKernelAbi, "; rebuild the extension");
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (std::string(t->isa) == "avx512") {
-    FKD_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
-              "install_cpu_kernels: this CPU lacks AVX-512 F/BW/VL/DQ");
-  }
-#endif
-  g_cpu_kernels.store(t, std::memory_order_release);  // the capsule's table is static in its module
+void kd_rows_cpu(const KdRowsArgs& a, float row_weight, bool stream) {
+  check_kd_rows_args(a, /*in_place_ok=*/true);
+  if (a.rows == 0) return;
+  cpu_kernels().kd_rows(a, row_weight, stream);
 }
-
-std::string cpu_kernel_isa() { return cpu_kernels().isa; }
 
 size_t empty_cpu_grad_cache() { return GradAllocator::get().empty_cache(); }
 void set_cpu_grad_cache(bool enabled) { g_grad_cache_enabled.store(enabled, std::memory_order_relaxed); }
 size_t cpu_grad_cache_bytes() { return GradAllocator::get().cached_bytes(); }
-
-PyObject* own_cpu_kernel_table() {
-  return PyCapsule_New(const_cast<CpuKernelTable*>(&own_cpu_kernels()), kCpuKernelCapsule, nullptr);
-}
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);

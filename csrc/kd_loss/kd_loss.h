@@ -1,4 +1,5 @@
-// Host-side argument handling of the fused KD loss ops, shared by the CPU and CUDA implementations.
+// Host-side argument handling of the fused KD loss ops, shared by the CPU and CUDA implementations:
+// from the op's tensors to the row kernel's raw arguments (kd_loss/kd_rows.h) and back.
 //
 // Ops (schemas in fastkd/ops/kd.py, beside the wrapper):
 //   fastkd::kd_loss_fwd(student [..., V], teacher [..., V], labels [...]?, ...) -> (loss, grad)
@@ -17,8 +18,9 @@
 #include <tuple>
 #include <vector>
 
-#include "common.h"
-#include "kd_loss_math.h"
+#include "common/common.h"
+#include "kd_loss/kd_loss_math.h"
+#include "kd_loss/kd_rows.h"
 
 namespace fastkd {
 
@@ -46,9 +48,8 @@ struct KdLossArgs {
   std::vector<int64_t> lead;  // the logits' leading shape (rows = its product)
   int64_t rows;
   int64_t vocab;
-  Divergence divergence;
   Reduction reduction;
-  KdParams params;
+  KdParams params;  // the divergence included
 };
 
 // [..., V] -> [rows, V] with unit stride along V; 2-D inputs keep any row stride (e.g. a slice of a
@@ -93,7 +94,7 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
   a.student = as_rows(student.scalar_type() == at::kDouble ? student.to(at::kFloat) : student);
   a.teacher = as_rows(teacher.scalar_type() == at::kDouble ? teacher.to(at::kFloat) : teacher);
   a.rows = a.student.size(0);
-  a.divergence = parse_divergence(divergence);
+  const Divergence div = parse_divergence(divergence);
   a.reduction = parse_reduction(reduction);
   if (labels.has_value() && labels->defined()) {
     FKD_CHECK_ARG(labels->sizes() == at::IntArrayRef(a.lead), "labels", "expected the logits' leading shape ",
@@ -105,19 +106,29 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
     a.labels = labels->to(at::kLong).reshape({-1}).contiguous();
   }
   FKD_CHECK_ARG(hard_weight == 0 || a.labels.defined(), "labels", "required when hard_weight != 0");
-  // beta = 0 is forward KL and beta = 1 reverse KL exactly (the JSD formula itself tends to 0 there).
-  if (a.divergence == Divergence::JSD && beta == 0) a.divergence = Divergence::KL;
-  if (a.divergence == Divergence::JSD && beta == 1) a.divergence = Divergence::ReverseKL;
-  KdParams& p = a.params;
-  p.temperature = static_cast<float>(temperature);
-  p.inv_temperature = static_cast<float>(1.0 / temperature);
-  p.beta = static_cast<float>(beta);
-  p.soft_weight = static_cast<float>(soft_weight);
-  p.hard_weight = static_cast<float>(hard_weight);
-  p.ignore_index = ignore_index;
-  p.hard = hard_weight != 0;
-  p.separate_lse1 = p.hard && temperature != 1.0;
+  a.params = make_kd_params(div, temperature, beta, soft_weight, hard_weight, ignore_index);
   return a;
+}
+
+// The row kernel's arguments for this call: row_losses [rows] fp32 and grad (nullptr, or a
+// contiguous [rows, vocab] buffer of a.student's dtype) are the op's outputs.
+inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* grad) {
+  KdRowsArgs r;
+  r.student = a.student.data_ptr();
+  r.student_dtype = a.student.scalar_type();
+  r.student_stride = a.student.stride(0);
+  r.teacher = a.teacher.data_ptr();
+  r.teacher_dtype = a.teacher.scalar_type();
+  r.teacher_stride = a.teacher.stride(0);
+  r.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+  r.rows = a.rows;
+  r.vocab = a.vocab;
+  r.row_losses = row_losses;
+  r.grad = grad;
+  r.grad_dtype = a.student.scalar_type();
+  r.grad_stride = a.vocab;
+  r.params = a.params;
+  return r;
 }
 
 // The reduction weight of every valid row, as a 0-d fp32 tensor on the logits' device:

@@ -1,12 +1,12 @@
 // CUDA kernels of gradient clipping (ops fastkd::grad_norm, scale_grads_, clamp_grads_; schemas in
-// fastkd/ops/clip.py). One call = one multi-tensor launch (csrc/multi_tensor.cuh) over every gradient of
+// fastkd/ops/clip.py). One call = one multi-tensor launch (csrc/common/multi_tensor.cuh) over every gradient of
 // one dtype on one device, plus the non-blocking upload of its table.
 //
 // grad_norm: block b reduces chunk b into partials[b] (fp32; fp64 for fp64 gradients) with a fixed
 //   shuffle tree; the last block to finish (atomic ticket) combines the partials in index order in
 //   double and writes the root. No atomics on values -> the same input gives the bit-identical norm.
 // scale_grads_: every block computes the coefficient from the 0-d norm in device memory (the same
-//   clip_coefficient as the CPU kernel, csrc/clip.h) and returns at once when it is >= 1.
+//   clip_coefficient as the CPU kernel, csrc/clip/clip.h) and returns at once when it is >= 1.
 // All passes stream the gradients once: the bound is HBM bandwidth.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,9 +17,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "clip.h"
-#include "common.h"
-#include "multi_tensor.cuh"
+#include "clip/clip.h"
+#include "common/common.h"
+#include "common/multi_tensor.cuh"
+#include "common/reduce.cuh"
 
 namespace fastkd {
 namespace {
@@ -45,7 +46,7 @@ __device__ __forceinline__ A norm_term(A x, A p) {
 template <typename T, typename A, NormKind K>
 __global__ void __launch_bounds__(kThreads) grad_norm_kernel(mt::TensorTable tab, A* __restrict__ partials /* [nchunks] */,
                                                              A* __restrict__ out /* [] */, double p) {
-  __shared__ A smem[32];
+  __shared__ A smem[kWarpSize + 1];
   __shared__ bool is_last;
   const int64_t chunk = blockIdx.x;
   const mt::ChunkRef c = mt::locate(tab, chunk);
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) grad_norm_kernel(mt::TensorTable tab
   const A pa = static_cast<A>(p);
   A acc = A(0);
   mt::for_each_element(x, c.n, [&](T v, int64_t) { acc = norm_merge<K>(acc, norm_term<K>(static_cast<A>(v), pa)); });
-  const A block = mt::block_reduce(acc, [](A a, A b) { return norm_merge<K>(a, b); }, A(0), smem);
+  const A block = block_allreduce(acc, [](A a, A b) { return norm_merge<K>(a, b); }, A(0), smem);
   if (threadIdx.x == 0) {
     partials[chunk] = block;
     __threadfence();  // the partial is visible before the ticket is taken
@@ -63,11 +64,11 @@ __global__ void __launch_bounds__(kThreads) grad_norm_kernel(mt::TensorTable tab
   if (!is_last) return;
   __threadfence();
   // The last block: partials combined in double in a fixed order (strided per thread, then the tree).
-  __shared__ double dsmem[32];
+  __shared__ double dsmem[kWarpSize + 1];
   double d = 0.0;
   const volatile A* vp = partials;  // written by other blocks: bypass stale L1 lines
   for (int64_t i = threadIdx.x; i < gridDim.x; i += blockDim.x) d = norm_merge<K>(d, static_cast<double>(vp[i]));
-  d = mt::block_reduce(d, [](double a, double b) { return norm_merge<K>(a, b); }, 0.0, dsmem);
+  d = block_allreduce(d, [](double a, double b) { return norm_merge<K>(a, b); }, 0.0, dsmem);
   if (threadIdx.x == 0) {
     if constexpr (K == NormKind::L2) d = sqrt(d);
     else if constexpr (K == NormKind::P) d = pow(d, 1.0 / p);

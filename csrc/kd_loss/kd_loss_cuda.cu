@@ -1,6 +1,7 @@
 // CUDA kernels of the fused KD loss (kd_loss_fwd) and of its backward scaling (kd_loss_scale_).
 // The per-element maths is kd_loss_math.h (with V = float), shared with the CPU kernel, so the CPU
-// tests exercise the formulas the GPU runs; the host-side argument handling is kd_loss.h.
+// tests exercise the formulas the GPU runs; the host-side argument handling is kd_loss.h; the row
+// kernel's launcher kd_rows_cuda is the internal API of kd_rows.h, which kd_loss_fwd calls too.
 //
 // One row is processed by a group of threads: a whole block (vocab > kWarpRowMaxVocab) or one warp
 // (small vocabularies, kWarpKernelThreads / 32 rows per block). Like the CPU kernel, a row takes two
@@ -51,15 +52,15 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
-#include "kd_loss.h"
+#include "common/reduce.cuh"
+#include "common/vec_pack.cuh"
+#include "kd_loss/kd_loss.h"
 
 namespace fastkd {
 namespace {
 
-constexpr int kWarpSize = 32;
 // Registers: the row kernels need ~100-128 registers per thread without spilling (two packs of
 // 8 elements in flight, each entry with its exps and log-probabilities); at 64 registers (1024
 // threads per SM) ptxas spilled 150-900 bytes per thread. So a block has at most 512 threads
@@ -76,43 +77,11 @@ constexpr int kBatchElems = 16;          // elements loaded per thread before an
 constexpr int kScaleMaxThreads = 512;
 constexpr int kScaleUnroll = 4;
 
-// ---- packs: 16-byte (or 8-byte) vector loads and stores -------------------------------------------
-template <typename X, int N>
-struct alignas(sizeof(X) * N) Pack {
-  X v[N];
-};
-
+// ---- packs (common/vec_pack.cuh): 16-byte (or 8-byte) vector loads and stores ----------------------
 // Elements per pack: 16 bytes of the wider logit dtype.
 template <typename S, typename T>
 constexpr int pack_elems() {
   return 16 / static_cast<int>(sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
-}
-
-template <int Bytes> struct RawOf;
-template <> struct RawOf<16> { using type = int4; };
-template <> struct RawOf<8> { using type = int2; };
-template <> struct RawOf<4> { using type = int; };
-
-// Keep: the data is read again (L1/L2 allocate normally). Last: the element's last read from global
-// memory (evict-first, so it does not displace lines still waiting for their re-read).
-enum class Hint { Keep, Last };
-
-template <Hint H, typename X, int N>
-__device__ __forceinline__ Pack<X, N> load_pack(const X* p) {
-  using R = typename RawOf<sizeof(X) * N>::type;
-  const R* rp = reinterpret_cast<const R*>(p);
-  const R r = H == Hint::Last ? __ldcs(rp) : __ldg(rp);
-  Pack<X, N> out;
-  memcpy(&out, &r, sizeof(R));
-  return out;
-}
-
-template <typename X, int N>
-__device__ __forceinline__ void store_pack(X* p, const Pack<X, N>& v) {  // streaming: never re-read here
-  using R = typename RawOf<sizeof(X) * N>::type;
-  R r;
-  memcpy(&r, &v, sizeof(R));
-  __stcs(reinterpret_cast<R*>(p), r);
 }
 
 template <typename X>
@@ -169,7 +138,7 @@ __device__ __forceinline__ void for_packs(int begin, int end, int rank, int size
   }
 }
 
-// ---- group reductions (fixed order: deterministic) -------------------------------------------------
+// ---- group reductions (common/reduce.cuh; fixed order: deterministic) ------------------------------
 struct Stats {  // online log-sum-exp of a = s/T, b = t/T, and s (T = 1, only with separate_lse1)
   LseState a, b, c;
 };
@@ -182,47 +151,27 @@ __device__ __forceinline__ Stats merge(const Stats& x, const Stats& y) {
 }
 __device__ __forceinline__ Sums merge(const Sums& x, const Sums& y) { return {x.d + y.d, x.aux + y.aux}; }
 
-__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+using fastkd::shfl_xor;  // float (common/reduce.cuh), which the overloads below would hide
 __device__ __forceinline__ LseState shfl_xor(LseState v, int m) { return {shfl_xor(v.m, m), shfl_xor(v.s, m)}; }
 __device__ __forceinline__ Stats shfl_xor(const Stats& v, int m) {
   return {shfl_xor(v.a, m), shfl_xor(v.b, m), shfl_xor(v.c, m)};
 }
 __device__ __forceinline__ Sums shfl_xor(const Sums& v, int m) { return {shfl_xor(v.d, m), shfl_xor(v.aux, m)}; }
 
-// Butterfly: every lane ends with the same value (merge is commutative, so the two lanes of each
-// exchange compute the same bits).
-template <typename X>
-__device__ __forceinline__ X warp_allreduce(X v) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = merge(v, shfl_xor(v, m));
-  return v;
-}
+struct Merge {
+  template <typename X>
+  __device__ __forceinline__ X operator()(const X& x, const X& y) const { return merge(x, y); }
+};
 
-// Block-wide: warps reduce, warp 0 reduces the warps' partials (identity-padded), broadcast through
-// sm[kWarpSize]. sm: [kWarpSize + 1] in shared memory, one array per value type.
-template <typename X>
-__device__ __forceinline__ X block_allreduce(X v, X* sm, const X& identity) {
-  v = warp_allreduce(v);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int nwarps = blockDim.x / kWarpSize;
-  if (lane == 0) sm[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    X x = lane < nwarps ? sm[lane] : identity;
-    x = warp_allreduce(x);
-    if (lane == 0) sm[kWarpSize] = x;
-  }
-  __syncthreads();
-  return sm[kWarpSize];  // the next reduction writes sm[] only after its own __syncthreads
-}
-
+// sm: [kWarpSize + 1] in shared memory, one array per value type: a row's reductions alternate
+// between the Stats and the Sums arrays, so each array's next use comes after the other's barriers.
 template <bool kWarpGroup, typename X>
 __device__ __forceinline__ X group_allreduce(const X& v, X* sm, const X& identity) {
   if constexpr (kWarpGroup) {
     (void)sm; (void)identity;
-    return warp_allreduce(v);
+    return warp_allreduce(v, Merge{});
   } else {
-    return block_allreduce(v, sm, identity);
+    return block_allreduce(v, Merge{}, identity, sm);
   }
 }
 
@@ -277,7 +226,8 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
                    const int64_t* __restrict__ labels,  // [rows] or nullptr
                    const float* __restrict__ weight,    // [] the reduction weight w of a valid row
                    float* __restrict__ row_losses,      // [rows] out
-                   S* __restrict__ grad,                // [rows, vocab] out (contiguous), or nullptr
+                   S* __restrict__ grad,                // [rows, grad_stride] out, or nullptr
+                   int64_t grad_stride,
                    int64_t rows, int vocab, KdParams p,
                    int cache_packs) {                   // packs per row kept in shared memory
   constexpr int N = pack_elems<S, T>();
@@ -309,7 +259,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
   for (int64_t r = grp.id; r < rows; r += grp.count) {
     const S* s = student + r * student_stride;
     const T* t = teacher + r * teacher_stride;
-    S* g = grad != nullptr ? grad + r * static_cast<int64_t>(vocab) : nullptr;
+    S* g = grad != nullptr ? grad + r * grad_stride : nullptr;
     const RowLayout L = row_layout<N>(s, t, g, vocab);
     const int n_scalar = L.head + (vocab - L.tail);
     const auto scalar_idx = [&](int i) { return i < L.head ? i : L.tail + (i - L.head); };
@@ -500,20 +450,21 @@ int static_smem_bytes(K kernel) {
 }
 
 template <Divergence D, typename S, typename T>
-void launch_kd_loss_fwd(const KdLossArgs& a, const float* weight, float* row_losses, S* grad) {
-  const S* s = a.student.data_ptr<S>();
-  const T* t = a.teacher.data_ptr<T>();
-  const int64_t* labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+void launch_kd_loss_fwd(const KdRowsArgs& a, const float* weight, cudaStream_t stream) {
+  const S* s = static_cast<const S*>(a.student);
+  const T* t = static_cast<const T*>(a.teacher);
+  const int64_t* labels = a.labels;
+  float* row_losses = a.row_losses;
+  S* grad = static_cast<S*>(a.grad);
   const int vocab = static_cast<int>(a.vocab);
-  const int64_t ss = a.student.stride(0), ts = a.teacher.stride(0);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride;
 
   if (vocab <= kWarpRowMaxVocab) {
     // Small rows: one warp each. The row is re-read from L1/L2 right after sweep 1 (a few KB per
     // warp, microseconds later), so no shared-memory cache is needed.
     const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kWarpKernelThreads / kWarpSize), INT_MAX);
     kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(
-        s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, 0);
+        s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -550,7 +501,7 @@ void launch_kd_loss_fwd(const KdLossArgs& a, const float* weight, float* row_los
   }
   const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
   kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(
-      s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, cache_packs);
+      s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, cache_packs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -564,6 +515,28 @@ void dispatch_logits(at::ScalarType st, const char* what, F&& f) {
     default: FKD_CHECK(false, what, ": unsupported dtype ", st);
   }
 }
+
+}  // namespace
+
+void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t stream) {
+  check_kd_rows_args(a, /*in_place_ok=*/false);
+  FKD_CHECK(a.vocab <= (int64_t{1} << 30), "kd_rows_cuda: vocabulary of ", a.vocab, " entries (at most 2^30)");
+  FKD_CHECK(row_weight != nullptr, "kd_rows_cuda: null row_weight");
+  if (a.rows == 0) return;
+  dispatch_logits(a.student_dtype, "student_logits", [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_logits(a.teacher_dtype, "teacher_logits", [&](auto t_tag) {
+      using T = decltype(t_tag);
+      switch (a.params.divergence) {
+        case Divergence::KL: return launch_kd_loss_fwd<Divergence::KL, S, T>(a, row_weight, stream);
+        case Divergence::ReverseKL: return launch_kd_loss_fwd<Divergence::ReverseKL, S, T>(a, row_weight, stream);
+        case Divergence::JSD: return launch_kd_loss_fwd<Divergence::JSD, S, T>(a, row_weight, stream);
+      }
+    });
+  });
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                      const std::optional<at::Tensor>& labels, double temperature,
@@ -579,22 +552,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
   const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
   at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
-  if (a.rows > 0) {
-    dispatch_logits(a.student.scalar_type(), "student_logits", [&](auto s_tag) {
-      using S = decltype(s_tag);
-      dispatch_logits(a.teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
-        using T = decltype(t_tag);
-        S* g = with_grad ? grad.data_ptr<S>() : nullptr;
-        const float* w = weight.data_ptr<float>();
-        float* rl = row_losses.data_ptr<float>();
-        switch (a.divergence) {
-          case Divergence::KL: return launch_kd_loss_fwd<Divergence::KL, S, T>(a, w, rl, g);
-          case Divergence::ReverseKL: return launch_kd_loss_fwd<Divergence::ReverseKL, S, T>(a, w, rl, g);
-          case Divergence::JSD: return launch_kd_loss_fwd<Divergence::JSD, S, T>(a, w, rl, g);
-        }
-      });
-    });
-  }
+  kd_rows_cuda(kd_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr),
+               weight.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
   return {reduce_rows(a, row_losses, weight), grad};
 }

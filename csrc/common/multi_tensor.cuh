@@ -19,7 +19,8 @@
 #include <cstring>
 #include <vector>
 
-#include "common.h"
+#include "common/common.h"
+#include "common/vec_pack.cuh"
 
 namespace fastkd {
 namespace mt {
@@ -88,24 +89,21 @@ __device__ __forceinline__ ChunkRef locate(const TensorTable& tab, int64_t chunk
   return {lo, offset, n < kChunk ? n : kChunk};
 }
 
-// 16-byte vector of T for aligned loads/stores.
+// 16 bytes of T for aligned loads/stores (common/vec_pack.cuh).
 template <typename T>
-struct alignas(16) Pack {
-  static constexpr int N = 16 / sizeof(T);
-  T v[N];
-};
+using Pack16 = Pack<T, pack16_elems<T>()>;
 
 // Calls f(x, index) on each element of x[0, n) owned by this thread, loading 16 bytes at a time
 // when x is 16-byte aligned (checked at run time: a tensor may be a view at any offset).
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_element(const T* x, int64_t n, F&& f) {
-  constexpr int N = Pack<T>::N;
+  constexpr int N = pack16_elems<T>();
   int64_t i0 = 0;
   if ((reinterpret_cast<uintptr_t>(x) & 15) == 0) {
     const int64_t nvec = n / N;
-    const auto* xv = reinterpret_cast<const Pack<T>*>(x);
+    const auto* xv = reinterpret_cast<const Pack16<T>*>(x);
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const Pack<T> p = xv[v];
+      const Pack16<T> p = xv[v];
 #pragma unroll
       for (int k = 0; k < N; ++k) f(p.v[k], v * N + k);
     }
@@ -117,13 +115,13 @@ __device__ __forceinline__ void for_each_element(const T* x, int64_t n, F&& f) {
 // In place: x[i] = op(x[i]), 16 bytes at a time where aligned.
 template <typename T, typename Op>
 __device__ __forceinline__ void transform_in_place(T* x, int64_t n, Op&& op) {
-  constexpr int N = Pack<T>::N;
+  constexpr int N = pack16_elems<T>();
   int64_t i0 = 0;
   if ((reinterpret_cast<uintptr_t>(x) & 15) == 0) {
     const int64_t nvec = n / N;
-    auto* xv = reinterpret_cast<Pack<T>*>(x);
+    auto* xv = reinterpret_cast<Pack16<T>*>(x);
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      Pack<T> p = xv[v];
+      Pack16<T> p = xv[v];
 #pragma unroll
       for (int k = 0; k < N; ++k) p.v[k] = op(p.v[k]);
       xv[v] = p;
@@ -131,25 +129,6 @@ __device__ __forceinline__ void transform_in_place(T* x, int64_t n, Op&& op) {
     i0 = nvec * N;
   }
   for (int64_t i = i0 + threadIdx.x; i < n; i += blockDim.x) x[i] = op(x[i]);
-}
-
-// Deterministic block reduction (fixed shuffle tree, fixed warp order). All threads get the result.
-template <typename A, typename Merge>
-__device__ __forceinline__ A block_reduce(A v, Merge merge, A identity, A* smem /* [32] */) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = merge(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = (blockDim.x + 31) >> 5;
-  __syncthreads();  // smem may still be read by a previous call
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? smem[lane] : identity;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = merge(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (lane == 0) smem[0] = v;
-  }
-  __syncthreads();
-  return smem[0];
 }
 
 }  // namespace mt
