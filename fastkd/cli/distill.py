@@ -199,11 +199,13 @@ def _load_weights(model, path, what):
     from ..train.checkpoint import FORMAT, CheckpointError, read_verified  # noqa: PLC0415
 
     try:
-        payload, _ = read_verified(path)  # a fastkd checkpoint is verified; a plain torch.save file read as is
+        payload, verified = read_verified(path)  # a fastkd checkpoint is verified; a plain state_dict read as is
     except CheckpointError as exc:
         raise CheckpointError(f"{what}.checkpoint: {exc}") from None
     try:
-        sd = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        # A fastkd checkpoint also holds RNG states (numpy arrays, Python tuples): read it as `resume` does
+        # (trust it as you would the run); a plain state_dict is read with weights_only.
+        sd = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=not verified)
     except Exception as exc:
         raise CheckpointError(f"{what}.checkpoint {path} is unreadable or corrupt ({type(exc).__name__}: "
                               f"{exc})") from exc

@@ -73,21 +73,36 @@ def remove_stale_temp_files(folder: str | os.PathLike, name: str | None = None) 
     return removed
 
 
+class _HashingWriter:
+    """A write-only file that hashes what passes through it (torch.save writes its zip sequentially)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+    # No seek or tell: a writer that needed them would get an AttributeError, never a file whose digest is wrong.
+
+
 def save_atomic(obj, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically, behind a header with the payload's SHA-256: temp file in
     the same folder, fsync, ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path.parent, path.name)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getbuffer()
-    header = _HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload))
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
+            f.write(b"\0" * _HEADER.size)  # filled in below, once the payload's digest is known
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)  # streamed: the payload is never held in memory whole
+            f.seek(0)
+            f.write(_HEADER.pack(MAGIC, writer.sha256.digest(), writer.size))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

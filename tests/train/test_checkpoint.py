@@ -181,3 +181,14 @@ def test_resume_removes_temp_files(run, tmp_path):
         (copy / "checkpoints" / name).write_bytes(b"half a checkpoint")
     _distiller(copy).fit(_data(), epochs=2, resume=True)  # nothing left to train: the cleanup alone
     assert sorted(f.name for f in (copy / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_run_checkpoint_initialises_a_model_from_the_cli(run, tmp_path):
+    from fastkd.cli.distill import _load_weights  # noqa: PLC0415
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    _load_weights(model, run / "checkpoints" / "best.pt", "student")  # [student] checkpoint = ".../best.pt"
+    best = load_checkpoint(run / "checkpoints" / "best.pt")["student"]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    torch.save(model.state_dict(), tmp_path / "plain.pt")  # a plain state_dict: read with weights_only
+    _load_weights(model, tmp_path / "plain.pt", "student")
