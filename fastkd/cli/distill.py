@@ -16,15 +16,16 @@ from .config import ConfigError, resolve
 __all__ = ["run_distill", "run_resume"]
 
 
-def _call(fn, args: tuple, kwargs: dict, what: str):
-    """``fn(*args, **kwargs)`` for the config key ``what``: whatever it raises becomes one ConfigError."""
+def _call(fn, args: tuple, kwargs: dict, what: str, fix: str):
+    """``fn(*args, **kwargs)`` for the config key ``what``: whatever it raises becomes one ConfigError,
+    with ``fix``, what to change."""
     try:
         return fn(*args, **kwargs)
     except ConfigError:
         raise
     except Exception as exc:  # the user's factory, or a torch class given arguments it does not take
-        hint = f" (kwargs {kwargs})" if kwargs else ""
-        raise ConfigError(f"{what} failed{hint}: {type(exc).__name__}: {exc}") from exc
+        given = f" (kwargs {kwargs})" if kwargs else ""
+        raise ConfigError(f"{what} failed{given}: {type(exc).__name__}: {exc}; {fix}") from exc
 
 
 def _build(section: dict, what: str, key: str = "factory"):
@@ -36,14 +37,14 @@ def _build(section: dict, what: str, key: str = "factory"):
         return obj
     if not callable(obj):
         raise ConfigError(f"{what}.{key} = {section[key]!r} is a {type(obj).__name__}, not a factory")
-    return _call(obj, (), kwargs, f"{what}.{key} = {section[key]!r}")
+    return _call(obj, (), kwargs, f"{what}.{key} = {section[key]!r}", f"fix the factory or [{what}] kwargs")
 
 
 def _data(spec: str, kwargs: dict, what: str):
     """The loader of ``data.train`` / ``data.eval``: the object, or what its factory returns; an iterable."""
     obj = resolve(spec, what)
     if callable(obj) and not hasattr(obj, "__iter__"):
-        obj = _call(obj, (), kwargs, f"{what} = {spec!r}")
+        obj = _call(obj, (), kwargs, f"{what} = {spec!r}", "fix the factory or [data] kwargs")
     if not hasattr(obj, "__iter__") and not hasattr(obj, "__getitem__"):
         raise ConfigError(f"{what} = {spec!r} gave a {type(obj).__name__}, not an iterable of batches: return a "
                           "DataLoader, a list of batches or a generator")
@@ -65,7 +66,8 @@ def _optimizer_factory(cfg: dict):
         fn = resolve(opt["factory"], "optimizer.factory")
         kwargs = opt.get("kwargs", {})
         what = f"[optimizer] factory = {opt['factory']!r}"
-        return lambda params: _call(fn, (params,), kwargs, what)
+        fix = "it is called as factory(student.parameters(), **kwargs): fix it or [optimizer] kwargs"
+        return lambda params: _call(fn, (params,), kwargs, what, fix)
     name = opt.pop("name", DEFAULT_OPTIMIZER)
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name = {name!r}: unknown{did_you_mean(name, OPTIMIZERS)}; use one of "
@@ -80,7 +82,8 @@ def _optimizer_factory(cfg: dict):
     kwargs.setdefault("lr", 1e-3)
     cls = OPTIMIZERS[name]
     what = f"[optimizer] name = {name!r} ({cls.__name__})"
-    return lambda params: _call(cls, (params,), kwargs, what)
+    fix = f"give [optimizer] only arguments that torch.optim.{cls.__name__} takes"
+    return lambda params: _call(cls, (params,), kwargs, what, fix)
 
 
 def _scheduler_factory(cfg: dict, total_steps: int | None):
@@ -96,7 +99,8 @@ def _scheduler_factory(cfg: dict, total_steps: int | None):
         fn = resolve(sch["factory"], "scheduler.factory")
         kwargs = sch.get("kwargs", {})
         what = f"[scheduler] factory = {sch['factory']!r}"
-        return lambda opt: _call(fn, (opt,), kwargs, what)
+        fix = "it is called as factory(optimizer, **kwargs): give its other arguments in [scheduler] kwargs"
+        return lambda opt: _call(fn, (opt,), kwargs, what, fix)
     _no_ignored_keys(sch, "scheduler", {"name", "warmup_steps"},
                      "with scheduler.name (the built-in shapes take warmup_steps alone; use scheduler.factory to "
                      "pass arguments)")

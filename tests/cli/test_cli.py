@@ -267,12 +267,16 @@ BAD_CONFIGS = {  # case: (text in the config, its replacement, what the message 
     "epochs=-2": ("epochs = 3", "epochs = -2", "[train] epochs = -2: must be >= 1"),
     "optimizer kwargs": ("lr = 0.01", "lr = 0.01\nkwargs = { nesterov = true }",
                          "[optimizer] name = 'adamw' (AdamW) failed (kwargs {"),
+    "optimizer kwargs, the fix": ("lr = 0.01", "lr = 0.01\nkwargs = { nesterov = true }",
+                                  "; give [optimizer] only arguments that torch.optim.AdamW takes"),
     "betas=[0.9]": ("lr = 0.01", "lr = 0.01\nbetas = [0.9]", "[optimizer] betas = [0.9]: give two numbers"),
     "optimizer factory + ignored lr": ('name = "adamw"', 'factory = "torch.optim:SGD"',
                                        "[optimizer] lr: not read with optimizer.factory"),
     "scheduler factory missing an argument": (SCHEDULER, 'factory = "torch.optim.lr_scheduler:StepLR"',
                                               "[scheduler] factory = 'torch.optim.lr_scheduler:StepLR' failed: "
-                                              "TypeError: StepLR.__init__() missing 1 required positional argument"),
+                                              "TypeError: StepLR.__init__() missing 1 required positional argument: 'step_size'; it is "
+                                              "called as factory(optimizer, **kwargs): give its other arguments in "
+                                              "[scheduler] kwargs"),
     "ignored scheduler kwargs": (SCHEDULER, SCHEDULER + "\nkwargs = { T_max = 3 }",
                                  "[scheduler] kwargs: not read with scheduler.name"),
     "string in a schedule": ("start = 4.0", 'start = "4"', "[loss] temperature: temperature: bad linear schedule"),
