@@ -134,6 +134,8 @@ def _option_error(exc) -> ConfigError:
     msg = str(exc)
     for prefix in ("fastkd.Distiller.fit: ", "fastkd.Distiller: "):
         msg = msg.removeprefix(prefix)
+    if msg.startswith(exc.option):  # "log_every must be >= 1" -> "[train] log_every must be >= 1"
+        return ConfigError(f"{key}{msg[len(exc.option):]}")
     return ConfigError(f"{key}: {msg}")
 
 

@@ -253,16 +253,16 @@ def test_config_file_errors(tmp_path, capsys):
 SCHEDULER = 'name = "cosine"\nwarmup_steps = 2'
 BAD_CONFIGS = {  # case: (text in the config, its replacement, what the message says)
     "accumulation_steps=0": ("accumulation_steps = 2", "accumulation_steps = 0",
-                             "[train] accumulation_steps: accumulation_steps must be >= 1, got 0"),
-    "log_every=0": ("progress = false", "progress = false\nlog_every = 0", "[train] log_every: log_every must be >= 1"),
-    "eval_every=0": ("progress = false", "progress = false\neval_every = 0", "[train] eval_every: "),
-    "checkpoint_epochs=0": ("progress = false", "progress = false\ncheckpoint_epochs = 0", "[train] checkpoint_epochs: "),
+                             "[train] accumulation_steps must be >= 1, got 0"),
+    "log_every=0": ("progress = false", "progress = false\nlog_every = 0", "[train] log_every must be >= 1"),
+    "eval_every=0": ("progress = false", "progress = false\neval_every = 0", "[train] eval_every must be >= 1, got 0"),
+    "checkpoint_epochs=0": ("progress = false", "progress = false\ncheckpoint_epochs = 0", "[train] checkpoint_epochs must be >= 1, got 0"),
     "checkpoint_every=-1": ("progress = false", "progress = false\ncheckpoint_every = -1",
-                            "[train] checkpoint_every: checkpoint_every must be >= 1, got -1; leave it out"),
+                            "[train] checkpoint_every must be >= 1, got -1; leave it out"),
     "best_metric=acc": ("progress = false", 'progress = false\nbest_metric = "acc"',
-                        "[train] best_metric: best_metric 'acc' is not an evaluation metric; use one of ('student_acc'"),
+                        "[train] best_metric 'acc' is not an evaluation metric; use one of ('student_acc'"),
     "device=banana": ("progress = false", 'progress = false\ndevice = "banana"',
-                      "[train] device: device 'banana' is not a device"),
+                      "[train] device 'banana' is not a device"),
     "epochs=0": ("epochs = 3", "epochs = 0", "[train] epochs = 0: must be >= 1"),
     "epochs=-2": ("epochs = 3", "epochs = -2", "[train] epochs = -2: must be >= 1"),
     "optimizer kwargs": ("lr = 0.01", "lr = 0.01\nkwargs = { nesterov = true }",
@@ -279,7 +279,7 @@ BAD_CONFIGS = {  # case: (text in the config, its replacement, what the message 
                                               "[scheduler] kwargs"),
     "ignored scheduler kwargs": (SCHEDULER, SCHEDULER + "\nkwargs = { T_max = 3 }",
                                  "[scheduler] kwargs: not read with scheduler.name"),
-    "string in a schedule": ("start = 4.0", 'start = "4"', "[loss] temperature: temperature: bad linear schedule"),
+    "string in a schedule": ("start = 4.0", 'start = "4"', "[loss] temperature: bad linear schedule"),
     "temperature reaches 0": ("end = 1.0", "end = 0.0",
                               "[loss] temperature: the temperature schedule gives 0.0 at the end of its ramp; a "
                               "temperature must be finite and > 0"),
@@ -307,7 +307,7 @@ def test_device_cuda_without_a_gpu(project, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = project(extra='device = "cuda"\n')
     assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
-    assert "[train] device: device 'cuda': no CUDA GPU is available here" in _err(capsys)
+    assert "[train] device 'cuda': no CUDA GPU is available here" in _err(capsys)
     assert not (tmp_path / "r").exists()
 
 
