@@ -13,8 +13,9 @@
 
 The trainer is built on the public ops (``fastkd.ops``), not on the ``fastkd`` package namespace."""
 
-from .config import DistillerConfig
+from .checkpoint import CheckpointError
+from .config import DistillerConfig, OptionError
 from .distiller import Callback, Distiller, TrainState
 from .run_dir import RunDirError
 
-__all__ = ["Distiller", "DistillerConfig", "Callback", "RunDirError", "TrainState"]
+__all__ = ["Distiller", "DistillerConfig", "Callback", "CheckpointError", "OptionError", "RunDirError", "TrainState"]
