@@ -3,7 +3,7 @@
     fastkd demo [--out DIR] [--seeds N] ...      digits: teacher, scratch student, distilled student
     fastkd lm-demo [--out DIR] ...               byte-level LM distillation on the stdlib's sources
     fastkd distill --config FILE.toml [--out DIR]   your teacher, student and data (import paths)
-    fastkd resume RUN_DIR                        continue an interrupted `distill` run
+    fastkd resume RUN_DIR [--checkpoint best]    continue an interrupted `distill` run
 
 Errors in what the user gave (unknown options or config keys, import paths that do not resolve,
 teacher/student outputs of different shapes, unusable checkpoints, a run folder holding another run)

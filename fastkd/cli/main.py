@@ -50,6 +50,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     res = sub.add_parser("resume", allow_abbrev=False,
                          help="continue a `fastkd distill` run from its last checkpoint")
     res.add_argument("run_dir", help="the run folder")
+    res.add_argument("--checkpoint", default="last",
+                     help="last (default), best, or the path of a checkpoint of this run")
     subs["resume"] = res
     return p, subs
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "distill":
             run_distill(load_config(args.config), args.out)
         elif args.command == "resume":
-            run_resume(args.run_dir)
+            run_resume(args.run_dir, args.checkpoint)
     except (ConfigError, RunDirError, CheckpointError, ValueError) as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ __all__ = ["LMDemoConfig", "ByteLM", "load_stdlib_text", "run_lm_demo", "PAD", "
 PAD = 256
 VOCAB = 257
 IGNORE = -100
+MAX_SEQ_LEN = 4096  # the causal mask is seq_len^2 floats: 64 MiB at 4096
 
 
 @dataclass
@@ -54,6 +55,21 @@ class LMDemoConfig:
     soft_weight: float = 1.0
     seed: int = 0
     threads: int = 1  # torch threads: one is fastest for these small matrices on a busy machine (0: default)
+
+    def __post_init__(self):
+        # Checked before anything is read, built or written: a value that cannot run fails here, with its flag.
+        for name in ("seq_len", "train_bytes", "val_bytes", "batch_size", "teacher_dim", "teacher_layers",
+                     "teacher_epochs", "student_dim", "student_layers", "student_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lm-demo: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 2 <= self.seq_len <= MAX_SEQ_LEN:
+            raise ValueError(f"lm-demo: --seq-len must be in [2, {MAX_SEQ_LEN}], got {self.seq_len} (the models hold "
+                             "a seq_len x seq_len causal mask and a position table of seq_len rows)")
+        if self.seq_len > self.train_bytes:
+            raise ValueError(f"lm-demo: --seq-len {self.seq_len} is longer than the training text (--train-bytes "
+                             f"{self.train_bytes}); give a shorter --seq-len or more --train-bytes")
+        if self.threads < 0:
+            raise ValueError(f"lm-demo: --threads must be >= 0 (0: torch's default), got {self.threads}")
 
 
 class ByteLM(nn.Module):

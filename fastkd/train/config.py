@@ -16,6 +16,8 @@ and read it in the trainer as ``self.options.<name>``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import types
 import typing
@@ -31,12 +33,85 @@ from ..ops.kd import DIVERGENCES
 from .run_dir import jsonable
 from .schedules import Schedule, as_schedule
 
-__all__ = ["DistillerConfig", "PRECISIONS", "OPTION_NAMES", "toml_section", "options_doc", "resolve_options"]
+__all__ = ["DistillerConfig", "OptionError", "PRECISIONS", "EVAL_METRICS", "OPTION_NAMES", "toml_section",
+           "options_doc", "resolve_options", "check_schedule_values"]
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = tuple(_AMP_DTYPES)
 # best_mode's default: metrics whose name contains one of these are minimised.
 _LOWER_IS_BETTER = ("loss", "ce", "ppl", "perplexity")
+
+# What Distiller.evaluate returns (best_metric is one of them).
+EVAL_METRICS = ("student_acc", "teacher_acc", "agreement", "kd_loss", "ce", "teacher_ce", "rows")
+
+
+class OptionError(ValueError):
+    """A bad value of one option; ``option`` names it (the CLI maps it to its TOML key)."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(message if message.startswith("fastkd.") else f"fastkd.Distiller: {message}")
+
+
+def _integer(name: str, value, *, low: int | None = None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(name, f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise OptionError(name, f"{name} must be >= {low}, got {value}{hint}")
+
+
+def _number(name: str, value, *, low: float | None = None, high: float | None = None, open_low: bool = False,
+            what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(name, f"{name} must be a number, got {type(value).__name__} {value!r}")
+    bad = not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) or \
+        (high is not None and value > high)
+    if bad:
+        raise OptionError(name, f"{name} must be {what}, got {value}")
+
+
+def _check_device(device) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError("device", f"device {device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' (or leave it "
+                          "out: the student's device)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError("device", f"device {device!r}: no CUDA GPU is available here (torch.cuda.is_available() "
+                              "is False); use device = 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise OptionError("device", f"device {device!r}: this machine has {count} CUDA device(s) (0..{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError("device", f"device {device!r}: MPS is not available here; use device = 'cpu'")
+
+
+# The range of each schedule's values: the temperature divides the logits, the weights scale the terms.
+_SCHEDULE_RANGES = {"temperature": (False, "finite and > 0"), "soft_weight": (True, "finite and >= 0"),
+                    "hard_weight": (True, "finite and >= 0")}
+
+
+def check_schedule_values(schedules: dict[str, Schedule], total_steps: int | None = None) -> None:
+    """OptionError unless every schedule gives a number in its range at step 0 and at the run's last step
+    (``total_steps - 1``; a ramp's end when the run's length is not known yet). Ramps are monotone, so
+    their two ends bound every value; a callable is checked at those two steps."""
+    for name, sched in schedules.items():
+        zero_ok, what = _SCHEDULE_RANGES.get(name, (True, "finite"))
+        bound = sched.with_total_steps(total_steps or 1)
+        last = total_steps - 1 if total_steps else (getattr(bound, "steps", 0) or 0) + getattr(bound, "warmup", 0)
+        for step in dict.fromkeys((0, max(last, 0))):
+            try:
+                value = bound(step)
+            except Exception as exc:
+                raise OptionError(name, f"the {name} schedule fails at step {step}: {type(exc).__name__}: "
+                                  f"{exc}") from exc
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+            if not ok:
+                where = ("step 0" if step == 0 else f"step {step} (the run's last)" if total_steps
+                         else "the end of its ramp")
+                raise OptionError(name, f"the {name} schedule gives {value!r} at {where}; a {name} must be {what}")
+
 
 # A number, a {schedule = ...} table, a fastkd.schedules.Schedule or f(step) -> float.
 ScheduleSpec = float | dict | Schedule | Callable[[int], float]
@@ -95,19 +170,7 @@ class DistillerConfig:
                                   "config); stored in run.json", identity=True)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"fastkd.Distiller: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"fastkd.Distiller: unknown divergence {self.divergence!r}; use one of {DIVERGENCES}")
-        if int(self.accumulation_steps) < 1:
-            raise ValueError(f"fastkd.Distiller: accumulation_steps must be >= 1, got {self.accumulation_steps}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"fastkd.Distiller: max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if self.clip_value is not None and not self.clip_value > 0:
-            raise ValueError(f"fastkd.Distiller: clip_value must be > 0 or None, got {self.clip_value}")
-        self.schedules()  # a bad schedule is an error now, not at the first step
-        if self.effective_best_mode not in ("min", "max"):
-            raise ValueError(f"fastkd.Distiller: best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        self.check()
         # Normalised once here (frozen dataclass: hence object.__setattr__).
         normalised = {
             "beta": float(self.beta), "ignore_index": int(self.ignore_index),
@@ -118,6 +181,41 @@ class DistillerConfig:
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
+
+    def check(self) -> None:
+        """OptionError (a ValueError naming the option) for any value the loop could not run with: every
+        check that needs no model or data, so that a bad value fails here and not after an epoch."""
+        if self.precision not in PRECISIONS:
+            raise OptionError("precision", f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.divergence not in DIVERGENCES:
+            raise OptionError("divergence", f"unknown divergence {self.divergence!r}"
+                              f"{did_you_mean(str(self.divergence), DIVERGENCES)}; use one of {DIVERGENCES}")
+        _number("beta", self.beta, low=0.0, high=1.0, what="in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        _integer("ignore_index", self.ignore_index)
+        for name in ("accumulation_steps", "log_every", "eval_every", "checkpoint_epochs"):
+            _integer(name, getattr(self, name), low=1)
+        if self.checkpoint_every is not None:
+            _integer("checkpoint_every", self.checkpoint_every, low=1,
+                     hint="; leave it out (None) for no checkpoints mid-epoch")
+        for name in ("max_grad_norm", "clip_value"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), low=0.0, open_low=True, what="> 0 or None")
+        if self.best_metric not in EVAL_METRICS:
+            raise OptionError("best_metric", f"best_metric {self.best_metric!r} is not an evaluation metric"
+                              f"{did_you_mean(str(self.best_metric), EVAL_METRICS)}; use one of {EVAL_METRICS}")
+        if self.effective_best_mode not in ("min", "max"):
+            raise OptionError("best_mode", f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.device is not None:
+            _check_device(self.device)
+        schedules = {}
+        for f in fields(self):
+            if f.metadata["schedule"]:
+                try:
+                    schedules[f.name] = as_schedule(getattr(self, f.name), f.name)
+                except (TypeError, ValueError) as exc:
+                    msg = str(exc)
+                    raise OptionError(f.name, msg if msg.startswith(f.name) else f"{f.name}: {msg}") from None
+        check_schedule_values(schedules)  # a bad schedule is an error now, not at the first step
 
     def schedules(self) -> dict[str, Schedule]:
         """The ``schedule`` fields as :class:`Schedule` objects (their lengths still open where not given)."""

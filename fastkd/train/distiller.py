@@ -44,11 +44,21 @@ from .checkpoint import (
     VERSION,
     CheckpointError,
     load_checkpoint,
+    read_verified,
+    remove_stale_temp_files,
     rng_state,
     save_atomic,
     set_rng_state,
 )
-from .config import OPTION_NAMES, PRECISIONS, DistillerConfig, options_doc, resolve_options
+from .config import (
+    OPTION_NAMES,
+    PRECISIONS,
+    DistillerConfig,
+    OptionError,
+    check_schedule_values,
+    options_doc,
+    resolve_options,
+)
 from .distributed import broadcast_object, gather_object, rank_and_world_size
 from .metrics import MetricsLog, progress_bar
 from .run_dir import RunDirError, RunFolder, fingerprint
@@ -58,6 +68,8 @@ from .stats import DeviceSums, EvalSums, WindowSums
 __all__ = ["Distiller", "DistillerConfig", "Callback", "RunDirError", "TrainState", "PRECISIONS"]
 
 log = logging.getLogger("fastkd.train")
+
+_CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "scaler", "state", "rng", "epoch_rng")
 
 
 class Callback:
@@ -224,7 +236,13 @@ class Distiller:
 
     def load_checkpoint(self, path: str | os.PathLike, *, weights_only: bool = False) -> dict:
         """Restore from a checkpoint: everything (default), or the student's weights alone."""
-        ckpt = load_checkpoint(path, map_location=self.device)
+        try:
+            ckpt = load_checkpoint(path, map_location=self.device)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}{self._other_checkpoint_advice(path)}") from exc
+        missing = [k for k in (("student",) if weights_only else _CHECKPOINT_KEYS) if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} is not a complete trainer checkpoint (no {', '.join(missing)})")
         try:
             self.student.load_state_dict(ckpt["student"])
         except RuntimeError as exc:
@@ -244,6 +262,21 @@ class Distiller:
         self._resume_rng = rngs[self.rank]
         self._epoch_rng = epoch_rngs[self.rank]
         return ckpt
+
+    def _other_checkpoint_advice(self, bad: str | os.PathLike) -> str:
+        """What to do when ``bad`` cannot be used: the run's other checkpoint if it is intact."""
+        if self.folder is None:
+            return ""
+        for other in (self.folder.last, self.folder.checkpoint("best.pt")):
+            if other.resolve() == Path(bad).resolve() or not other.is_file():
+                continue
+            try:
+                read_verified(other)
+            except CheckpointError:
+                continue
+            return (f". {other} is intact: resume from it (Distiller.fit(resume=\"{other}\"); from the command "
+                    f"line `fastkd resume {self.folder.path} --checkpoint {other.stem}`)")
+        return (f". No other intact checkpoint is in {self.folder.path}: start the run again in a new run folder")
 
     # ---- forward pieces ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -394,18 +427,28 @@ class Distiller:
         loader is deterministic given the RNG (shuffling from torch's RNG is; see docs/trainer.md, Checkpoints).
         """
         opts = self.options
+        # Everything that can be checked is checked before anything is written or trained.
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise OptionError("epochs", f"fastkd.Distiller.fit: epochs must be an integer >= 1, got {epochs!r}")
+        for what, loader in (("train_loader", train_loader), ("eval_loader", eval_loader)):
+            if loader is not None and not isinstance(loader, Iterable) and not hasattr(loader, "__getitem__"):
+                raise TypeError(f"fastkd.Distiller.fit: {what} must be an iterable of batches (a DataLoader, a "
+                                f"list, a generator), got {type(loader).__name__}")
         self._check_run_dir(resume)
         try:
             n_batches = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
             n_batches = None
         if resume:
+            if self.folder is not None and self.is_main:
+                remove_stale_temp_files(self.folder.last.parent)
             self.load_checkpoint(resume if not isinstance(resume, bool) else self.folder.last)
         else:
             per_epoch = math.ceil(n_batches / opts.accumulation_steps) if n_batches is not None else None
             self.state = TrainState(total_steps=None if per_epoch is None else per_epoch * epochs)
         if self.state.total_steps is not None:
             self._bind_schedules(self.state.total_steps)
+        check_schedule_values(self.schedules, self.state.total_steps)
         if self.folder is not None and self.is_main:
             self.folder.write_meta(self.fingerprint())
         self.metrics.open(bool(resume), self.state.step)

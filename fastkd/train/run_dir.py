@@ -99,6 +99,18 @@ class RunFolder:
         folder holding this very run (same fingerprint) to resume it. ``resume``: False, True (from
         checkpoints/last.pt) or a checkpoint path."""
         meta = self.read_meta()
+        if meta is not None and not self.has_checkpoint():
+            # A run that stopped before its first checkpoint (a failure at the first step, say): nothing in
+            # the folder can be resumed, so it is reused for whichever run comes next; its logs are rewritten.
+            if resume is True:
+                raise RunDirError(f"{self.path} holds no checkpoint to resume: its run stopped before its first "
+                                  "checkpoint. Start the run again in this folder (Distiller.fit(resume=False), "
+                                  f"`fastkd distill --config FILE --out {self.path}`): a run folder without a "
+                                  "checkpoint is reused")
+            if not resume:
+                log.warning("fastkd.Distiller: %s holds a run that never saved a checkpoint; reusing the folder "
+                            "for this run", self.path)
+                return
         if meta is not None:
             theirs = meta.get("fingerprint")
             if theirs != fingerprint:
@@ -107,10 +119,6 @@ class RunFolder:
                 raise RunDirError(
                     f"run folder {self.path} already holds a different run (differs in: {', '.join(diff)}); "
                     "nothing was overwritten. Choose another run folder, or resume with the run's own settings.")
-            if not resume and not self.last.exists():
-                log.warning("fastkd.Distiller: %s holds a run that never saved a checkpoint; starting it afresh",
-                            self.path)
-                return
             if not resume:
                 raise RunDirError(f"run folder {self.path} already holds this run (checkpoint {self.last}); resume "
                                   "it (Distiller.fit(resume=True), `fastkd resume DIR`) or choose another folder")
@@ -119,4 +127,10 @@ class RunFolder:
         else:
             refuse_non_empty(self.path, " (and holds no fastkd run); choose a new or empty folder")
         if resume is True and not self.last.exists():
-            raise RunDirError(f"{self.path} holds no checkpoint to resume (no {self.last})")
+            raise RunDirError(f"{self.path} holds no checkpoint to resume (no {self.last}); resume from its "
+                              f"best checkpoint (Distiller.fit(resume=\"{self.checkpoint('best.pt')}\"), "
+                              f"`fastkd resume {self.path} --checkpoint best`)")
+
+    def has_checkpoint(self) -> bool:
+        """Whether the folder holds a checkpoint (last.pt or best.pt) that a run could be resumed from."""
+        return any(self.checkpoint(name).is_file() for name in ("last.pt", "best.pt"))

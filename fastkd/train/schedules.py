@@ -16,6 +16,7 @@ tensor (and no host synchronisation) is involved.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -41,9 +42,22 @@ class Schedule:
         return {"schedule": type(self).__name__.lower(), **asdict(self)}  # type: ignore[call-overload]
 
 
+def _check_number(schedule: str, key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{schedule}: {key} must be a finite number, got {type(value).__name__} {value!r}")
+
+
+def _check_int(schedule: str, key: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{schedule}: {key} must be an integer >= {low}, got {type(value).__name__} {value!r}")
+
+
 @dataclass(frozen=True)
 class Constant(Schedule):
     value: float
+
+    def __post_init__(self):
+        _check_number("Constant", "value", self.value)
 
     def __call__(self, step: int) -> float:
         return float(self.value)
@@ -57,10 +71,12 @@ class _Ramp(Schedule):
     warmup: int = 0  # steps held at ``start`` before the ramp begins
 
     def __post_init__(self):
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"{type(self).__name__}: steps must be >= 1, got {self.steps}")
-        if self.warmup < 0:
-            raise ValueError(f"{type(self).__name__}: warmup must be >= 0, got {self.warmup}")
+        kind = type(self).__name__
+        _check_number(kind, "start", self.start)
+        _check_number(kind, "end", self.end)
+        if self.steps is not None:
+            _check_int(kind, "steps", self.steps, 1)
+        _check_int(kind, "warmup", self.warmup, 0)
 
     def with_total_steps(self, total: int) -> Schedule:
         if self.steps is not None:
@@ -133,7 +149,7 @@ def as_schedule(spec, name: str = "value") -> Schedule:
             raise ValueError(f"{name}: unknown key(s) {unknown} for a {kind} schedule; valid: {list(fields)}")
         try:
             return cls(**spec)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{name}: bad {kind} schedule {spec}: {exc}") from None
     if callable(spec):
         return Lambda(spec)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastkd.cli import main
+from fastkd.train.checkpoint import load_checkpoint
 from fastkd.train.distiller import Distiller
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,12 @@ def train_loader():
 
 def eval_loader():
     return DataLoader(_data(1), batch_size=20)
+
+def boom():
+    raise RuntimeError("the weights server is down")
+
+def not_a_loader():
+    return 42
 '''
 
 CONFIG = '''
@@ -127,7 +134,7 @@ def test_distill_is_reproducible_from_the_config(project, tmp_path):
     cfg = project(epochs=3)
     for name in ("a", "b"):
         assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / name)]) == 0
-    a, b = (torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=False) for n in ("a", "b"))
+    a, b = (load_checkpoint(tmp_path / n / "checkpoints" / "last.pt") for n in ("a", "b"))
     assert a["state"]["epoch"] == 3 and a["state"]["step"] == 9  # 5 batches, accumulation 2: 3 steps/epoch
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
     assert json.loads((tmp_path / "a" / "run.json").read_text())["fingerprint"]["config"]["seed"] == 3
@@ -149,8 +156,8 @@ def test_resume_after_interruption(project, tmp_path, monkeypatch):
     assert main(["distill", "--config", str(cfg), "--out", str(run)]) == 130
     monkeypatch.setattr(Distiller, "_run_epoch", real)
     assert main(["resume", str(run)]) == 0
-    a = torch.load(ref / "checkpoints" / "last.pt", weights_only=False)["student"]
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["student"]
+    a = load_checkpoint(ref / "checkpoints" / "last.pt")["student"]
+    b = load_checkpoint(run / "checkpoints" / "last.pt")["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -240,3 +247,101 @@ def test_config_file_errors(tmp_path, capsys):
     '''))
     assert main(["distill", "--config", str(cfg)]) == 2
     assert "missing student.factory" in _err(capsys)
+
+
+# ---- config values that cannot run: caught before anything is written or trained ------------------------------
+SCHEDULER = 'name = "cosine"\nwarmup_steps = 2'
+BAD_CONFIGS = {  # case: (text in the config, its replacement, what the message says)
+    "accumulation_steps=0": ("accumulation_steps = 2", "accumulation_steps = 0",
+                             "[train] accumulation_steps must be >= 1, got 0"),
+    "log_every=0": ("progress = false", "progress = false\nlog_every = 0", "[train] log_every must be >= 1"),
+    "eval_every=0": ("progress = false", "progress = false\neval_every = 0", "[train] eval_every must be >= 1, got 0"),
+    "checkpoint_epochs=0": ("progress = false", "progress = false\ncheckpoint_epochs = 0", "[train] checkpoint_epochs must be >= 1, got 0"),
+    "checkpoint_every=-1": ("progress = false", "progress = false\ncheckpoint_every = -1",
+                            "[train] checkpoint_every must be >= 1, got -1; leave it out"),
+    "best_metric=acc": ("progress = false", 'progress = false\nbest_metric = "acc"',
+                        "[train] best_metric 'acc' is not an evaluation metric; use one of ('student_acc'"),
+    "device=banana": ("progress = false", 'progress = false\ndevice = "banana"',
+                      "[train] device 'banana' is not a device"),
+    "epochs=0": ("epochs = 3", "epochs = 0", "[train] epochs = 0: must be >= 1"),
+    "epochs=-2": ("epochs = 3", "epochs = -2", "[train] epochs = -2: must be >= 1"),
+    "optimizer kwargs": ("lr = 0.01", "lr = 0.01\nkwargs = { nesterov = true }",
+                         "[optimizer] name = 'adamw' (AdamW) failed (kwargs {"),
+    "optimizer kwargs, the fix": ("lr = 0.01", "lr = 0.01\nkwargs = { nesterov = true }",
+                                  "; give [optimizer] only arguments that torch.optim.AdamW takes"),
+    "betas=[0.9]": ("lr = 0.01", "lr = 0.01\nbetas = [0.9]", "[optimizer] betas = [0.9]: give two numbers"),
+    "optimizer factory + ignored lr": ('name = "adamw"', 'factory = "torch.optim:SGD"',
+                                       "[optimizer] lr: not read with optimizer.factory"),
+    "scheduler factory missing an argument": (SCHEDULER, 'factory = "torch.optim.lr_scheduler:StepLR"',
+                                              "[scheduler] factory = 'torch.optim.lr_scheduler:StepLR' failed: "
+                                              "TypeError: StepLR.__init__() missing 1 required positional argument: 'step_size'; it is "
+                                              "called as factory(optimizer, **kwargs): give its other arguments in "
+                                              "[scheduler] kwargs"),
+    "ignored scheduler kwargs": (SCHEDULER, SCHEDULER + "\nkwargs = { T_max = 3 }",
+                                 "[scheduler] kwargs: not read with scheduler.name"),
+    "string in a schedule": ("start = 4.0", 'start = "4"', "[loss] temperature: bad linear schedule"),
+    "temperature reaches 0": ("end = 1.0", "end = 0.0",
+                              "[loss] temperature: the temperature schedule gives 0.0 at the end of its ramp; a "
+                              "temperature must be finite and > 0"),
+    "a factory that raises": ('"userproj:student"', '"userproj:boom"',
+                              "student.factory = 'userproj:boom' failed: RuntimeError: the weights server is down"),
+    "data factory returning a non-iterable": ('train = "userproj:train_loader"', 'train = "userproj:not_a_loader"',
+                                              "data.train = 'userproj:not_a_loader' gave a int, not an iterable"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_value_is_exit_2_before_anything_is_written(project, tmp_path, capsys, case):
+    old, new, message = BAD_CONFIGS[case]
+    cfg = project()
+    text = cfg.read_text()
+    assert old in text
+    cfg.write_text(text.replace(old, new, 1))
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
+    err = _err(capsys)
+    assert message in err and err.count("\n") == 1, err  # one message
+    assert not (tmp_path / "r").exists()
+
+
+def test_device_cuda_without_a_gpu(project, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = project(extra='device = "cuda"\n')
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
+    assert "[train] device 'cuda': no CUDA GPU is available here" in _err(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_lm_demo_seq_len_beyond_the_model(tmp_path, capsys):
+    assert main(["lm-demo", "--seq-len", "1000000", "--out", str(tmp_path / "lm")]) == 2
+    assert "--seq-len must be in [2, 4096], got 1000000" in _err(capsys)
+    assert not (tmp_path / "lm").exists()
+
+
+def test_failure_at_the_first_step_leaves_a_reusable_folder(project, tmp_path, capsys):
+    cfg = project(student="wide_student", epochs=1)
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2  # shapes differ: found at the first step
+    assert "differ in shape" in _err(capsys)
+    assert (tmp_path / "r" / "run.json").exists() and not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+    assert main(["resume", "r"]) == 2
+    err = _err(capsys)
+    assert "holds no checkpoint: its run stopped before its first checkpoint" in err and "fastkd distill" in err
+    cfg.write_text(cfg.read_text().replace("userproj:wide_student", "userproj:student"))  # the fix
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 0  # the folder is reused
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+
+
+def test_corrupt_last_checkpoint_advice_can_be_followed(project, tmp_path, capsys):
+    cfg = project(epochs=2)
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 0
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x04  # one flipped bit inside a tensor
+    last.write_bytes(data)
+    r = subprocess.run([sys.executable, "-m", "fastkd", "resume", "r"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{tmp_path}"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert "checksum does not match" in r.stderr and "`fastkd resume r --checkpoint best`" in r.stderr
+    assert main(["resume", "r", "--checkpoint", "best"]) == 0  # the advice, followed
+    assert main(["resume", "r", "--checkpoint", "nothing.pt"]) == 2
+    assert "use --checkpoint last, best or a checkpoint's path" in _err(capsys)

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from fastkd.cli import CONFIG_SCHEMA
-from fastkd.train.config import OPTION_NAMES, DistillerConfig, resolve_options, toml_section
+from fastkd.train.config import (
+    EVAL_METRICS,
+    OPTION_NAMES,
+    DistillerConfig,
+    OptionError,
+    resolve_options,
+    toml_section,
+)
 from fastkd.train.distiller import Distiller
 
 
@@ -82,3 +89,70 @@ def test_fingerprint_holds_the_identity_options():
     assert identity <= set(fp) and fp["beta"] == 0.25 and fp["config"] == {"seed": [1, 2]}
     assert set(fp["schedules"]) == {f.name for f in dataclasses.fields(DistillerConfig) if f.metadata["schedule"]}
     assert "log_every" not in fp  # how often to log is no part of what the run computes
+
+
+# ---- values the loop could not run with: a ValueError naming the option, at construction ---------------------
+BAD_OPTIONS = [
+    (dict(accumulation_steps=0), "accumulation_steps", "accumulation_steps must be >= 1, got 0"),
+    (dict(log_every=0), "log_every", "log_every must be >= 1, got 0"),
+    (dict(eval_every=0), "eval_every", "eval_every must be >= 1, got 0"),
+    (dict(checkpoint_epochs=0), "checkpoint_epochs", "checkpoint_epochs must be >= 1, got 0"),
+    (dict(checkpoint_every=-1), "checkpoint_every", "checkpoint_every must be >= 1, got -1"),
+    (dict(log_every=2.5), "log_every", "log_every must be an integer, got float 2.5"),
+    (dict(best_metric="acc"), "best_metric", "best_metric 'acc' is not an evaluation metric"),
+    (dict(best_metric="student_ac"), "best_metric", "did you mean 'student_acc'"),
+    (dict(device="banana"), "device", "device 'banana' is not a device"),
+    (dict(beta=1.5), "beta", "beta must be in \\[0, 1\\]"),
+    (dict(ignore_index=1.5), "ignore_index", "ignore_index must be an integer"),
+    (dict(temperature={"schedule": "linear", "start": "4", "end": 1.0}), "temperature",
+     "start must be a finite number, got str '4'"),
+    (dict(temperature={"schedule": "linear", "start": 4.0, "end": 0.0}), "temperature",
+     "the temperature schedule gives 0.0 at the end of its ramp; a temperature must be finite and > 0"),
+    (dict(temperature=0.0), "temperature", "gives 0.0 at step 0"),
+    (dict(soft_weight=float("nan")), "soft_weight", "value must be a finite number"),
+    (dict(hard_weight=-1.0), "hard_weight", "a hard_weight must be finite and >= 0"),
+    (dict(temperature=lambda step: "hot"), "temperature", "the temperature schedule fails at step 0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "option", "match"), BAD_OPTIONS, ids=lambda v: str(v)[:40])
+def test_bad_values_name_the_option(kwargs, option, match):
+    with pytest.raises(OptionError, match=match) as exc:
+        DistillerConfig(**kwargs)
+    assert exc.value.option == option and isinstance(exc.value, ValueError)
+    teacher, student = _models()
+    with pytest.raises(ValueError, match=match):  # the constructor's keywords go through the same checks
+        Distiller(teacher, student, _sgd, **kwargs)
+
+
+def test_cuda_device_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OptionError, match="no CUDA GPU is available here"):
+        DistillerConfig(device="cuda")
+    DistillerConfig(device="cpu")
+
+
+def test_best_metric_names_are_what_evaluate_returns():
+    teacher, student = _models()
+    data = [(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))]
+    assert tuple(Distiller(teacher, student, _sgd, progress=False).evaluate(data)) == EVAL_METRICS
+
+
+def test_fit_checks_epochs_loaders_and_schedules_before_writing(tmp_path):
+    teacher, student = _models()
+    data = [(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))] * 3
+    run = tmp_path / "run"
+    d = Distiller(teacher, student, _sgd, run_dir=run, progress=False, tensorboard=False,
+                  temperature=lambda step: 2.0 - step)  # 2 at step 0, 0 at the last step (2 of 3)
+    for epochs in (0, -1, 1.5):
+        with pytest.raises(OptionError, match="epochs must be an integer >= 1"):
+            d.fit(data, epochs=epochs)
+    with pytest.raises(TypeError, match="train_loader must be an iterable of batches"):
+        d.fit(42)
+    with pytest.raises(OptionError, match="the temperature schedule gives 0.0 at step 2 \\(the run's last\\)"):
+        d.fit(data, epochs=1)
+    assert not run.exists()  # nothing written
+    d = Distiller(teacher, student, _sgd, run_dir=run, progress=False, tensorboard=False,
+                  temperature=lambda step: 2.0 - step / 4)
+    d.fit(data, epochs=1)
+    assert d.state.step == 3

@@ -54,12 +54,13 @@ def test_meta_round_trip_and_checks(tmp_path):
     meta = json.loads(folder.meta.read_text())
     assert set(meta) == {"fastkd_version", "torch_version", "fingerprint"} and folder.read_meta() == meta
     folder.check({"a": 1}, resume=False)  # this run, never checkpointed: started afresh
-    with pytest.raises(RunDirError, match="differs in: a, b"):
-        folder.check({"a": 2, "b": 0}, resume=False)
-    with pytest.raises(RunDirError, match="no checkpoint to resume"):
+    folder.check({"a": 2, "b": 0}, resume=False)  # another run: a folder without a checkpoint is reused
+    with pytest.raises(RunDirError, match="no checkpoint to resume: its run stopped before its first checkpoint"):
         folder.check({"a": 1}, resume=True)
     folder.last.parent.mkdir()
     folder.last.write_bytes(b"")
+    with pytest.raises(RunDirError, match="differs in: a, b"):
+        folder.check({"a": 2, "b": 0}, resume=False)
     with pytest.raises(RunDirError, match="already holds this run"):
         folder.check({"a": 1}, resume=False)
     folder.check({"a": 1}, resume=True)
