@@ -1,7 +1,15 @@
 // Helpers shared by every fastkd kernel file (host code only).
+//
+// The narrow ATen headers, not <ATen/ATen.h>: the tensor class, dispatch and the few factory functions
+// the kernels call. <ATen/ATen.h> (every operator) was most of each translation unit's compile time.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <c10/util/Exception.h>
 
 #define FKD_CHECK(cond, ...) TORCH_CHECK(cond, "fastkd: ", __VA_ARGS__)
