@@ -4,12 +4,17 @@
 # failing step prints the tail of its log.
 PYTHON ?= python3
 VENV   ?= .venv
-# A CUDA build of torch, so that `make test` compiles the CUDA kernels too (they need no GPU to
-# compile); TORCH=2.13.0 gives a CPU-only build (1 GB instead of 5.5 GB).
+# `make test` (and CI): a CUDA build of torch, so that the CUDA kernels are compiled too (they need
+# no GPU to compile). TORCH=2.13.0 gives the CPU-only build (1 GB instead of 5.5 GB).
 TORCH  ?= 2.14.1
+# `make demo` runs on the CPU: on a venv without torch it installs the CPU-only build; a venv that
+# already has a torch (e.g. from `make test`) keeps it.
+DEMO_TORCH ?= 2.13.0
 RUFF   ?= 0.17.6
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.fastkd-deps-$(TORCH)
+DEPS   := $(VENV)/.fastkd-deps-
+STAMP  := $(DEPS)$(TORCH)
+DEMO_STAMP := $(or $(firstword $(wildcard $(DEPS)*)),$(DEPS)$(DEMO_TORCH))
 LOGS   := build/logs
 SOURCES := setup.py fastkd/_env.py $(shell find csrc -type f)
 # The extension as the demo needs it (the C++ CPU kernels), and as the tests need it (the CUDA kernels
@@ -23,17 +28,19 @@ logged = mkdir -p $(LOGS); if ! { $(2); } > $(LOGS)/$(1).log 2>&1; then tail -n 
 	echo "*** make: step '$(1)' failed; its whole log is $(LOGS)/$(1).log"; exit 1; fi
 
 .PHONY: demo test lint build bench clean
+.PRECIOUS: $(DEPS)%
 
-$(STAMP): pyproject.toml
-	@echo "[1/3] environment: $(VENV) with torch $(TORCH) and the dependencies ($(LOGS)/venv.log)"
+# The venv with torch $* and every dependency; its stamp names the torch version.
+$(DEPS)%: pyproject.toml
+	@echo "[1/3] environment: $(VENV) with torch $* and the dependencies ($(LOGS)/venv.log)"
 	@$(call logged,venv,test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 		$(PY) -m pip install -q --upgrade "pip>=23" setuptools wheel && \
-		$(PY) -m pip install -q "torch==$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark expecttest \
+		$(PY) -m pip install -q "torch==$*" numpy ninja pybind11 pytest pytest-benchmark expecttest \
 			matplotlib scikit-learn tqdm "ruff==$(RUFF)" && \
 		FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .)
-	@rm -f $(VENV)/.fastkd-deps-* && touch $@
+	@rm -f $(DEPS)* && touch $@
 
-$(EXT_CPU): $(STAMP) $(SOURCES)
+$(EXT_CPU): $(DEMO_STAMP) $(SOURCES)
 	@echo "[2/3] build: fastkd._C, C++ CPU kernels ($(LOGS)/build.log)"
 	@$(call logged,build,FASTKD_NO_CUDA=1 $(BUILD))
 	@rm -f $(EXT_FULL) && touch $@
