@@ -216,3 +216,22 @@ def test_empty_rows():
     s = torch.empty(0, 100, device="cuda")
     loss, grad = run_op(s, s, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
     assert loss.item() == 0.0 and grad.shape == (0, 100)
+
+
+@pytest.mark.parametrize("vocab", [64, 1000, 2048, 4099, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_every_thread_normalises_with_the_same_statistics(vocab, dtype, divergence):
+    # Every 8th entry holds the same (student, teacher) pair, so every lane and thread has some of them:
+    # their gradients must be bit-identical. Different bits mean that two threads normalised with
+    # different log-sum-exps (a multiply-add contracted differently on the two lanes of an exchange).
+    rows = 4
+    s = make_logits(rows, vocab, dtype, 40)
+    t = make_logits(rows, vocab, dtype, 41)
+    s[:, ::8] = s[:, :1]
+    t[:, ::8] = t[:, :1]
+    labels = torch.full((rows,), 1, dtype=torch.long, device="cuda")  # not a probe entry
+    for temperature in (1.0, 2.0):  # 2.0 with the hard term: the separate T = 1 statistics too
+        _, grad = run_op(s, t, labels, temperature, divergence, 0.4, 1.0, 0.5, -100, "none")
+        probes = grad[:, ::8]
+        assert torch.equal(probes, probes[:, :1].expand_as(probes))
