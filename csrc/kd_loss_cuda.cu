@@ -28,11 +28,15 @@
 //     the reuse distance of an element is 2 x (its distance from the turning point) instead of a
 //     whole row; loads that are an element's last use are evict-first (ld.global.cs), as are the
 //     gradient stores (st.global.cs), so they do not push the pending re-reads out of L2;
-//   * rows that need more than half the on-chip budget run one block (512 threads) per SM, so
-//     the rows in flight -- and the L2 working set -- are bounded by the SM count; smaller rows run
-//     two blocks per SM (256 threads each), which overlaps one row's exp-bound on-chip sweep with
-//     another row's DRAM-bound sweep 1 (also chosen when the part of the row left in L2 is small
-//     next to the L2 size).
+//   * rows that need more than a block's share of two blocks per SM run one block (512 threads)
+//     per SM, so the rows in flight -- and the L2 working set -- are bounded by the SM count;
+//     smaller rows run two blocks per SM (256 threads each), which overlaps one row's exp-bound
+//     on-chip sweep with another row's DRAM-bound sweep 1 (also chosen when the part of the row
+//     left in L2 is small next to the L2 size). A block's share counts what the SM really gives it:
+//     half of sharedMemPerMultiprocessor, less the driver's reserved 1 KiB per block and the
+//     kernel's static shared memory. The choice is plain arithmetic on the device's properties,
+//     kd_loss_launch.h, tested without a GPU; the opt-in for more than 48 KiB is raised once per
+//     device and kernel.
 //   For (8192, 128256) bf16 on an H200: 227 KB of each 513 KB row stays on chip, the other 286 KB
 //   is re-read backwards from L2, of which roughly the last 190 KB per row hits (50 MB / (132 rows
 //   x 2)), so DRAM traffic is about 1.13x the ideal (an estimate, to be measured).
@@ -48,29 +52,24 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
+#include <array>
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "kd_loss.h"
+#include "kd_loss_launch.h"
 
 namespace fastkd {
 namespace {
 
 constexpr int kWarpSize = 32;
-// Registers: the row kernels need ~100-128 registers per thread without spilling (two packs of
-// 8 elements in flight, each entry with its exps and log-probabilities); at 64 registers (1024
-// threads per SM) ptxas spilled 150-900 bytes per thread. So a block has at most 512 threads
-// (128 registers) and an SM runs 512 of them: one 512-thread block for big rows, two 256-thread
-// blocks for medium ones.
-constexpr int kMaxBlockThreads = 512;    // block-per-row kernel, one block per SM for big rows
-constexpr int kMinBlockThreads = 128;
-constexpr int kTwoPerSmThreads = 256;    // when two blocks share an SM
-constexpr int kWarpKernelThreads = 256;  // warp-per-row kernel: 8 rows per block, 2 blocks per SM
-constexpr int kWarpRowMaxVocab = 2048;   // up to 64 elements per lane
-constexpr int kPacksPerThread = 4;       // block size ~ packs per row / 4 (enough independent loads)
+// Block sizes, the warp-row limit and the shared-memory budget: kd_loss_launch.h.
 constexpr int kBatchElems = 16;          // elements loaded per thread before any is used: 2 packs of
                                          // 8 (4 of 4 with fp32): 32-64 KB in flight per SM
 constexpr int kScaleMaxThreads = 512;
@@ -484,19 +483,60 @@ kd_loss_scale_kernel(X* __restrict__ grad,              // [rows, vocab] contigu
 // ---- host side -----------------------------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Threads per row for the block kernels: about kPacksPerThread packs per thread, 128..max_threads.
-int block_threads(int64_t packs, int max_threads) {
-  int threads = kMinBlockThreads;
-  while (threads < max_threads && threads * static_cast<int64_t>(kPacksPerThread) < packs) threads *= 2;
-  return threads;
+KdDeviceLimits device_limits(const cudaDeviceProp& p) {
+  return {p.major,
+          static_cast<int64_t>(p.sharedMemPerBlock),
+          static_cast<int64_t>(p.sharedMemPerBlockOptin),
+          static_cast<int64_t>(p.sharedMemPerMultiprocessor),
+          static_cast<int64_t>(p.reservedSharedMemPerBlock),
+          p.multiProcessorCount,
+          p.l2CacheSize,
+          p.regsPerMultiprocessor,
+          p.maxThreadsPerMultiProcessor,
+          p.maxBlocksPerMultiProcessor};
 }
 
-// Static shared memory of a kernel (cudaFuncGetAttributes once per instantiation).
-template <typename K>
-int static_smem_bytes(K kernel) {
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return static_cast<int>(attr.sharedSizeBytes);
+// One instantiation of the forward kernel on one device: what it was compiled to (queried once per
+// device) and its opt-in for more than 48 KiB of shared memory, raised once per device to the most
+// any of its launches asks (sharedMemPerBlockOptin - static), never per call to that call's size:
+// two host threads launching different sizes would race between one's attribute and the other's
+// launch.
+template <Divergence D, typename S, typename T, bool kWarpGroup>
+struct FwdKernel {
+  static auto fn() { return kd_loss_fwd_kernel<D, S, T, kWarpGroup>; }
+
+  static const KdKernelFacts& facts(int device) {
+    static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+    static std::array<KdKernelFacts, C10_COMPILE_TIME_MAX_GPUS> facts;
+    std::call_once(once[device], [&] {
+      cudaFuncAttributes attr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn()));
+      facts[device] = {static_cast<int64_t>(attr.sharedSizeBytes), attr.numRegs};
+    });
+    return facts[device];
+  }
+
+  // The configuration of rows of `vocab` entries on `device` (the current device), with the opt-in
+  // raised where it needs it.
+  static KdLaunchConfig config(int device, int64_t vocab) {
+    constexpr int N = pack_elems<S, T>();
+    const KdLaunchConfig c = kd_launch_config(device_limits(*at::cuda::getDeviceProperties(device)), facts(device),
+                                              vocab, N, sizeof(Pack<S, N>) + sizeof(Pack<T, N>));
+    if (c.opt_in) {
+      static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+      std::call_once(once[device], [&] {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(fn(), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(c.max_dyn_smem)));
+      });
+    }
+    return c;
+  }
+};
+
+template <Divergence D, typename S, typename T>
+KdLaunchConfig fwd_config(int device, int64_t vocab) {
+  return vocab <= kWarpRowMaxVocab ? FwdKernel<D, S, T, true>::config(device, vocab)
+                                   : FwdKernel<D, S, T, false>::config(device, vocab);
 }
 
 template <Divergence D, typename S, typename T>
@@ -507,51 +547,47 @@ void launch_kd_loss_fwd(const KdLossArgs& a, const float* weight, float* row_los
   const int vocab = static_cast<int>(a.vocab);
   const int64_t ss = a.student.stride(0), ts = a.teacher.stride(0);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const KdLaunchConfig c = fwd_config<D, S, T>(a.student.get_device(), vocab);
 
-  if (vocab <= kWarpRowMaxVocab) {
+  if (c.warp_kernel) {
     // Small rows: one warp each. The row is re-read from L1/L2 right after sweep 1 (a few KB per
     // warp, microseconds later), so no shared-memory cache is needed.
     const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kWarpKernelThreads / kWarpSize), INT_MAX);
-    kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(
+    kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), c.threads, 0, stream>>>(
         s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-
-  constexpr int N = pack_elems<S, T>();
-  auto kernel = kd_loss_fwd_kernel<D, S, T, false>;
-  static const int static_smem = static_smem_bytes(kernel);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();  // cached by ATen: no sync
-  const int64_t packs = vocab / N;                                     // >= the body of any row
-  const int64_t pack_bytes = sizeof(Pack<S, N>) + sizeof(Pack<T, N>);
-  const int64_t want = packs * pack_bytes + 16;                         // + alignment padding
-  const int64_t avail = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - static_smem;
-  const int64_t half = (avail / 2) & ~int64_t{15};
-  // Shared-memory budget (see the header comment): the whole row when it fits twice per SM; half
-  // the budget (two rows per SM) when the part left in L2 is small next to the L2; else the whole
-  // budget with one row per SM, which bounds the L2 working set by the SM count.
-  int64_t smem;
-  int max_threads;
-  if (want <= half) {
-    smem = want;
-    max_threads = kTwoPerSmThreads;
-  } else if ((want - half) * 2 * prop->multiProcessorCount <= static_cast<int64_t>(prop->l2CacheSize) / 4) {
-    smem = half;
-    max_threads = kTwoPerSmThreads;
   } else {
-    smem = std::min(want, avail);
-    max_threads = kMaxBlockThreads;
+    const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
+    kd_loss_fwd_kernel<D, S, T, false><<<static_cast<unsigned>(blocks), c.threads, static_cast<size_t>(c.dyn_smem),
+                                         stream>>>(s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab,
+                                                   a.params, c.cache_packs);
   }
-  smem = std::max<int64_t>(smem, 0);
-  const int cache_packs = smem >= 16 ? static_cast<int>((smem - 16) / pack_bytes) : 0;
-  const int threads = block_threads(packs, max_threads);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
-  kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(
-      s, ss, t, ts, labels, weight, row_losses, grad, a.rows, vocab, a.params, cache_packs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The configuration a launch for rows of `vocab` entries gets on the current device, and the runtime's
+// occupancy of it (cudaOccupancyMaxActiveBlocksPerMultiprocessor) beside fastkd's own count.
+template <Divergence D, typename S, typename T>
+std::vector<std::pair<std::string, int64_t>> fwd_launch_info(int64_t vocab) {
+  const int device = c10::cuda::current_device();
+  const KdLaunchConfig c = fwd_config<D, S, T>(device, vocab);
+  const auto fn = c.warp_kernel ? FwdKernel<D, S, T, true>::fn() : FwdKernel<D, S, T, false>::fn();
+  int occupancy = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, fn, c.threads,
+                                                               static_cast<size_t>(c.dyn_smem)));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
+  return {{"warp_kernel", c.warp_kernel},
+          {"threads", c.threads},
+          {"dyn_smem", c.dyn_smem},
+          {"cache_packs", c.cache_packs},
+          {"opt_in", c.opt_in},
+          {"max_dyn_smem", c.max_dyn_smem},
+          {"target_blocks_per_sm", c.target_blocks_per_sm},
+          {"blocks_per_sm", c.blocks_per_sm},
+          {"static_smem", static_cast<int64_t>(attr.sharedSizeBytes)},
+          {"regs", attr.numRegs},
+          {"max_dyn_smem_attr", attr.maxDynamicSharedSizeBytes},
+          {"occupancy", occupancy}};
 }
 
 // Calls f(X{}) for the logit dtypes the CUDA kernels take (fp64 is converted to fp32 before).
@@ -637,7 +673,35 @@ void kd_loss_scale_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   }
 }
 
+at::ScalarType logit_dtype(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  FKD_CHECK(false, "unknown logit dtype '", name, "' (float32, bfloat16 or float16)");
+  return at::kFloat;
+}
+
 }  // namespace
+
+std::vector<std::pair<std::string, int64_t>> kd_cuda_launch_info(const std::string& student_dtype,
+                                                                  const std::string& teacher_dtype,
+                                                                  const std::string& divergence, int64_t vocab) {
+  FKD_CHECK(vocab >= 1 && vocab <= (int64_t{1} << 30), "vocab must be in [1, 2^30], got ", vocab);
+  const Divergence d = parse_divergence(divergence);
+  std::vector<std::pair<std::string, int64_t>> out;
+  dispatch_logits(logit_dtype(student_dtype), "student_dtype", [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_logits(logit_dtype(teacher_dtype), "teacher_dtype", [&](auto t_tag) {
+      using T = decltype(t_tag);
+      switch (d) {
+        case Divergence::KL: out = fwd_launch_info<Divergence::KL, S, T>(vocab); break;
+        case Divergence::ReverseKL: out = fwd_launch_info<Divergence::ReverseKL, S, T>(vocab); break;
+        case Divergence::JSD: out = fwd_launch_info<Divergence::JSD, S, T>(vocab); break;
+      }
+    });
+  });
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);
