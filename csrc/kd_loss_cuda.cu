@@ -42,10 +42,12 @@
 //   x 2)), so DRAM traffic is about 1.13x the ideal (an estimate, to be measured).
 //
 // Vectorisation: a "pack" is 16 bytes of the wider of the two logit dtypes (8 bf16/fp16 or 4 fp32
-// elements; the narrower dtype loads 8 bytes). Each row is split into a scalar head (until every
-// pointer is pack-aligned), packs, and a scalar tail; the alignment of the student, teacher and
-// gradient rows is checked at run time, per row (so odd vocabularies such as 50257 and offset views
-// are vectorised too). When the three pointers cannot be aligned together the whole row is scalar.
+// elements; the narrower dtype loads 8 bytes). Each row is split into a scalar head (until the
+// student and teacher pointers are pack-aligned), packs, and a scalar tail; their alignment is
+// checked at run time, per row (so odd vocabularies such as 50257 and offset views are vectorised
+// too). When the student and teacher cannot be aligned together the whole row is scalar. The
+// gradient (contiguous: with a padded row stride of the logits its rows start at another phase)
+// is stored in pieces of the widest width its row's alignment allows (16, 8, 4 or 2 bytes).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -91,6 +93,7 @@ template <int Bytes> struct RawOf;
 template <> struct RawOf<16> { using type = int4; };
 template <> struct RawOf<8> { using type = int2; };
 template <> struct RawOf<4> { using type = int; };
+template <> struct RawOf<2> { using type = short; };
 
 // Keep: the data is read again (L1/L2 allocate normally). Last: the element's last read from global
 // memory (evict-first, so it does not displace lines still waiting for their re-read).
@@ -114,35 +117,45 @@ __device__ __forceinline__ void store_pack(X* p, const Pack<X, N>& v) {  // stre
   __stcs(reinterpret_cast<R*>(p), r);
 }
 
+// A pack stored at an address aligned to `align` bytes only (a power of two from sizeof(X) to the
+// pack's size; the same for every pack of a row, so the branch is uniform): in pieces of that width.
+template <int W, typename X, int N>
+__device__ __forceinline__ void store_pieces(X* p, const Pack<X, N>& v) {
+  using R = typename RawOf<W>::type;
+  constexpr int K = static_cast<int>(sizeof(X)) * N / W;
+  R r[K];
+  memcpy(r, &v, sizeof(r));
+#pragma unroll
+  for (int k = 0; k < K; ++k) __stcs(reinterpret_cast<R*>(p) + k, r[k]);
+}
+
+template <typename X, int N>
+__device__ __forceinline__ void store_pack_aligned(X* p, const Pack<X, N>& v, int align) {
+  constexpr int B = static_cast<int>(sizeof(X)) * N;
+  if (align >= B) {
+    store_pack(p, v);
+    return;
+  }
+  if constexpr (B > 8) {
+    if (align >= 8) return store_pieces<8>(p, v);
+  }
+  if constexpr (B > 4 && sizeof(X) <= 4) {
+    if (align >= 4) return store_pieces<4>(p, v);
+  }
+  if constexpr (sizeof(X) == 2) store_pieces<2>(p, v);
+}
+
 template <typename X>
 __device__ __forceinline__ float to_f(X x) {
   return static_cast<float>(x);
 }
 
-// Split of one row: scalars [0, head), packs at head + N * j for j in [0, body), scalars [tail, vocab).
-struct RowLayout {
-  int head;
-  int body;
-  int tail;
-};
-
+// Split of one row (kd_loss_launch.h): packs placed by the student's and teacher's phase, the
+// gradient stored in pieces of its own alignment.
 template <int N, typename S, typename T>
 __device__ __forceinline__ RowLayout row_layout(const S* s, const T* t, const S* g, int vocab) {
-  // Element offset of each pointer within its pack; the three must agree for a common head.
-  const auto mis = [](const auto* ptr) {
-    using E = std::remove_cv_t<std::remove_pointer_t<decltype(ptr)>>;
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(ptr);
-    return addr % sizeof(E) != 0 ? -1 : static_cast<int>((addr / sizeof(E)) % N);
-  };
-  const int ms = mis(s);
-  bool ok = ms >= 0;
-  if (t != nullptr) ok = ok && mis(t) == ms;
-  if (g != nullptr) ok = ok && mis(g) == ms;
-  RowLayout L;
-  L.head = ok ? min((N - ms) % N, vocab) : vocab;  // not alignable together: the whole row is scalar
-  L.body = (vocab - L.head) / N;
-  L.tail = L.head + L.body * N;
-  return L;
+  return kd_row_layout(reinterpret_cast<uintptr_t>(s), sizeof(S), reinterpret_cast<uintptr_t>(t), sizeof(T),
+                       reinterpret_cast<uintptr_t>(g), vocab, N);
 }
 
 // Calls use(j, load(j)) for the packs j = begin + rank + k * size of this thread, k ascending (or
@@ -327,7 +340,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
           PS zero;
 #pragma unroll
           for (int k = 0; k < N; ++k) zero.v[k] = S(0.f);
-          for (int j = rank; j < L.body; j += size) store_pack(gb + j * N, zero);
+          for (int j = rank; j < L.body; j += size) store_pack_aligned(gb + j * N, zero, L.g_align);
         }
         continue;
       }
@@ -423,7 +436,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
           const float gv = entry(to_f(x.s.v[k]), to_f(x.t.v[k]), L.head + j * N + k);
           if constexpr (kGrad) out.v[k] = static_cast<S>(gv);
         }
-        if constexpr (kGrad) store_pack(gb + j * N, out);
+        if constexpr (kGrad) store_pack_aligned(gb + j * N, out, L.g_align);
       };
       // The L2 part first: its lines are the ones at risk of eviction.
       for_packs<kUnroll, kReverse>(

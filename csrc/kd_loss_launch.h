@@ -1,6 +1,7 @@
 // Launch configuration of the CUDA KD-loss kernels (kd_loss_cuda.cu) as plain arithmetic on device
 // properties passed in: no CUDA call here, so the choices are tested on machines without a GPU
-// (tests/ops/test_kd_launch_config.py, through fastkd._C.kd_cuda_launch_config) with the property values of an H100/H200 and an A100.
+// (tests/ops/test_kd_launch_config.py, through fastkd._C.kd_cuda_launch_config and
+// kd_cuda_row_layout) with the property values of an H100/H200 and an A100.
 //
 // Shared memory, as the hardware and cuda_occupancy.h count it (sm_80 and later):
 //   * a block may have static + dynamic <= sharedMemPerBlock (48 KiB) unless the kernel's
@@ -135,6 +136,41 @@ inline KdLaunchConfig kd_launch_config(const KdDeviceLimits& d, const KdKernelFa
   c.opt_in = k.static_smem + c.dyn_smem > d.smem_per_block;
   c.blocks_per_sm = kd_blocks_per_sm(d, k, c.threads, c.dyn_smem);
   return c;
+}
+
+// Split of one row: scalars [0, head), packs at head + N * j for j in [0, body), scalars [tail, vocab).
+// The packs are placed by the student's and the teacher's element phase (their loads are the 16-byte
+// vector loads); the gradient (contiguous, so its rows have their own phase whenever the logits have
+// a padded row stride, e.g. logits[..., :50257] of a 50304-wide buffer) is stored in pieces of
+// g_align bytes: the largest power of two up to its pack size that divides the address of its first
+// pack, the same for every pack of the row.
+struct RowLayout {
+  int head;
+  int body;
+  int tail;
+  int g_align;  // bytes; 0 without a gradient
+};
+
+// Addresses as integers; t = 0 or g = 0: no teacher / no gradient row. n: elements per pack.
+FKD_HD RowLayout kd_row_layout(uintptr_t s, int s_size, uintptr_t t, int t_size, uintptr_t g, int vocab, int n) {
+  // Element offset of each pointer within its pack (-1: not even element-aligned).
+  const auto phase = [n](uintptr_t addr, int size) {
+    return addr % size != 0 ? -1 : static_cast<int>((addr / size) % n);
+  };
+  const int ps = phase(s, s_size);
+  const bool ok = ps >= 0 && (t == 0 || phase(t, t_size) == ps);
+  RowLayout L;
+  L.head = ok ? ((n - ps) % n < vocab ? (n - ps) % n : vocab) : vocab;  // not alignable together: all scalar
+  L.body = (vocab - L.head) / n;
+  L.tail = L.head + L.body * n;
+  L.g_align = 0;
+  if (g != 0) {
+    const uintptr_t first = g + static_cast<uintptr_t>(L.head) * s_size;
+    int a = n * s_size;
+    while (a > s_size && first % a != 0) a /= 2;
+    L.g_align = a;
+  }
+  return L;
 }
 
 #ifdef FASTKD_WITH_CUDA

@@ -58,6 +58,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kd_cuda_launch_config", &kd_cuda_launch_config, py::arg("limits"), py::arg("vocab"),
         py::arg("student_bytes"), py::arg("teacher_bytes"), py::arg("static_smem"), py::arg("regs"),
         "The CUDA KD-loss launch configuration for the given device properties (no GPU needed).");
+  m.def("kd_cuda_row_layout", [](uintptr_t s, int s_size, uintptr_t t, int t_size, uintptr_t g, int vocab, int n) {
+    const fastkd::RowLayout L = fastkd::kd_row_layout(s, s_size, t, t_size, g, vocab, n);
+    return py::make_tuple(L.head, L.body, L.tail, L.g_align);
+  }, "The CUDA KD-loss kernel's split of a row at these addresses: (head, body, tail, gradient store width).");
 #ifdef FASTKD_WITH_CUDA
   m.def("kd_cuda_launch_info", [](const std::string& s, const std::string& t, const std::string& div, int64_t vocab) {
     py::dict out;

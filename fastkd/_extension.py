@@ -141,6 +141,12 @@ def kd_cuda_launch_config(limits: dict, vocab: int, student_bytes: int, teacher_
     return EXT.kd_cuda_launch_config(limits, vocab, student_bytes, teacher_bytes, static_smem, regs)
 
 
+def kd_cuda_row_layout(s_addr: int, s_size: int, t_addr: int, t_size: int, g_addr: int, vocab: int,
+                       pack_elems: int) -> tuple:
+    """(head, body, tail, gradient store width in bytes) of a row at these addresses (0: absent)."""
+    return EXT.kd_cuda_row_layout(s_addr, s_size, t_addr, t_size, g_addr, vocab, pack_elems)
+
+
 def kd_cuda_launch_info(student_dtype: str, teacher_dtype: str, divergence: str, vocab: int) -> dict:
     """The configuration a CUDA KD-loss forward gets on the current GPU and the runtime's occupancy of it
     (a CUDA build on a machine with a GPU)."""

@@ -111,6 +111,31 @@ def test_warp_kernel_rows():
         assert c["blocks_per_sm"] >= 2
 
 
+def test_row_layout_padded_stride():
+    # logits[..., :50257] of a 50304-wide bf16 buffer: the inputs' rows all start 16-byte aligned, the
+    # contiguous gradient's rows at every phase. Every row is vectorised on the inputs' phase; the
+    # gradient is stored in pieces of its own alignment (it sent 7 rows in 8 to scalar loads before).
+    vocab, width, base_s, base_t, base_g = 50257, 50304, 1 << 32, 1 << 33, 1 << 34
+    widths = []
+    for r in range(16):
+        head, body, tail, g_align = _extension.kd_cuda_row_layout(
+            base_s + 2 * r * width, 2, base_t + 2 * r * width, 2, base_g + 2 * r * vocab, vocab, 8)
+        assert (head, body, tail) == (0, vocab // 8, vocab // 8 * 8), r
+        widths.append(g_align)
+    assert widths[:8] == [16, 2, 4, 2, 8, 2, 4, 2] and widths[8:] == widths[:8]
+
+
+def test_row_layout_phases():
+    # The common head of student and teacher; a teacher at another phase: the whole row is scalar.
+    assert _extension.kd_cuda_row_layout(1 << 20 | 6, 2, 1 << 21 | 6, 2, 1 << 22, 100, 8) == (5, 11, 93, 2)
+    assert _extension.kd_cuda_row_layout(1 << 20 | 6, 2, 1 << 21 | 2, 2, 1 << 22, 100, 8)[:3] == (100, 0, 100)
+    # Mixed bf16 student / fp32 teacher: 4-element packs, an 8-byte gradient pack.
+    assert _extension.kd_cuda_row_layout(1 << 20 | 4, 2, 1 << 21 | 8, 4, 1 << 22 | 12, 50, 4) == (2, 12, 50, 8)
+    # No gradient (forward only): no store width; the scale kernel's own row (no teacher).
+    assert _extension.kd_cuda_row_layout(1 << 20, 4, 0, 4, 0, 7, 4) == (0, 1, 4, 0)
+    assert _extension.kd_cuda_row_layout(1 << 20 | 4, 4, 0, 0, 0, 3, 4) == (3, 0, 3, 0)
+
+
 OCC_PROGRAM = r"""
 #include <cstdio>
 #include <cuda_occupancy.h>

@@ -323,3 +323,20 @@ def test_every_thread_normalises_with_the_same_statistics(vocab, dtype, divergen
         _, grad = run_op(s, t, labels, temperature, divergence, 0.4, 1.0, 0.5, -100, "none")
         probes = grad[:, ::8]
         assert torch.equal(probes, probes[:, :1].expand_as(probes))
+
+
+@pytest.mark.parametrize("vocab,width", [(50257, 50304), (4099, 4104), (1001, 1008)])
+@pytest.mark.parametrize("dtypes", [(BF16, BF16), (F16, F16), (F32, F32), (BF16, F32)], ids=str)
+def test_padded_row_stride(vocab, width, dtypes):
+    # logits[..., :vocab] of a wider buffer: the inputs' rows all start at one phase, the contiguous
+    # gradient's rows at every phase (16 rows: all 8 of them), stored in pieces of their alignment.
+    rows = 16
+    s = make_logits(rows, width, dtypes[0], 50)[:, :vocab]
+    t = make_logits(rows, width, dtypes[1], 51)[:, :vocab]
+    labels = make_labels(rows, vocab, 52)
+    for div in DIVERGENCES:
+        args = (labels, 2.0, div, 0.5, 0.8, 0.2, -100, "batchmean")
+        loss, grad = run_op(s, t, *args)
+        ref_loss, ref_grad = run_ref(s, t, *args)
+        assert grad.is_contiguous() and grad.shape == (rows, vocab)
+        check(loss, grad, ref_loss, ref_grad, dtypes[0])
