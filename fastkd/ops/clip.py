@@ -23,7 +23,6 @@ import warnings
 
 import torch
 import torch.nn.utils.clip_grad as _torch_clip
-
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..reference import clip as reference
