@@ -42,7 +42,8 @@ def _liger():
     """Liger-Kernel's KL divergence and JSD losses, when importable (CUDA only)."""
     try:
         from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss  # noqa: PLC0415
-    except Exception:  # not installed, or no Triton
+    except Exception as exc:  # not installed, or no Triton: said, not hidden
+        print(f"# Liger-Kernel not used: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return None
     kl = LigerKLDIVLoss(reduction="batchmean")
     jsd = LigerJSD(beta=0.0)  # beta = 0 is forward KL in Liger's convention too
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="two small shapes, few repeats (a smoke run)")
+    ap.add_argument("--shapes", default=None, help="rows x vocab list instead of the device's grid, e.g. 8192x128256")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--providers", default=None, help="comma-separated subset")
@@ -133,6 +135,8 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
     shapes = QUICK_SHAPES if args.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     modes = args.modes.split(",")
     if set(modes) - set(MODES):

@@ -114,7 +114,8 @@ def check_same_maths(steps: dict) -> dict:
     return got
 
 
-def run(cfg: StepConfig, device: torch.device, repeats: int) -> list[dict]:
+def run(cfg: StepConfig, device: torch.device, repeats: int, on_row=None) -> list[dict]:
+    """Both styles' rows; on_row(rows) after each one (a run cut short keeps what it measured)."""
     torch.manual_seed(0)
     teacher = ByteLM(cfg.d_model, cfg.teacher_layers, seq_len=cfg.seq, vocab=cfg.vocab).to(device).eval()
     student0 = ByteLM(cfg.d_model, cfg.student_layers, seq_len=cfg.seq, vocab=cfg.vocab).to(device)
@@ -138,6 +139,8 @@ def run(cfg: StepConfig, device: torch.device, repeats: int) -> list[dict]:
                      "tokens": tokens, "student_params": n_params, "dtype": "float32", "median_ms": med,
                      "p20_ms": p20, "p80_ms": p80, "tokens_per_s": tokens / (med * 1e-3), "peak_mem_mib": mem,
                      "loss": loss, "grad_norm": norm})
+        if on_row is not None:
+            on_row(rows)
     base = next(r["median_ms"] for r in rows if r["provider"] == "fastkd")
     for r in rows:
         r["fastkd_speedup"] = r["median_ms"] / base
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
     info = common.machine_info(device)
     print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
           f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; {cfg}", flush=True)
-    rows = [{**r, **info} for r in run(cfg, device, args.repeats or cfg.repeats)]
+    rows = [{**r, **info} for r in run(cfg, device, args.repeats or cfg.repeats,
+                                        on_row=lambda rs: common.write_csv(out, [{**r, **info} for r in rs]))]
     common.write_csv(out, rows)
     common.print_table(rows, ["provider", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
                               "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"])

@@ -1,53 +1,140 @@
 """Small calls of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in bench/gpu_check.sh.
 
+    python -m bench.sanitize_cases [--trim] [--only kd,clip] [--device cuda|cpu]
+
 Covers each kernel variant: kd_loss forward with and without gradient for every divergence, small and
-large vocabularies (warp- and block-per-row paths), odd sizes and offsets (scalar and vector loads),
-mixed dtypes, ignored rows, the in-place scale; the clipping kernels when they are present.
+large vocabularies (warp- and block-per-row paths, row caches that hold all or part of a row), the
+sizes whose row cache lies in the shared-memory opt-in window ((48 KiB - static, 48 KiB]: fp32 6100,
+16-bit 12200, mixed 16/32-bit 8100), odd sizes, offset views (scalar heads and tails), padded row
+strides (the gradient's rows at another phase than the inputs'), mixed dtypes, ignored rows, the
+in-place scale; the clipping kernels, also captured in a CUDA graph and replayed.
+
+--trim: the cases racecheck gets (it tracks every shared-memory access: the block kernel's ~227 KiB
+row cache makes the full set too slow): the block-per-row sizes, two rows each. --device cpu runs the
+same calls on the CPU: the GPU check's dry run (it checks this script, not the kernels).
+memcheck must run with PYTORCH_NO_CUDA_MEMORY_CACHING=1: an access past a tensor's end that stays
+inside a block of the caching allocator is otherwise not reported.
 """
+
+from __future__ import annotations
+
+import argparse
+import time
 
 import torch
 
 import fastkd
 
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
-def kd_cases(dev):
+
+def kd_layouts(base, vocab, dtype):
+    """The logits of one (rows, vocab) case in three layouts, converted to `dtype` before slicing (a
+    `.to(dtype)` after the slice would make them contiguous again): contiguous, a view one element
+    into a wider buffer (misaligned rows), the first `vocab` columns of a buffer padded to a multiple
+    of 64 (aligned input rows, gradient rows at every phase)."""
+    rows = base.shape[0]
+    wide = base.to(dtype)
+    padded = -(-vocab // 64) * 64 + 64
+    pad = torch.zeros(rows, padded, device=base.device, dtype=dtype)
+    pad[:, :vocab] = wide[:, :vocab]
+    return {"contiguous": wide[:, :vocab].contiguous(), "offset": wide[:, 1:vocab + 1], "padded": pad[:, :vocab]}
+
+
+def kd_case_list(trim: bool):
+    """(vocab, student dtype, teacher dtype, rows, layouts)."""
+    if trim:  # block-per-row sizes only: the warp kernel has no shared memory for racecheck to check
+        return [(4099, F32, F32, 2, ("contiguous", "offset")), (6100, F32, F32, 2, ("contiguous",)),
+                (12200, BF16, BF16, 2, ("padded",)), (8100, BF16, F32, 2, ("contiguous",)),
+                (32000, BF16, BF16, 2, ("contiguous", "offset")), (128256, BF16, BF16, 2, ("contiguous",))]
+    cases = []
+    for vocab in (1, 7, 769, 2048, 2049, 4099, 32000):
+        for sd, td in ((F32, F32), (BF16, F16), (F16, BF16)):
+            cases.append((vocab, sd, td, 5, ("contiguous", "offset", "padded")))
+    cases += [(6100, F32, F32, 5, ("contiguous", "offset", "padded")),   # the opt-in windows
+              (12200, BF16, BF16, 5, ("contiguous", "offset", "padded")),
+              (8100, BF16, F32, 5, ("contiguous", "offset", "padded")),
+              (8100, F32, F16, 5, ("contiguous", "padded")),
+              (50257, BF16, BF16, 3, ("padded", "offset")),
+              (128256, BF16, BF16, 2, ("contiguous", "offset"))]
+    return cases
+
+
+def kd_cases(dev, trim=False):
     g = torch.Generator(device=dev).manual_seed(0)
-    for vocab in (1, 7, 769, 4099, 32000):
-        for sd, td in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)):
-            base_s = torch.randn(5, vocab + 1, device=dev, generator=g)
-            base_t = torch.randn(5, vocab + 1, device=dev, generator=g)
-            for off in (0, 1):  # offset 1: misaligned rows, scalar-load path
-                s = base_s[:, off:off + vocab].to(sd).requires_grad_(True)
-                t = base_t[:, off:off + vocab].to(td)
-                labels = torch.randint(0, vocab, (5,), device=dev, generator=g)
-                labels[1] = -100
-                for div, beta in (("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)):
-                    for red in ("batchmean", "none"):
-                        loss = fastkd.kd_loss(s, t, labels, temperature=2.0, divergence=div, beta=beta,
-                                              hard_weight=0.3, reduction=red)
-                        (loss * 0.5).sum().backward()
-                        with torch.no_grad():
-                            fastkd.kd_loss(s, t, labels, temperature=1.0, divergence=div, beta=beta)
-    torch.cuda.synchronize()
+    calls = 0
+    divergences = (("kl", 0.5), ("jsd", 0.3)) if trim else (("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3))
+    for vocab, sd, td, rows, layouts in kd_case_list(trim):
+        base_s = torch.randn(rows, vocab + 1, device=dev, generator=g)
+        base_t = torch.randn(rows, vocab + 1, device=dev, generator=g)
+        ss, ts = kd_layouts(base_s, vocab, sd), kd_layouts(base_t, vocab, td)
+        labels = torch.randint(0, vocab, (rows,), device=dev, generator=g)
+        labels[1] = -100
+        for layout in layouts:
+            s = ss[layout].detach().requires_grad_(True)
+            t = ts[layout]
+            for div, beta in divergences:
+                for red in (("batchmean",) if trim else ("batchmean", "none")):
+                    loss = fastkd.kd_loss(s, t, labels, temperature=2.0, divergence=div, beta=beta,
+                                          hard_weight=0.3, reduction=red)
+                    (loss * 0.5).sum().backward()  # grad_output != 1: the in-place scale kernel
+                    calls += 1
+                if not trim:
+                    with torch.no_grad():
+                        fastkd.kd_loss(s, t, labels, temperature=1.0, divergence=div, beta=beta)
+                    calls += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return calls
 
 
-def clip_cases(dev):
-    if not hasattr(fastkd, "clip_grad_norm_"):
-        return
+def clip_cases(dev, trim=False):
     params = [torch.nn.Parameter(torch.randn(n, device=dev)) for n in (0, 1, 7, 1000, 65537)]
     params += [torch.nn.Parameter(torch.randn(33, 17, device=dev, dtype=torch.bfloat16))]
     for p in params:
         p.grad = torch.randn_like(p)
-    for norm_type in (2.0, 1.0, float("inf"), 3.0):
+    norm_types = (2.0,) if trim else (2.0, 1.0, float("inf"), 3.0)
+    for norm_type in norm_types:
         fastkd.clip_grad_norm_(params, 0.1, norm_type=norm_type)
         fastkd.clip_grad_norm_(params, 1e9, norm_type=norm_type)
     fastkd.clip_grad_value_(params, 0.01)
-    torch.cuda.synchronize()
+    calls = 2 * len(norm_types) + 1
+    if dev.type == "cuda":
+        # Captured in a CUDA graph (the table written by kernels, the ticket counter reset by the last
+        # block) and replayed twice.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fastkd.clip_grad_norm_(params, 0.1)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fastkd.clip_grad_norm_(params, 0.1)
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        calls += 3
+    return calls
+
+
+CASES = {"kd": kd_cases, "clip": clip_cases}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--trim", action="store_true", help="the block-kernel cases only, two rows each (racecheck)")
+    ap.add_argument("--only", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    print("backend:", fastkd.backend(dev), "| kernels:", fastkd.kernel_info(), flush=True)
+    for name in args.only.split(","):
+        t0 = time.perf_counter()
+        calls = CASES[name](dev, trim=args.trim)
+        print(f"{name}: {calls} calls in {time.perf_counter() - t0:.1f} s", flush=True)
+    print("sanitize cases done", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    dev = torch.device("cuda")
-    print("backend:", fastkd.backend(dev))
-    kd_cases(dev)
-    clip_cases(dev)
-    print("sanitize cases done")
+    raise SystemExit(main())

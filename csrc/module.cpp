@@ -7,6 +7,38 @@
 
 #include "cpu_isa/capsule.h"
 #include "kd_loss/kd_loss_cpu.h"
+#include "kd_loss/kd_loss_launch.h"
+
+namespace {
+
+// The CUDA KD-loss launch configuration for device properties given as a dict of KdDeviceLimits'
+// fields (kd_loss/kd_loss_launch.h): pure arithmetic, no GPU needed (tests/ops/test_kd_launch_config.py).
+py::dict kd_cuda_launch_config(const py::dict& limits, int64_t vocab, int64_t student_bytes, int64_t teacher_bytes,
+                               int64_t static_smem, int64_t regs) {
+  const auto get = [&](const char* k) { return limits[k].cast<int64_t>(); };
+  const fastkd::KdDeviceLimits d{get("major"), get("smem_per_block"), get("smem_per_block_optin"),
+                                 get("smem_per_sm"), get("reserved_smem_per_block"), get("sm_count"),
+                                 get("l2_bytes"), get("regs_per_sm"), get("max_threads_per_sm"),
+                                 get("max_blocks_per_sm")};
+  TORCH_CHECK((student_bytes == 2 || student_bytes == 4) && (teacher_bytes == 2 || teacher_bytes == 4),
+              "element sizes of 2 or 4 bytes");
+  const int n = 16 / static_cast<int>(std::max(student_bytes, teacher_bytes));  // pack_elems<S, T>()
+  const fastkd::KdLaunchConfig c =
+      fastkd::kd_launch_config(d, {static_smem, regs}, vocab, n, n * (student_bytes + teacher_bytes));
+  py::dict out;
+  out["warp_kernel"] = c.warp_kernel;
+  out["threads"] = c.threads;
+  out["dyn_smem"] = c.dyn_smem;
+  out["cache_packs"] = c.cache_packs;
+  out["opt_in"] = c.opt_in;
+  out["max_dyn_smem"] = c.max_dyn_smem;
+  out["target_blocks_per_sm"] = c.target_blocks_per_sm;
+  out["blocks_per_sm"] = c.blocks_per_sm;
+  out["pack_elems"] = n;
+  return out;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_backends", [] {
@@ -24,6 +56,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_grad_cache", &fastkd::set_cpu_grad_cache,
         "Turn the cache of freed CPU gradient buffers on or off (fastkd/_extension.py, from FASTKD_CPU_GRAD_CACHE).");
   m.def("cpu_grad_cache_bytes", &fastkd::cpu_grad_cache_bytes, "Bytes of freed CPU gradient buffers kept for reuse.");
+  m.def("kd_cuda_launch_config", &kd_cuda_launch_config, py::arg("limits"), py::arg("vocab"),
+        py::arg("student_bytes"), py::arg("teacher_bytes"), py::arg("static_smem"), py::arg("regs"),
+        "The CUDA KD-loss launch configuration for the given device properties (no GPU needed).");
+  m.def("kd_cuda_row_layout", [](uintptr_t s, int s_size, uintptr_t t, int t_size, uintptr_t g, int vocab, int n) {
+    const fastkd::RowLayout L = fastkd::kd_row_layout(s, s_size, t, t_size, g, vocab, n);
+    return py::make_tuple(L.head, L.body, L.tail, L.g_align);
+  }, "The CUDA KD-loss kernel's split of a row at these addresses: (head, body, tail, gradient store width).");
+#ifdef FASTKD_WITH_CUDA
+  m.def("kd_cuda_launch_info", [](const std::string& s, const std::string& t, const std::string& div, int64_t vocab) {
+    py::dict out;
+    for (const auto& kv : fastkd::kd_cuda_launch_info(s, t, div, vocab)) out[py::str(kv.first)] = kv.second;
+    return out;
+  }, "The launch configuration and runtime occupancy of a CUDA KD-loss forward on the current device.");
+#endif
   m.def("kernel_table", [] { return py::reinterpret_steal<py::object>(fastkd::own_cpu_kernel_table()); },
         "This module's own CPU KD-loss kernel table (for install_cpu_kernels).");
 }

@@ -131,3 +131,23 @@ def use_cpu_kernel(isa: str):
         yield
     finally:
         EXT.install_cpu_kernels(tables[before])
+
+
+# ---- for the tests and the GPU check of the CUDA launch configuration (not public) ---------------------
+def kd_cuda_launch_config(limits: dict, vocab: int, student_bytes: int, teacher_bytes: int, static_smem: int,
+                          regs: int) -> dict:
+    """The CUDA KD-loss launch configuration (csrc/kd_loss/kd_loss_launch.h) for the device properties in
+    ``limits`` (the fields of KdDeviceLimits): arithmetic only, no GPU needed."""
+    return EXT.kd_cuda_launch_config(limits, vocab, student_bytes, teacher_bytes, static_smem, regs)
+
+
+def kd_cuda_row_layout(s_addr: int, s_size: int, t_addr: int, t_size: int, g_addr: int, vocab: int,
+                       pack_elems: int) -> tuple:
+    """(head, body, tail, gradient store width in bytes) of a row at these addresses (0: absent)."""
+    return EXT.kd_cuda_row_layout(s_addr, s_size, t_addr, t_size, g_addr, vocab, pack_elems)
+
+
+def kd_cuda_launch_info(student_dtype: str, teacher_dtype: str, divergence: str, vocab: int) -> dict:
+    """The configuration a CUDA KD-loss forward gets on the current GPU and the runtime's occupancy of it
+    (a CUDA build on a machine with a GPU)."""
+    return EXT.kd_cuda_launch_info(student_dtype, teacher_dtype, divergence, vocab)

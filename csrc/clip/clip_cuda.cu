@@ -4,7 +4,8 @@
 //
 // grad_norm: block b reduces chunk b into partials[b] (fp32; fp64 for fp64 gradients) with a fixed
 //   shuffle tree; the last block to finish (atomic ticket) combines the partials in index order in
-//   double and writes the root. No atomics on values -> the same input gives the bit-identical norm.
+//   double and writes the root, and zeroes the ticket counter again. No atomics on values -> the same
+//   input gives the bit-identical norm. Under CUDA graph capture see common/multi_tensor.cuh.
 // scale_grads_: every block computes the coefficient from the 0-d norm in device memory (the same
 //   clip_coefficient as the CPU kernel, csrc/clip/clip.h) and returns at once when it is >= 1.
 // All passes stream the gradients once: the bound is HBM bandwidth.
@@ -62,6 +63,8 @@ __global__ void __launch_bounds__(kThreads) grad_norm_kernel(mt::TensorTable tab
   }
   __syncthreads();
   if (!is_last) return;
+  if (threadIdx.x == 0) *tab.counter = 0u;  // every block has taken its ticket: ready for the next launch
+                                            // (a CUDA graph's replay reuses the same counter)
   __threadfence();
   // The last block: partials combined in double in a fixed order (strided per thread, then the tree).
   __shared__ double dsmem[kWarpSize + 1];

@@ -9,12 +9,21 @@
 // thousands of tensors take dozens of launches), the launch count does not grow with the list.
 //
 // Sizes and offsets are 64-bit throughout; zero-size tensors are left out of the table.
+//
+// CUDA graphs: a copy captured from pinned host memory would be replayed from that host block, which
+// the caching host allocator may have handed to someone else by then. So under stream capture the
+// table is written by small kernels that carry it in their parameters (captured by value into the
+// graph), into a device buffer from the graph's memory pool; the ticket counter is reset to 0 by the
+// last block of grad_norm_kernel, so every replay (and every later launch) finds it zeroed.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -37,6 +46,18 @@ struct TensorTable {
   int ntensors;
 };
 
+// Under capture: 8-byte words carried in a kernel's parameters (<= 4 KiB of them, the limit of every
+// driver), kParamWords per launch.
+constexpr int kParamWords = 480;
+struct ParamWords {
+  int64_t w[kParamWords];
+};
+
+template <int kUnused = 0>  // a template: the header may be included by several .cu files
+__global__ void __launch_bounds__(256) write_words_kernel(int64_t* __restrict__ dst /* [n] */, ParamWords src, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src.w[i];
+}
+
 struct UploadedTable {
   TensorTable view{};
   int64_t nchunks = 0;
@@ -54,14 +75,33 @@ inline UploadedTable upload_table(const std::vector<void*>& ptrs, const std::vec
   if (T == 0) return out;
   // Layout (8-byte words): [counter][ptrs: T][numel: T][chunk_start: T + 1]
   const int64_t words = 1 + T + T + (T + 1);
-  at::Tensor host = at::empty({words * 8}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* w = reinterpret_cast<int64_t*>(host.data_ptr());
-  w[0] = 0;
-  std::memcpy(w + 1, ptrs.data(), T * sizeof(void*));
-  std::memcpy(w + 1 + T, numels.data(), T * sizeof(int64_t));
-  std::memcpy(w + 1 + 2 * T, starts.data(), (T + 1) * sizeof(int64_t));
-  // Non-blocking from pinned memory: no host sync; copy_ records the stream on the pinned block.
-  out.device_buffer = host.to(device, /*non_blocking=*/true);
+  const auto fill = [&](int64_t* w) {
+    w[0] = 0;
+    std::memcpy(w + 1, ptrs.data(), T * sizeof(void*));
+    std::memcpy(w + 1 + T, numels.data(), T * sizeof(int64_t));
+    std::memcpy(w + 1 + 2 * T, starts.data(), (T + 1) * sizeof(int64_t));
+  };
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    at::Tensor host = at::empty({words * 8}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    fill(reinterpret_cast<int64_t*>(host.data_ptr()));
+    // Non-blocking from pinned memory: no host sync; copy_ records the stream on the pinned block.
+    out.device_buffer = host.to(device, /*non_blocking=*/true);
+  } else {
+    // Captured: the words travel in kernel parameters (see the header comment); no host memory is
+    // read at replay.
+    std::vector<int64_t> w(words);
+    fill(w.data());
+    out.device_buffer = at::empty({words * 8}, at::TensorOptions().dtype(at::kByte).device(device));
+    auto* dst = reinterpret_cast<int64_t*>(out.device_buffer.data_ptr());
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    for (int64_t i = 0; i < words; i += kParamWords) {
+      const int n = static_cast<int>(std::min<int64_t>(kParamWords, words - i));
+      ParamWords p;
+      std::memcpy(p.w, w.data() + i, n * sizeof(int64_t));
+      write_words_kernel<0><<<1, 256, 0, stream>>>(dst + i, p, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   auto* d = reinterpret_cast<int64_t*>(out.device_buffer.data_ptr());
   out.view.counter = reinterpret_cast<unsigned int*>(d);
   out.view.ptrs = reinterpret_cast<void* const*>(d + 1);

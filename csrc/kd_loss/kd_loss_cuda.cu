@@ -29,49 +29,52 @@
 //     the reuse distance of an element is 2 x (its distance from the turning point) instead of a
 //     whole row; loads that are an element's last use are evict-first (ld.global.cs), as are the
 //     gradient stores (st.global.cs), so they do not push the pending re-reads out of L2;
-//   * rows that need more than half the on-chip budget run one block (512 threads) per SM, so
-//     the rows in flight -- and the L2 working set -- are bounded by the SM count; smaller rows run
-//     two blocks per SM (256 threads each), which overlaps one row's exp-bound on-chip sweep with
-//     another row's DRAM-bound sweep 1 (also chosen when the part of the row left in L2 is small
-//     next to the L2 size).
+//   * rows that need more than a block's share of two blocks per SM run one block (512 threads)
+//     per SM, so the rows in flight -- and the L2 working set -- are bounded by the SM count;
+//     smaller rows run two blocks per SM (256 threads each), which overlaps one row's exp-bound
+//     on-chip sweep with another row's DRAM-bound sweep 1 (also chosen when the part of the row
+//     left in L2 is small next to the L2 size). A block's share counts what the SM really gives it:
+//     half of sharedMemPerMultiprocessor, less the driver's reserved 1 KiB per block and the
+//     kernel's static shared memory. The choice is plain arithmetic on the device's properties,
+//     kd_loss/kd_loss_launch.h, tested without a GPU; the opt-in for more than 48 KiB is raised once per
+//     device and kernel.
 //   For (8192, 128256) bf16 on an H200: 227 KB of each 513 KB row stays on chip, the other 286 KB
 //   is re-read backwards from L2, of which roughly the last 190 KB per row hits (50 MB / (132 rows
 //   x 2)), so DRAM traffic is about 1.13x the ideal (an estimate, to be measured).
 //
 // Vectorisation: a "pack" is 16 bytes of the wider of the two logit dtypes (8 bf16/fp16 or 4 fp32
-// elements; the narrower dtype loads 8 bytes). Each row is split into a scalar head (until every
-// pointer is pack-aligned), packs, and a scalar tail; the alignment of the student, teacher and
-// gradient rows is checked at run time, per row (so odd vocabularies such as 50257 and offset views
-// are vectorised too). When the three pointers cannot be aligned together the whole row is scalar.
+// elements; the narrower dtype loads 8 bytes). Each row is split into a scalar head (until the
+// student and teacher pointers are pack-aligned), packs, and a scalar tail; their alignment is
+// checked at run time, per row (so odd vocabularies such as 50257 and offset views are vectorised
+// too). When the student and teacher cannot be aligned together the whole row is scalar. The
+// gradient (its own pointer and row stride, grad_stride: its rows may start at another phase than
+// the logits', e.g. a contiguous gradient of logits with a padded row stride) is stored in pieces of
+// the widest width its own row's alignment allows (16, 8, 4 or 2 bytes; store_pack_aligned,
+// common/vec_pack.cuh).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
+#include <array>
 #include <climits>
 #include <cstdint>
+#include <mutex>
+#include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "common/reduce.cuh"
 #include "common/vec_pack.cuh"
 #include "kd_loss/kd_loss.h"
+#include "kd_loss/kd_loss_launch.h"
 
 namespace fastkd {
 namespace {
 
-// Registers: the row kernels need ~100-128 registers per thread without spilling (two packs of
-// 8 elements in flight, each entry with its exps and log-probabilities); at 64 registers (1024
-// threads per SM) ptxas spilled 150-900 bytes per thread. So a block has at most 512 threads
-// (128 registers) and an SM runs 512 of them: one 512-thread block for big rows, two 256-thread
-// blocks for medium ones.
-constexpr int kMaxBlockThreads = 512;    // block-per-row kernel, one block per SM for big rows
-constexpr int kMinBlockThreads = 128;
-constexpr int kTwoPerSmThreads = 256;    // when two blocks share an SM
-constexpr int kWarpKernelThreads = 256;  // warp-per-row kernel: 8 rows per block, 2 blocks per SM
-constexpr int kWarpRowMaxVocab = 2048;   // up to 64 elements per lane
-constexpr int kPacksPerThread = 4;       // block size ~ packs per row / 4 (enough independent loads)
+// Block sizes, the warp-row limit and the shared-memory budget: kd_loss/kd_loss_launch.h.
 constexpr int kBatchElems = 16;          // elements loaded per thread before any is used: 2 packs of
                                          // 8 (4 of 4 with fp32): 32-64 KB in flight per SM
 constexpr int kScaleMaxThreads = 512;
@@ -89,30 +92,12 @@ __device__ __forceinline__ float to_f(X x) {
   return static_cast<float>(x);
 }
 
-// Split of one row: scalars [0, head), packs at head + N * j for j in [0, body), scalars [tail, vocab).
-struct RowLayout {
-  int head;
-  int body;
-  int tail;
-};
-
+// Split of one row (kd_loss/kd_loss_launch.h): packs placed by the student's and teacher's phase, the
+// gradient stored in pieces of its own alignment (g: this row of the gradient, grad + r * grad_stride).
 template <int N, typename S, typename T>
 __device__ __forceinline__ RowLayout row_layout(const S* s, const T* t, const S* g, int vocab) {
-  // Element offset of each pointer within its pack; the three must agree for a common head.
-  const auto mis = [](const auto* ptr) {
-    using E = std::remove_cv_t<std::remove_pointer_t<decltype(ptr)>>;
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(ptr);
-    return addr % sizeof(E) != 0 ? -1 : static_cast<int>((addr / sizeof(E)) % N);
-  };
-  const int ms = mis(s);
-  bool ok = ms >= 0;
-  if (t != nullptr) ok = ok && mis(t) == ms;
-  if (g != nullptr) ok = ok && mis(g) == ms;
-  RowLayout L;
-  L.head = ok ? min((N - ms) % N, vocab) : vocab;  // not alignable together: the whole row is scalar
-  L.body = (vocab - L.head) / N;
-  L.tail = L.head + L.body * N;
-  return L;
+  return kd_row_layout(reinterpret_cast<uintptr_t>(s), sizeof(S), reinterpret_cast<uintptr_t>(t), sizeof(T),
+                       reinterpret_cast<uintptr_t>(g), vocab, N);
 }
 
 // Calls use(j, load(j)) for the packs j = begin + rank + k * size of this thread, k ascending (or
@@ -278,7 +263,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
           PS zero;
 #pragma unroll
           for (int k = 0; k < N; ++k) zero.v[k] = S(0.f);
-          for (int j = rank; j < L.body; j += size) store_pack(gb + j * N, zero);
+          for (int j = rank; j < L.body; j += size) store_pack_aligned(gb + j * N, zero, L.g_align);
         }
         continue;
       }
@@ -374,7 +359,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
           const float gv = entry(to_f(x.s.v[k]), to_f(x.t.v[k]), L.head + j * N + k);
           if constexpr (kGrad) out.v[k] = static_cast<S>(gv);
         }
-        if constexpr (kGrad) store_pack(gb + j * N, out);
+        if constexpr (kGrad) store_pack_aligned(gb + j * N, out, L.g_align);
       };
       // The L2 part first: its lines are the ones at risk of eviction.
       for_packs<kUnroll, kReverse>(
@@ -434,19 +419,60 @@ kd_loss_scale_kernel(X* __restrict__ grad,              // [rows, vocab] contigu
 // ---- host side -----------------------------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Threads per row for the block kernels: about kPacksPerThread packs per thread, 128..max_threads.
-int block_threads(int64_t packs, int max_threads) {
-  int threads = kMinBlockThreads;
-  while (threads < max_threads && threads * static_cast<int64_t>(kPacksPerThread) < packs) threads *= 2;
-  return threads;
+KdDeviceLimits device_limits(const cudaDeviceProp& p) {
+  return {p.major,
+          static_cast<int64_t>(p.sharedMemPerBlock),
+          static_cast<int64_t>(p.sharedMemPerBlockOptin),
+          static_cast<int64_t>(p.sharedMemPerMultiprocessor),
+          static_cast<int64_t>(p.reservedSharedMemPerBlock),
+          p.multiProcessorCount,
+          p.l2CacheSize,
+          p.regsPerMultiprocessor,
+          p.maxThreadsPerMultiProcessor,
+          p.maxBlocksPerMultiProcessor};
 }
 
-// Static shared memory of a kernel (cudaFuncGetAttributes once per instantiation).
-template <typename K>
-int static_smem_bytes(K kernel) {
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return static_cast<int>(attr.sharedSizeBytes);
+// One instantiation of the forward kernel on one device: what it was compiled to (queried once per
+// device) and its opt-in for more than 48 KiB of shared memory, raised once per device to the most
+// any of its launches asks (sharedMemPerBlockOptin - static), never per call to that call's size:
+// two host threads launching different sizes would race between one's attribute and the other's
+// launch.
+template <Divergence D, typename S, typename T, bool kWarpGroup>
+struct FwdKernel {
+  static auto fn() { return kd_loss_fwd_kernel<D, S, T, kWarpGroup>; }
+
+  static const KdKernelFacts& facts(int device) {
+    static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+    static std::array<KdKernelFacts, C10_COMPILE_TIME_MAX_GPUS> facts;
+    std::call_once(once[device], [&] {
+      cudaFuncAttributes attr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn()));
+      facts[device] = {static_cast<int64_t>(attr.sharedSizeBytes), attr.numRegs};
+    });
+    return facts[device];
+  }
+
+  // The configuration of rows of `vocab` entries on `device` (the current device), with the opt-in
+  // raised where it needs it.
+  static KdLaunchConfig config(int device, int64_t vocab) {
+    constexpr int N = pack_elems<S, T>();
+    const KdLaunchConfig c = kd_launch_config(device_limits(*at::cuda::getDeviceProperties(device)), facts(device),
+                                              vocab, N, sizeof(Pack<S, N>) + sizeof(Pack<T, N>));
+    if (c.opt_in) {
+      static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+      std::call_once(once[device], [&] {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(fn(), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(c.max_dyn_smem)));
+      });
+    }
+    return c;
+  }
+};
+
+template <Divergence D, typename S, typename T>
+KdLaunchConfig fwd_config(int device, int64_t vocab) {
+  return vocab <= kWarpRowMaxVocab ? FwdKernel<D, S, T, true>::config(device, vocab)
+                                   : FwdKernel<D, S, T, false>::config(device, vocab);
 }
 
 template <Divergence D, typename S, typename T>
@@ -458,51 +484,48 @@ void launch_kd_loss_fwd(const KdRowsArgs& a, const float* weight, cudaStream_t s
   S* grad = static_cast<S*>(a.grad);
   const int vocab = static_cast<int>(a.vocab);
   const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride;
+  // kd_rows.h: the current device holds the buffers (the caller's CUDAGuard).
+  const KdLaunchConfig c = fwd_config<D, S, T>(c10::cuda::current_device(), vocab);
 
-  if (vocab <= kWarpRowMaxVocab) {
+  if (c.warp_kernel) {
     // Small rows: one warp each. The row is re-read from L1/L2 right after sweep 1 (a few KB per
     // warp, microseconds later), so no shared-memory cache is needed.
     const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kWarpKernelThreads / kWarpSize), INT_MAX);
-    kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(
+    kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), c.threads, 0, stream>>>(
         s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-
-  constexpr int N = pack_elems<S, T>();
-  auto kernel = kd_loss_fwd_kernel<D, S, T, false>;
-  static const int static_smem = static_smem_bytes(kernel);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();  // cached by ATen: no sync
-  const int64_t packs = vocab / N;                                     // >= the body of any row
-  const int64_t pack_bytes = sizeof(Pack<S, N>) + sizeof(Pack<T, N>);
-  const int64_t want = packs * pack_bytes + 16;                         // + alignment padding
-  const int64_t avail = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - static_smem;
-  const int64_t half = (avail / 2) & ~int64_t{15};
-  // Shared-memory budget (see the header comment): the whole row when it fits twice per SM; half
-  // the budget (two rows per SM) when the part left in L2 is small next to the L2; else the whole
-  // budget with one row per SM, which bounds the L2 working set by the SM count.
-  int64_t smem;
-  int max_threads;
-  if (want <= half) {
-    smem = want;
-    max_threads = kTwoPerSmThreads;
-  } else if ((want - half) * 2 * prop->multiProcessorCount <= static_cast<int64_t>(prop->l2CacheSize) / 4) {
-    smem = half;
-    max_threads = kTwoPerSmThreads;
   } else {
-    smem = std::min(want, avail);
-    max_threads = kMaxBlockThreads;
+    const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
+    kd_loss_fwd_kernel<D, S, T, false><<<static_cast<unsigned>(blocks), c.threads, static_cast<size_t>(c.dyn_smem),
+                                         stream>>>(s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab,
+                                                   a.params, c.cache_packs);
   }
-  smem = std::max<int64_t>(smem, 0);
-  const int cache_packs = smem >= 16 ? static_cast<int>((smem - 16) / pack_bytes) : 0;
-  const int threads = block_threads(packs, max_threads);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
-  kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(
-      s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, cache_packs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The configuration a launch for rows of `vocab` entries gets on the current device, and the runtime's
+// occupancy of it (cudaOccupancyMaxActiveBlocksPerMultiprocessor) beside fastkd's own count.
+template <Divergence D, typename S, typename T>
+std::vector<std::pair<std::string, int64_t>> fwd_launch_info(int64_t vocab) {
+  const int device = c10::cuda::current_device();
+  const KdLaunchConfig c = fwd_config<D, S, T>(device, vocab);
+  const auto fn = c.warp_kernel ? FwdKernel<D, S, T, true>::fn() : FwdKernel<D, S, T, false>::fn();
+  int occupancy = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, fn, c.threads,
+                                                               static_cast<size_t>(c.dyn_smem)));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
+  return {{"warp_kernel", c.warp_kernel},
+          {"threads", c.threads},
+          {"dyn_smem", c.dyn_smem},
+          {"cache_packs", c.cache_packs},
+          {"opt_in", c.opt_in},
+          {"max_dyn_smem", c.max_dyn_smem},
+          {"target_blocks_per_sm", c.target_blocks_per_sm},
+          {"blocks_per_sm", c.blocks_per_sm},
+          {"static_smem", static_cast<int64_t>(attr.sharedSizeBytes)},
+          {"regs", attr.numRegs},
+          {"max_dyn_smem_attr", attr.maxDynamicSharedSizeBytes},
+          {"occupancy", occupancy}};
 }
 
 // Calls f(X{}) for the logit dtypes the CUDA kernels take (fp64 is converted to fp32 before).
@@ -596,7 +619,35 @@ void kd_loss_scale_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   }
 }
 
+at::ScalarType logit_dtype(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  FKD_CHECK(false, "unknown logit dtype '", name, "' (float32, bfloat16 or float16)");
+  return at::kFloat;
+}
+
 }  // namespace
+
+std::vector<std::pair<std::string, int64_t>> kd_cuda_launch_info(const std::string& student_dtype,
+                                                                  const std::string& teacher_dtype,
+                                                                  const std::string& divergence, int64_t vocab) {
+  FKD_CHECK(vocab >= 1 && vocab <= (int64_t{1} << 30), "vocab must be in [1, 2^30], got ", vocab);
+  const Divergence d = parse_divergence(divergence);
+  std::vector<std::pair<std::string, int64_t>> out;
+  dispatch_logits(logit_dtype(student_dtype), "student_dtype", [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_logits(logit_dtype(teacher_dtype), "teacher_dtype", [&](auto t_tag) {
+      using T = decltype(t_tag);
+      switch (d) {
+        case Divergence::KL: out = fwd_launch_info<Divergence::KL, S, T>(vocab); break;
+        case Divergence::ReverseKL: out = fwd_launch_info<Divergence::ReverseKL, S, T>(vocab); break;
+        case Divergence::JSD: out = fwd_launch_info<Divergence::JSD, S, T>(vocab); break;
+      }
+    });
+  });
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);

@@ -53,11 +53,33 @@ struct LseState {
 
 FKD_HD LseState lse_empty() { return {-INFINITY, 0.f}; }
 
+// x * y and x + y each rounded on their own, never contracted into a fused multiply-add (nvcc
+// contracts by default; the C++ build has -ffp-contract=off, where they are the plain operators).
+FKD_HD float fkd_mul_rn(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, y);
+#else
+  return x * y;
+#endif
+}
+FKD_HD float fkd_add_rn(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(x, y);
+#else
+  return x + y;
+#endif
+}
+
+// Bit-for-bit commutative: merge(x, y) == merge(y, x). The two lanes of a shuffle exchange merge the
+// same pair in opposite orders and each goes on to normalise its entries with its own result, so
+// a * b + c * d must not become fma(a, b, c * d) on one lane and fma(c, d, a * b) on the other.
+// (fmaxf may return either zero when the maxima are +0 and -0; every later use of m, x - m and
+// exp(x.m - m), gives the same values with either, up to the sign of an exact zero.)
 FKD_HD LseState lse_merge(LseState x, LseState y) {
   const float m = fmaxf(x.m, y.m);
   if (m == -INFINITY) return lse_empty();  // both empty or all entries masked so far
   // exp(-inf - m) = 0: an empty side contributes nothing.
-  return {m, x.s * fkd_exp(x.m - m) + y.s * fkd_exp(y.m - m)};
+  return {m, fkd_add_rn(fkd_mul_rn(x.s, fkd_exp(x.m - m)), fkd_mul_rn(y.s, fkd_exp(y.m - m)))};
 }
 
 // Log-probabilities are formed as (x - m) - log(s), never x - (m + log s): with logits of 1e4 / T

@@ -45,10 +45,11 @@
 // Threads: the CPU entry is reentrant (concurrent calls on disjoint outputs are fine); it runs the
 // rows in parallel with at::parallel_for. The CUDA launcher enqueues its work on `stream` and never
 // synchronises with the host; it uses the current device's properties, so the current device must
-// be the one that holds the buffers (a c10::cuda::CUDAGuard in the caller). It sets the kernel's
-// dynamic shared-memory limit before each large-row launch (cudaFuncSetAttribute), so concurrent
-// calls from several host threads with different vocabularies can race on that limit today: call
-// it from one host thread at a time.
+// be the one that holds the buffers (a c10::cuda::CUDAGuard in the caller). Its launch configuration
+// is kd_loss/kd_loss_launch.h's arithmetic on the device's properties; the kernel's dynamic
+// shared-memory limit is raised once per device and instantiation (std::call_once), to the most any
+// launch asks (sharedMemPerBlockOptin - static), never per call, so concurrent calls from several
+// host threads with different vocabularies are fine.
 #pragma once
 
 #include <c10/core/ScalarType.h>

@@ -571,3 +571,44 @@ def test_cuda_and_cpu_mixed_devices():
     torch.testing.assert_close(n.double().cpu(), oracle, rtol=2e-6, atol=0)
     for p, o in zip(ps, oracle_grads):
         torch.testing.assert_close(p.grad.double().cpu(), o, rtol=4e-6, atol=1e-12)
+
+
+def _churn_pinned_memory(n=8):
+    # Non-blocking copies from fresh pinned blocks: the caching host allocator hands freed pinned
+    # blocks out again, so a graph that replays a copy from one of them reads someone else's bytes.
+    for i in range(n):
+        host = torch.full((4096,), float(i), pin_memory=True)
+        host.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_capture_and_replay(dtype):
+    # Under capture the gradient table is written by kernels from their parameters (no pinned host
+    # memory read at replay) and the last block of the norm kernel re-zeroes the ticket counter.
+    ps = _params(SHAPES[:12] + [(1000,)] * 1500, dtypes=(dtype,), device="cuda")  # > 480 table words
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch.cuda.graphs asks
+        fastkd.clip_grad_norm_(ps, 1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = fastkd.clip_grad_norm_(ps, 0.5)
+        fastkd.clip_grad_value_(ps, 0.01)
+    g = torch.Generator().manual_seed(7)
+    for trial in range(3):
+        for p in ps:  # new gradients in the same storage, as a training loop's backward writes them
+            p.grad.copy_(torch.randn(p.grad.shape, generator=g).to(dtype))
+        oracle, clipped = reference.clip_grad_norm_float64([p.grad for p in ps], 0.5)
+        _churn_pinned_memory()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert abs(float(norm) - float(oracle)) <= 2e-6 * float(oracle), trial
+        for p, o in zip(ps, clipped):
+            torch.testing.assert_close(p.grad.double().cpu(), o.clamp(-0.01, 0.01), rtol=_eps(dtype), atol=1e-7)
+    # Eager calls after the capture still find the counter at 0.
+    n_eager = fastkd.get_total_norm([p.grad for p in ps])
+    torch.testing.assert_close(n_eager.double().cpu(), reference.clip_grad_norm_float64(
+        [p.grad for p in ps], 1e9)[0], rtol=2e-6, atol=0)

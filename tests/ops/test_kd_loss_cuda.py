@@ -1,18 +1,25 @@
-"""CUDA kernels of fastkd::kd_loss_fwd / kd_loss_scale_ against the float64 reference on the CPU.
+"""CUDA kernels of fastkd::kd_loss_fwd / kd_loss_scale_ against the float64 reference.
 
 Skipped without a GPU. Every case runs under torch.cuda.set_sync_debug_mode("error"): the op must
-never synchronise with the host.
+never synchronise with the host. The float64 oracle runs on the same GPU (the reference is plain
+PyTorch, exact enough in float64 anywhere; on the CPU it took most of the GPU check's time).
+The launch configuration itself is tested without a GPU in test_kd_launch_config.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import fastkd
-from fastkd import reference
+from fastkd import _extension, reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -62,8 +69,7 @@ def run_op(s, t, labels, T, div, beta, sw, hw, ii, red, with_grad=True):
 
 
 def run_ref(s, t, labels, T, div, beta, sw, hw, ii, red):
-    return reference.kd_loss_fwd(s.cpu().double(), t.cpu().double(), None if labels is None else labels.cpu(),
-                                 T, div, beta, sw, hw, ii, red, True)
+    return reference.kd_loss_fwd(s.double(), t.double(), labels, T, div, beta, sw, hw, ii, red, True)
 
 
 def tolerances(dtype):
@@ -75,11 +81,11 @@ def tolerances(dtype):
 
 def check(loss, grad, ref_loss, ref_grad, dtype):
     tol = tolerances(dtype)
-    torch.testing.assert_close(loss.cpu().double(), ref_loss.double(), rtol=tol["loss"][0], atol=tol["loss"][1])
+    torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=tol["loss"][0], atol=tol["loss"][1])
     assert grad.dtype == dtype
     ref_grad = ref_grad.double()
     scale = max(ref_grad.abs().max().item(), 1e-30)
-    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=tol["grad"][0], atol=tol["grad"][1] * scale)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=tol["grad"][0], atol=tol["grad"][1] * scale)
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
@@ -108,10 +114,10 @@ def test_labels_ignore_and_hard_term(vocab, divergence, temperature):
         loss, grad = run_op(s, t, *args)
         ref_loss, ref_grad = run_ref(s, t, *args)
         check(loss, grad, ref_loss, ref_grad, torch.bfloat16)
-        ignored = (labels == -100).cpu()
-        assert torch.all(grad.cpu()[ignored] == 0)
+        ignored = labels == -100
+        assert torch.all(grad[ignored] == 0)
         if red == "none":
-            assert torch.all(loss.cpu()[ignored] == 0)
+            assert torch.all(loss[ignored] == 0)
 
 
 @pytest.mark.parametrize("vocab", [7, 1271, 50257, 128256])
@@ -136,8 +142,8 @@ def test_float64_inputs():
     loss, grad = run_op(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
     ref_loss, ref_grad = run_ref(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
     assert grad.dtype == torch.float64
-    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=2e-4, atol=1e-5)
-    torch.testing.assert_close(grad.cpu(), ref_grad, rtol=1e-3, atol=1e-6 * ref_grad.abs().max().item())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-6 * ref_grad.abs().max().item())
 
 
 def test_masked_logits():
@@ -209,10 +215,128 @@ def test_many_rows_and_no_grad():
     loss, grad = run_op(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "none", with_grad=False)
     assert grad.numel() == 0
     ref_loss, _ = run_ref(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "none")
-    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-4, atol=1e-5)
 
 
 def test_empty_rows():
     s = torch.empty(0, 100, device="cuda")
     loss, grad = run_op(s, s, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
     assert loss.item() == 0.0 and grad.shape == (0, 100)
+
+
+# ---- launch configurations: shared memory, occupancy, threads (issue 10) ------------------------------
+# Vocabularies whose row cache lies in (48 KiB - static, 48 KiB] on every GPU (the opt-in window of
+# the block kernel with its 1056 bytes of static shared memory): fp32/fp32 V 6012-6143, 16/16-bit
+# 12024-12287, 16/32-bit 8016-8191. And sizes that must run two 256-thread blocks per SM on an
+# H100/H200 (bf16 32000 and 32768, fp32 16384).
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+OPT_IN_WINDOW = [((F32, F32), 6012), ((F32, F32), 6100), ((F32, F32), 6143),
+                 ((BF16, BF16), 12024), ((BF16, BF16), 12200), ((F16, BF16), 12287),
+                 ((BF16, F32), 8016), ((F32, F16), 8100), ((F16, F32), 8191)]
+TWO_PER_SM = [((BF16, BF16), 32000), ((BF16, BF16), 32768), ((F32, F32), 16384)]
+
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _case_id(case):
+    (sd, td), vocab = case
+    return f"{_name(sd)}-{_name(td)}-{vocab}"
+
+
+@pytest.mark.parametrize("case", OPT_IN_WINDOW + TWO_PER_SM, ids=_case_id)
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_shared_memory_windows(case, divergence):
+    (sd, td), vocab = case
+    rows = 12
+    s = make_logits(rows, vocab, sd, 30)
+    t = make_logits(rows, vocab, td, 31)
+    labels = make_labels(rows, vocab, 32)
+    args = (labels, 2.0, divergence, 0.5, 0.7, 0.3, -100, "batchmean")
+    loss, grad = run_op(s, t, *args)  # the opt-in window failed with "invalid argument"
+    ref_loss, ref_grad = run_ref(s, t, *args)
+    check(loss, grad, ref_loss, ref_grad, sd)
+
+
+@pytest.mark.parametrize("case", OPT_IN_WINDOW + TWO_PER_SM + [((BF16, BF16), 128256), ((F32, F32), 1271),
+                                                               ((BF16, BF16), 50257), ((F32, F32), 262144)],
+                         ids=_case_id)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_launch_configuration_on_this_gpu(case, divergence):
+    (sd, td), vocab = case
+    info = _extension.kd_cuda_launch_info(_name(sd), _name(td), divergence, vocab)
+    assert info["static_smem"] + info["dyn_smem"] <= info["static_smem"] + info["max_dyn_smem"]
+    if info["opt_in"]:
+        assert info["max_dyn_smem_attr"] >= info["dyn_smem"], info
+    assert info["occupancy"] >= info["target_blocks_per_sm"], info  # two blocks per SM where budgeted for
+    assert info["occupancy"] == info["blocks_per_sm"], info  # fastkd's count (kd_loss/kd_loss_launch.h) is the runtime's
+
+
+def test_threads_launching_different_sizes():
+    # The max-dynamic-shared-memory attribute belongs to the kernel (per device): set per call to that
+    # call's size, one thread's launch could meet another thread's smaller value ("invalid argument").
+    # A fresh process, so that no earlier test has raised the attribute already.
+    script = textwrap.dedent("""
+        import threading, torch, fastkd
+        sizes = [6100, 12000, 30000, 60000, 100000]  # fp32: one kernel, each size its own shared memory
+        data = {v: (torch.randn(4, v, device="cuda"), torch.randn(4, v, device="cuda")) for v in sizes}
+        args = (None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum", True)
+        got, errors = {}, []
+        def work(k):
+            try:
+                for i in range(40):
+                    v = sizes[(k + i) % len(sizes)]
+                    got[(k, i)] = (v, torch.ops.fastkd.kd_loss_fwd(*data[v], *args))
+                torch.cuda.synchronize()
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for th in threads: th.start()
+        for th in threads: th.join()
+        assert not errors, errors
+        for v, (loss, grad) in got.values():
+            l1, g1 = torch.ops.fastkd.kd_loss_fwd(*data[v], *args)
+            assert torch.equal(loss, l1) and torch.equal(grad, g1), v
+        print("ok", len(got))
+    """)
+    env = dict(os.environ, FASTKD_REQUIRE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and "ok 160" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("vocab", [64, 1000, 2048, 4099, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_every_thread_normalises_with_the_same_statistics(vocab, dtype, divergence):
+    # Every 8th entry holds the same (student, teacher) pair, so every lane and thread has some of them:
+    # their gradients must be bit-identical. Different bits mean that two threads normalised with
+    # different log-sum-exps (a multiply-add contracted differently on the two lanes of an exchange).
+    rows = 4
+    s = make_logits(rows, vocab, dtype, 40)
+    t = make_logits(rows, vocab, dtype, 41)
+    s[:, ::8] = s[:, :1]
+    t[:, ::8] = t[:, :1]
+    labels = torch.full((rows,), 1, dtype=torch.long, device="cuda")  # not a probe entry
+    for temperature in (1.0, 2.0):  # 2.0 with the hard term: the separate T = 1 statistics too
+        _, grad = run_op(s, t, labels, temperature, divergence, 0.4, 1.0, 0.5, -100, "none")
+        probes = grad[:, ::8]
+        assert torch.equal(probes, probes[:, :1].expand_as(probes))
+
+
+@pytest.mark.parametrize("vocab,width", [(50257, 50304), (4099, 4104), (1001, 1008)])
+@pytest.mark.parametrize("dtypes", [(BF16, BF16), (F16, F16), (F32, F32), (BF16, F32)], ids=str)
+def test_padded_row_stride(vocab, width, dtypes):
+    # logits[..., :vocab] of a wider buffer: the inputs' rows all start at one phase, the contiguous
+    # gradient's rows at every phase (16 rows: all 8 of them), stored in pieces of their alignment.
+    rows = 16
+    s = make_logits(rows, width, dtypes[0], 50)[:, :vocab]
+    t = make_logits(rows, width, dtypes[1], 51)[:, :vocab]
+    labels = make_labels(rows, vocab, 52)
+    for div in DIVERGENCES:
+        args = (labels, 2.0, div, 0.5, 0.8, 0.2, -100, "batchmean")
+        loss, grad = run_op(s, t, *args)
+        ref_loss, ref_grad = run_ref(s, t, *args)
+        assert grad.is_contiguous() and grad.shape == (rows, vocab)
+        check(loss, grad, ref_loss, ref_grad, dtypes[0])
