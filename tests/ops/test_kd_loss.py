@@ -437,11 +437,13 @@ def test_op_checks_its_own_arguments():
         torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "avg", False)
 
 
-@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("dtype,vocab", [(torch.float32, 32000), (torch.bfloat16, 56000)])
-def test_large_gradient_equals_row_blocks(dtype, vocab):
-    """Gradients of 64 MiB and more are written with non-temporal stores on the CPU: the values must
-    be the same, bit for bit, as for the same rows computed in small blocks."""
+def test_large_gradient_equals_row_blocks(cpu_kernel, dtype, vocab):
+    """Gradients of 64 MiB and more are written with non-temporal stores by the C++ CPU kernel: the values
+    must be the same, bit for bit, as for the same rows computed in small blocks. (The pure-PyTorch
+    fallback has no such path: the test is for the compiled copies.)"""
+    if cpu_kernel == "reference":
+        pytest.skip("the non-temporal store path is the compiled CPU kernel's")
     s, t = make_logits(600, vocab, dtype=dtype, seed=31)
     labels = make_labels((600,), vocab)
     kw = dict(temperature=2.0, hard_weight=0.3, reduction="sum")
@@ -478,7 +480,7 @@ def test_freed_gradient_buffers_are_reused_and_fully_rewritten():
 
 
 @needs_extension
-@pytest.mark.parametrize("off", ["0", "false", "OFF"])
+@pytest.mark.parametrize("off", ["false"])  # every spelling of off: tests/test_env.py
 def test_gradient_cache_keeps_two_buffers_and_can_be_turned_off(off):
     fastkd.empty_cache()
     grads = [run(fastkd.kd_loss, *make_logits(8, 40000 + 10000 * k, seed=k), None)[1] for k in range(3)]
