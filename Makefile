@@ -35,7 +35,7 @@ $(DEPS)%: pyproject.toml
 	@echo "[1/3] environment: $(VENV) with torch $* and the dependencies ($(LOGS)/venv.log)"
 	@$(call logged,venv,test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 		$(PY) -m pip install -q --upgrade "pip>=23" setuptools wheel && \
-		$(PY) -m pip install -q "torch==$*" numpy ninja pybind11 pytest pytest-benchmark expecttest \
+		$(PY) -m pip install -q "torch==$*" numpy safetensors ninja pybind11 pytest pytest-benchmark expecttest \
 			matplotlib scikit-learn tqdm "ruff==$(RUFF)" && \
 		FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .)
 	@rm -f $(DEPS)* && touch $@
