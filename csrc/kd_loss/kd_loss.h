@@ -2,7 +2,9 @@
 // from the op's tensors to the row kernel's raw arguments (kd_loss/kd_rows.h) and back.
 //
 // Ops (schemas in fastkd/ops/kd.py, beside the wrapper):
-//   fastkd::kd_loss_fwd(student [..., V], teacher [..., V], labels [...]?, ...) -> (loss, grad)
+//   fastkd::kd_loss_fwd(student [..., V], teacher [..., V], labels [...]?, options, ...) -> (loss, grad)
+//     options: float64 CPU [temperature, beta, soft_weight, hard_weight] (a tensor, so that
+//     torch.compile keeps a changing temperature symbolic; fastkd/ops/_args.py loss_options);
 //     loss: fp32, [] for "sum"/"batchmean", [...] (the leading shape) for "none";
 //     grad: d(loss)/d(student) for grad_output = 1 (per row for "none"), student dtype and shape,
 //           contiguous; an empty [0] tensor when with_grad is false.
@@ -40,6 +42,25 @@ inline Reduction parse_reduction(std::string_view s) {
   return Reduction::None;
 }
 
+// The real-valued options of the KD ops (read on the host from their float64 CPU options tensor).
+struct KdOptions {
+  double temperature, beta, soft_weight, hard_weight;
+};
+
+inline KdOptions read_kd_options(const at::Tensor& options) {
+  FKD_CHECK_ARG(options.device().is_cpu() && options.scalar_type() == at::kDouble && options.dim() == 1 &&
+                    options.size(0) == 4,
+                "options", "expected a float64 CPU tensor [temperature, beta, soft_weight, hard_weight], got ",
+                options.scalar_type(), " ", options.sizes(), " on ", options.device());
+  const at::Tensor o = options.contiguous();
+  const double* v = o.data_ptr<double>();
+  const KdOptions k{v[0], v[1], v[2], v[3]};
+  FKD_CHECK_ARG(std::isfinite(k.temperature) && k.temperature > 0, "temperature", "must be finite and > 0, got ",
+                k.temperature);
+  FKD_CHECK_ARG(k.beta >= 0 && k.beta <= 1, "beta", "must be in [0, 1], got ", k.beta);
+  return k;
+}
+
 struct KdLossArgs {
   at::ScalarType grad_dtype;  // the student's dtype (fp64 logits are computed in fp32, see below)
   at::Tensor student;  // [rows, V], last dim contiguous
@@ -65,9 +86,9 @@ inline at::Tensor as_rows(const at::Tensor& x) {
 // converted to fp32 like the others (fastkd's maths is fp32 throughout; the gradient goes back to
 // grad_dtype).
 inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher,
-                                    const std::optional<at::Tensor>& labels, double temperature,
-                                    c10::string_view divergence_, double beta, double soft_weight,
-                                    double hard_weight, int64_t ignore_index, c10::string_view reduction_) {
+                                    const std::optional<at::Tensor>& labels, const at::Tensor& options,
+                                    c10::string_view divergence_, int64_t ignore_index,
+                                    c10::string_view reduction_) {
   const std::string_view divergence(divergence_.data(), divergence_.size());
   const std::string_view reduction(reduction_.data(), reduction_.size());
   FKD_CHECK_ARG(student.dim() >= 1, "student_logits", "expected shape [..., vocab], got a 0-d tensor");
@@ -83,9 +104,7 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
     FKD_CHECK_ARG(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
                   t == &student ? "student_logits" : "teacher_logits", "expected a floating dtype, got ", st);
   }
-  FKD_CHECK_ARG(std::isfinite(temperature) && temperature > 0, "temperature", "must be finite and > 0, got ",
-                temperature);
-  FKD_CHECK_ARG(beta >= 0 && beta <= 1, "beta", "must be in [0, 1], got ", beta);
+  const KdOptions o = read_kd_options(options);
   KdLossArgs a;
   a.lead = student.sizes().slice(0, student.dim() - 1).vec();
   a.vocab = student.size(-1);
@@ -105,8 +124,8 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
                   " but student_logits on ", student.device());
     a.labels = labels->to(at::kLong).reshape({-1}).contiguous();
   }
-  FKD_CHECK_ARG(hard_weight == 0 || a.labels.defined(), "labels", "required when hard_weight != 0");
-  a.params = make_kd_params(div, temperature, beta, soft_weight, hard_weight, ignore_index);
+  FKD_CHECK_ARG(o.hard_weight == 0 || a.labels.defined(), "labels", "required when hard_weight != 0");
+  a.params = make_kd_params(div, o.temperature, o.beta, o.soft_weight, o.hard_weight, ignore_index);
   return a;
 }
 

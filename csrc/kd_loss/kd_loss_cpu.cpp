@@ -144,12 +144,10 @@ at::Tensor new_grad(at::IntArrayRef sizes, const at::TensorOptions& options) {
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                    const std::optional<at::Tensor>& labels, double temperature,
-                                                    c10::string_view divergence, double beta, double soft_weight,
-                                                    double hard_weight, int64_t ignore_index,
-                                                    c10::string_view reduction, bool with_grad) {
-  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature, divergence, beta, soft_weight,
-                                   hard_weight, ignore_index, reduction);
+                                                   const std::optional<at::Tensor>& labels, const at::Tensor& options,
+                                                   c10::string_view divergence, int64_t ignore_index, c10::string_view reduction,
+                                                   bool with_grad) {
+  KdLossArgs a = make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction);
   const at::Tensor weight = row_weight(a);
   const float w = weight.item<float>();  // a CPU tensor: no device to wait for
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));

@@ -562,12 +562,10 @@ void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t str
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                     const std::optional<at::Tensor>& labels, double temperature,
-                                                     c10::string_view divergence, double beta, double soft_weight,
-                                                     double hard_weight, int64_t ignore_index,
-                                                     c10::string_view reduction, bool with_grad) {
-  KdLossArgs a = make_kd_loss_args(student, teacher, labels, temperature, divergence, beta, soft_weight,
-                                   hard_weight, ignore_index, reduction);
+                                                    const std::optional<at::Tensor>& labels, const at::Tensor& options,
+                                                    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction,
+                                                    bool with_grad) {
+  KdLossArgs a = make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction);
   FKD_CHECK_ARG(a.student.is_cuda(), "student_logits", "expected a CUDA tensor, got one on ", a.student.device());
   FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_logits", "vocabulary of ", a.vocab,
                 " entries is too large (at most 2^30)");

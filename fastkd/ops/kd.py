@@ -7,13 +7,12 @@ the autograd formula and the public wrapper. The compiled kernels of the same op
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..reference import kd as reference
 from ..reference._common import DIVERGENCES, REDUCTIONS
+from ._args import as_int, check_labels, check_logits, check_loss_options, loss_options, use_reference_maths
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS"]
 
@@ -21,10 +20,9 @@ _LIB = torch.library.Library("fastkd", "FRAGMENT")
 
 # ---- schemas ----------------------------------------------------------------------------------------
 _LIB.define(
-    "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, float temperature, str divergence, "
-    "float beta, float soft_weight, float hard_weight, int ignore_index, str reduction, bool with_grad) "
-    "-> (Tensor, Tensor)"
-)
+    "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, Tensor options, str divergence, int ignore_index, "
+    "str reduction, bool with_grad) -> (Tensor, Tensor)"
+)  # options: float64 CPU [temperature, beta, soft_weight, hard_weight] (fastkd.ops._args.loss_options)
 _LIB.define("kd_loss_scale_(Tensor(a!) grad, Tensor grad_output) -> ()")
 
 # ---- fallback (reference) kernels --------------------------------------------------------------------
@@ -34,8 +32,7 @@ _LIB.impl("kd_loss_scale_", reference.kd_loss_scale_, "CompositeExplicitAutograd
 
 # ---- fake kernels (torch.compile, meta tensors) ------------------------------------------------------
 @torch.library.register_fake("fastkd::kd_loss_fwd")
-def _kd_loss_fwd_fake(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight,
-                      ignore_index, reduction, with_grad):
+def _kd_loss_fwd_fake(student, teacher, labels, options, divergence, ignore_index, reduction, with_grad):
     loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=torch.float32)
     grad = student.new_empty(student.shape if with_grad else (0,))
     return loss, grad
@@ -77,79 +74,39 @@ def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
     ctx.consumed = True
     (grad,) = ctx.saved_tensors
     if grad_loss is None:  # the loss did not reach the differentiated output
-        return (None,) * 11
+        return (None,) * 8
     # In place: free when grad_loss == 1 (loss.backward()), one pass over the gradient otherwise.
     torch.ops.fastkd.kd_loss_scale_(grad, grad_loss)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastkd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context)
 
 
 # ---- the public wrapper ----------------------------------------------------------------------------
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_OP = "fastkd.kd_loss"
 
 
-def _check_logits(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"fastkd.kd_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"fastkd.kd_loss: {name} must be float32, float16 or bfloat16 logits, got {x.dtype}; "
-                        f"convert with {name}.float()")
-    if x.dim() < 1:
-        raise ValueError(f"fastkd.kd_loss: {name} must have shape (..., vocab), got a 0-d tensor")
-
-
-def _check_args(student, teacher, labels, temperature, divergence, beta, hard_weight, ignore_index, reduction):
-    _check_logits("student_logits", student)
-    _check_logits("teacher_logits", teacher)
+def _check_args(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
+                reduction):
+    check_logits(_OP, "student_logits", student)
+    check_logits(_OP, "teacher_logits", teacher)
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
-            f"fastkd.kd_loss: vocabulary sizes differ: student_logits has {student.shape[-1]}, teacher_logits has "
+            f"{_OP}: vocabulary sizes differ: student_logits has {student.shape[-1]}, teacher_logits has "
             f"{teacher.shape[-1]}. Teachers often pad their vocabulary: slice the teacher's logits to the student's "
             f"vocabulary (teacher_logits[..., :{student.shape[-1]}]) if the extra entries are padding."
         )
     if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(
-            f"fastkd.kd_loss: rows differ: student_logits has leading shape {tuple(student.shape[:-1])}, "
+            f"{_OP}: rows differ: student_logits has leading shape {tuple(student.shape[:-1])}, "
             f"teacher_logits {tuple(teacher.shape[:-1])}; both must hold the same positions"
         )
     if student.device != teacher.device:
-        raise ValueError(f"fastkd.kd_loss: teacher_logits is on {teacher.device} but student_logits on "
+        raise ValueError(f"{_OP}: teacher_logits is on {teacher.device} but student_logits on "
                          f"{student.device}; move both to one device")
-    if isinstance(temperature, torch.Tensor):
-        raise TypeError("fastkd.kd_loss: temperature must be a Python number (a tensor would force a device sync)")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"fastkd.kd_loss: temperature must be finite and > 0, got {temperature}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"fastkd.kd_loss: unknown divergence {divergence!r}; use one of {DIVERGENCES}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"fastkd.kd_loss: beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}")
-    if reduction not in REDUCTIONS:
-        hint = (" ('mean' would average over vocabulary entries too; 'batchmean' averages per row, which is the KL "
-                "divergence's mathematical definition)" if reduction == "mean" else "")
-        raise ValueError(f"fastkd.kd_loss: unknown reduction {reduction!r}; use one of {REDUCTIONS}{hint}")
-    if labels is None:
-        if hard_weight != 0:
-            raise ValueError("fastkd.kd_loss: labels are required when hard_weight != 0 (the cross-entropy term)")
-        return
-    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool \
-            or labels.is_complex():
-        what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise TypeError(f"fastkd.kd_loss: labels must be an integer tensor (class indices), got {what}")
-    if labels.shape != student.shape[:-1]:
-        raise ValueError(f"fastkd.kd_loss: labels must have the logits' leading shape {tuple(student.shape[:-1])}, "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != student.device:
-        raise ValueError(f"fastkd.kd_loss: labels is on {labels.device} but student_logits on {student.device}")
-    # Value check where it costs no device sync (CUDA kernels assert on the device instead).
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel():
-        vocab = student.shape[-1]
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            first = int(labels[bad][0])
-            raise ValueError(f"fastkd.kd_loss: labels hold {first}, outside [0, {vocab}) and not ignore_index "
-                             f"({ignore_index}); mark padding with ignore_index")
+    check_loss_options(_OP, temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction)
+    check_labels(_OP, labels, student, ignore_index, hard_weight)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -164,15 +121,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     ``ignore_index`` count in neither term nor in the row count.
 
     Logits: shape (..., V), fp32/fp16/bf16 (student and teacher may differ). Maths in fp32; the loss is
-    fp32, the gradient (w.r.t. ``student_logits`` only) has the student's dtype.
+    fp32, the gradient (w.r.t. ``student_logits`` only) has the student's dtype. float64 logits, and calls
+    under torch.func transforms (grad, vmap, jacrev, ...), run the reference maths
+    (``fastkd.reference.kd_loss``: autograd through torch ops, float64 kept, derivatives of any order).
+    ``temperature`` in [0.05, 100] (``fastkd.ops._args.TEMPERATURE_RANGE``).
     ``reduction``: ``"batchmean"`` (sum over valid rows / number of valid rows, per token for (B, S, V)),
     ``"sum"``, or ``"none"`` (per-row losses with the leading shape, 0 on ignored rows).
     """
-    _check_args(student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight, ignore_index,
-                reduction)
+    _check_args(student_logits, teacher_logits, labels, temperature, divergence, beta, soft_weight, hard_weight,
+                ignore_index, reduction)
+    if use_reference_maths(student_logits, teacher_logits):
+        return reference.kd_loss(student_logits, teacher_logits, labels, temperature, divergence, beta, soft_weight,
+                                 hard_weight, ignore_index, reduction)
     loss, _ = torch.ops.fastkd.kd_loss_fwd(
-        student_logits, teacher_logits, labels, float(temperature), divergence, float(beta), float(soft_weight),
-        float(hard_weight), int(ignore_index), reduction, torch.is_grad_enabled() and student_logits.requires_grad,
+        student_logits, teacher_logits, labels, loss_options(temperature, beta, soft_weight, hard_weight), divergence,
+        as_int(ignore_index), reduction, torch.is_grad_enabled() and student_logits.requires_grad,
     )
     return loss
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from ._common import DIVERGENCES, REDUCTIONS
 from ._common import compute_dtype as _compute_dtype
 
-__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_fwd", "kd_loss_scale_", "textbook_kd_loss"]
+__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_scale_", "unpack_options",
+           "textbook_kd_loss"]
 
 
 def _if_pos(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -99,10 +100,26 @@ def _check_op_args(temperature, divergence, beta, reduction):
         raise ValueError(f"fastkd: argument 'temperature': must be finite and > 0, got {temperature}")
 
 
-def kd_loss_fwd(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
-                reduction, with_grad):
-    """Fallback kernel of ``fastkd::kd_loss_fwd``: the fp32 loss and, when asked, its
-    gradient with respect to ``student`` (in the student's dtype) from the closed-form formulas."""
+def unpack_options(options: torch.Tensor) -> tuple[float, float, float, float]:
+    """The KD ops' ``options`` tensor -> (temperature, beta, soft_weight, hard_weight)."""
+    if options.device.type != "cpu" or options.dtype != torch.float64 or options.shape != (4,):
+        raise ValueError("fastkd: argument 'options': expected a float64 CPU tensor [temperature, beta, soft_weight, "
+                         f"hard_weight], got {options.dtype} {tuple(options.shape)} on {options.device}")
+    temperature, beta, soft_weight, hard_weight = options.tolist()
+    return temperature, beta, soft_weight, hard_weight
+
+
+def kd_loss_fwd(student, teacher, labels, options, divergence, ignore_index, reduction, with_grad):
+    """Fallback kernel of ``fastkd::kd_loss_fwd`` (options: see ``unpack_options``)."""
+    temperature, beta, soft_weight, hard_weight = unpack_options(options)
+    return kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight,
+                            ignore_index, reduction, with_grad)
+
+
+def kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
+                     reduction, with_grad):
+    """The fp32 loss and, when asked, its gradient with respect to ``student`` (in the student's dtype)
+    from the closed-form formulas."""
     _check_op_args(temperature, divergence, beta, reduction)
     rows, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight,
                                hard_weight, ignore_index)

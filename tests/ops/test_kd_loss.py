@@ -18,6 +18,7 @@ import torch
 
 import fastkd
 from fastkd import _extension, reference
+from fastkd.ops._args import loss_options
 
 CPU = torch.device("cpu")
 DIVERGENCES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
@@ -302,8 +303,8 @@ def test_reference_closed_form_gradient(divergence, beta, reduction):
     labels = make_labels((8,), 57)
     kw = dict(temperature=1.3, divergence=divergence, beta=beta, soft_weight=0.8, hard_weight=0.4,
               ignore_index=-100, reduction=reduction)
-    _, grad = reference.kd_loss_fwd(s, t, labels, kw["temperature"], divergence, beta, 0.8, 0.4, -100, reduction,
-                                    True)
+    _, grad = reference.kd_loss_and_grad(s, t, labels, kw["temperature"], divergence, beta, 0.8, 0.4, -100, reduction,
+                                         True)
     _, expected = run(reference.kd_loss, s, t, labels, **kw)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
@@ -312,7 +313,7 @@ def test_reference_closed_form_gradient(divergence, beta, reduction):
 def _op_args(reduction, with_grad, dtype=torch.float32):
     s, t = make_logits(6, 97, dtype=dtype, seed=27)
     labels = make_labels((6,), 97)
-    return (s.requires_grad_(with_grad), t, labels, 2.0, "jsd", 0.4, 1.0, 0.5, -100, reduction, with_grad)
+    return (s.requires_grad_(with_grad), t, labels, loss_options(2.0, 0.4, 1.0, 0.5), "jsd", -100, reduction, with_grad)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
@@ -357,6 +358,70 @@ def test_torch_compile_fullgraph(reduction):
     ref.backward()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_torch_compile_changing_temperature_compiles_once():
+    """A temperature (and weight) schedule changes the options every step: fullgraph keeps working and the
+    graph is compiled once for the changing values (the first call's static graph aside)."""
+    s, t = make_logits(6, 97, seed=31)
+    labels = make_labels((6,), 97)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x, y, lab, T, hw):
+        return fastkd.kd_loss(x, y, lab, temperature=T, divergence="jsd", beta=0.3, hard_weight=hw)
+
+    schedule = [(1.0, 0.5), (1.5, 0.4), (2.0, 0.3), (2.5, 0.2), (3.0, 0.1), (4.0, 0.05)]
+    for backend in (counting, "inductor"):
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = torch.compile(step, fullgraph=True, backend=backend)
+        with torch._dynamo.config.patch(recompile_limit=2):  # a recompile per value would fail here
+            for T, hw in schedule:
+                x = s.clone().requires_grad_(True)
+                loss = compiled(x, t, labels, T, hw)
+                loss.backward()
+                ref_loss, ref_grad = run(reference.kd_loss, s.double(), t.double(), labels, temperature=T,
+                                         divergence="jsd", beta=0.3, hard_weight=hw)
+                torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+        if backend is counting:
+            assert len(graphs) <= 2, len(graphs)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_torch_func_transforms(divergence, beta):
+    """torch.func.grad, vmap(grad) and jacrev run the reference maths and agree with the fused gradient."""
+    s, t = make_logits(5, 40, seed=32)
+    labels = make_labels((5,), 40)
+    kw = dict(temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.3)
+    _, fused = run(fastkd.kd_loss, s, t, labels, **kw)
+    g = torch.func.grad(lambda x: fastkd.kd_loss(x, t, labels, **kw))(s)
+    torch.testing.assert_close(g, fused, rtol=1e-4, atol=1e-7)
+    per_row = torch.func.vmap(torch.func.grad(lambda x, y, lab: fastkd.kd_loss(x, y, lab, reduction="sum", **kw)))(
+        s.unsqueeze(1), t.unsqueeze(1), labels.unsqueeze(1))
+    _, summed = run(fastkd.kd_loss, s, t, labels, reduction="sum", **kw)
+    torch.testing.assert_close(per_row.squeeze(1), summed, rtol=1e-4, atol=1e-7)
+    jac = torch.func.jacrev(lambda x: fastkd.kd_loss(x, t, labels, reduction="none", **kw))(s)
+    assert jac.shape == (5, 5, 40)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_gradcheck_float64(divergence, beta):
+    """float64 logits run the reference maths in float64: gradcheck and gradgradcheck hold on fastkd.kd_loss."""
+    s, t = make_logits(3, 11, dtype=torch.float64, seed=33)
+    labels = make_labels((3,), 11, ignore_frac=0.0)
+    x = s.clone().requires_grad_(True)
+
+    def f(v):
+        return fastkd.kd_loss(v, t, labels, temperature=1.5, divergence=divergence, beta=beta, hard_weight=0.2)
+
+    assert f(x).dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
 
 
 def test_backend_reports_what_serves_cpu():
@@ -405,7 +470,24 @@ BAD = [
     (lambda s, t, l: fastkd.kd_loss(s, t.to("meta")), ValueError, r"teacher_logits is on meta"),
     (lambda s, t, l: fastkd.kd_loss(s.long(), t), TypeError, r"student_logits must be float"),
     (lambda s, t, l: fastkd.kd_loss(s, t.int()), TypeError, r"teacher_logits must be float"),
-    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=0.0), ValueError, r"temperature must be finite and > 0"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=0.0), ValueError, r"temperature must be in \[0.05, 100\]"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=1e30), ValueError, r"temperature must be in .*overflows"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=1e-40), ValueError, r"temperature must be in"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature="2"), TypeError, r"temperature must be a number, got str"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=None), TypeError, r"temperature must be a number"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=True), TypeError, r"temperature must be a number, got bool"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, temperature=torch.tensor(2.0)), TypeError,
+     r"temperature must be a Python number, got a tensor.*device sync"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l, ignore_index=None), TypeError, r"ignore_index must be an int.*NoneType"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l, ignore_index=1.5), TypeError, r"ignore_index must be an int.*float 1.5"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, divergence="jsd", beta=None), TypeError, r"beta must be a number"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, soft_weight="0.5"), TypeError, r"soft_weight must be a number, got str"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l, hard_weight=float("nan")), ValueError, r"hard_weight must be finite"),
+    (lambda s, t, l: fastkd.kd_loss(s.to_sparse(), t), TypeError,
+     r"student_logits must be a dense \(strided\) tensor, got layout torch.sparse_coo.*to_dense\(\)"),
+    (lambda s, t, l: fastkd.kd_loss(s, t.to_sparse()), TypeError, r"teacher_logits must be a dense.*sparse_coo"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, l.to_sparse()), TypeError, r"labels must be a dense"),
+    (lambda s, t, l: fastkd.kd_loss(s, t, divergence=None), ValueError, r"unknown divergence None"),
     (lambda s, t, l: fastkd.kd_loss(s, t, temperature=-1.0), ValueError, r"temperature"),
     (lambda s, t, l: fastkd.kd_loss(s, t, temperature=float("inf")), ValueError, r"temperature"),
     (lambda s, t, l: fastkd.kd_loss(s, t, temperature=float("nan")), ValueError, r"temperature"),
@@ -432,9 +514,11 @@ def test_op_checks_its_own_arguments():
     """Direct callers of torch.ops.fastkd.kd_loss_fwd get errors that name the argument too."""
     s, t = make_logits(4, 30, seed=30)
     with pytest.raises((ValueError, RuntimeError), match="beta|must be in"):
-        torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "jsd", 2.0, 1.0, 0.0, -100, "sum", False)
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, loss_options(1.0, 2.0, 1.0, 0.0), "jsd", -100, "sum", False)
     with pytest.raises((ValueError, RuntimeError), match="divergence|reduction"):
-        torch.ops.fastkd.kd_loss_fwd(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "avg", False)
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, loss_options(1.0, 0.5, 1.0, 0.0), "kl", -100, "avg", False)
+    with pytest.raises((ValueError, RuntimeError), match="options"):
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, torch.tensor([1.0, 0.5, 1.0, 0.0]), "kl", -100, "sum", False)
 
 
 @pytest.mark.parametrize("dtype,vocab", [(torch.float32, 32000), (torch.bfloat16, 56000)])

@@ -20,6 +20,7 @@ import torch
 
 import fastkd
 from fastkd import _extension, reference
+from fastkd.ops._args import loss_options
 
 pytestmark = [
     pytest.mark.cuda,
@@ -64,12 +65,12 @@ def make_labels(rows, vocab, seed, ignore_index=-100, ignore_every=3):
 
 def run_op(s, t, labels, T, div, beta, sw, hw, ii, red, with_grad=True):
     with no_sync():
-        loss, grad = torch.ops.fastkd.kd_loss_fwd(s, t, labels, T, div, beta, sw, hw, ii, red, with_grad)
+        loss, grad = torch.ops.fastkd.kd_loss_fwd(s, t, labels, loss_options(T, beta, sw, hw), div, ii, red, with_grad)
     return loss, grad
 
 
 def run_ref(s, t, labels, T, div, beta, sw, hw, ii, red):
-    return reference.kd_loss_fwd(s.double(), t.double(), labels, T, div, beta, sw, hw, ii, red, True)
+    return reference.kd_loss_and_grad(s.double(), t.double(), labels, T, div, beta, sw, hw, ii, red, True)
 
 
 def tolerances(dtype):
