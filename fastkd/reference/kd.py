@@ -57,7 +57,13 @@ def kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_w
     divergence = _effective_divergence(divergence, beta)
     lps = F.log_softmax(s / temperature, dim=-1)
     lpt = F.log_softmax(t / temperature, dim=-1)
-    rows = soft_weight * temperature * temperature * _divergence_rows(lps, lpt, divergence, beta)
+    soft = soft_weight * temperature * temperature * _divergence_rows(lps, lpt, divergence, beta)
+    return add_hard_term(soft, s, labels, hard_weight, ignore_index)
+
+
+def add_hard_term(rows, s, labels, hard_weight, ignore_index):
+    """rows + hard_weight * CE(s, labels) (s: the student logits at T = 1, in the maths dtype), 0 on rows
+    whose label is ignore_index; returns (rows, valid-row mask or None). Shared by the KD losses."""
     valid = None
     if labels is not None:
         valid = labels != ignore_index
@@ -142,17 +148,23 @@ def kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, so
         lm = _log_mixture(ps, pt, beta)
         ksm = _plogr(ps, lps, lm).sum(-1, keepdim=True)
         ddiv = (1.0 - beta) * _if_pos(ps, ps * (lps - lm - ksm))
-    grad = soft_weight * T * ddiv
+    return loss, finish_grad(soft_weight * T * ddiv, s, labels, valid, hard_weight, reduction).to(student.dtype)
+
+
+def finish_grad(grad, s, labels, valid, hard_weight, reduction):
+    """The soft term's gradient (soft_weight * T * dD/da, [..., V]) plus the cross-entropy's, zero on
+    ignored rows, divided by the valid-row count for "batchmean". Shared by the KD losses."""
     if labels is not None and hard_weight != 0:
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        onehot = F.one_hot(safe, s.shape[-1]).to(dtype)
+        onehot = F.one_hot(safe, s.shape[-1]).to(grad.dtype)
         grad = grad + hard_weight * (F.softmax(s, dim=-1) - onehot)
     if valid is not None:
-        grad = grad * valid.unsqueeze(-1).to(dtype)
+        grad = grad * valid.unsqueeze(-1).to(grad.dtype)
     if reduction == "batchmean":
-        count = rows.new_tensor(rows.numel()) if valid is None else valid.sum().to(dtype)
+        rows = grad[..., 0].numel()
+        count = grad.new_tensor(rows) if valid is None else valid.sum().to(grad.dtype)
         grad = grad / count.clamp_min(1)
-    return loss, grad.to(student.dtype)
+    return grad
 
 
 def kd_loss_scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
