@@ -81,6 +81,23 @@ inline at::Tensor as_rows(const at::Tensor& x) {
   return x.contiguous().view({-1, vocab});
 }
 
+// The op's labels (optional; required when hard_weight != 0) as a flat int64 [rows] tensor, or an
+// undefined one; lead: the logits' leading shape.
+inline at::Tensor labels_arg(const std::optional<at::Tensor>& labels, at::IntArrayRef lead, const at::Device& device,
+                             double hard_weight) {
+  at::Tensor out;
+  if (labels.has_value() && labels->defined()) {
+    FKD_CHECK_ARG(labels->sizes() == lead, "labels", "expected the logits' leading shape ", lead, ", got ",
+                  labels->sizes());
+    FKD_CHECK_ARG(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool, "labels",
+                  "expected an integer dtype, got ", labels->scalar_type());
+    FKD_CHECK_ARG(labels->device() == device, "labels", "on ", labels->device(), " but student_logits on ", device);
+    out = labels->to(at::kLong).reshape({-1}).contiguous();
+  }
+  FKD_CHECK_ARG(hard_weight == 0 || out.defined(), "labels", "required when hard_weight != 0");
+  return out;
+}
+
 // Validates the op's arguments (the Python wrapper validates first and names the user's arguments;
 // this is the op's own contract for direct callers) and normalises the layout; fp64 logits are
 // converted to fp32 like the others (fastkd's maths is fp32 throughout; the gradient goes back to
@@ -115,16 +132,7 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
   a.rows = a.student.size(0);
   const Divergence div = parse_divergence(divergence);
   a.reduction = parse_reduction(reduction);
-  if (labels.has_value() && labels->defined()) {
-    FKD_CHECK_ARG(labels->sizes() == at::IntArrayRef(a.lead), "labels", "expected the logits' leading shape ",
-                  at::IntArrayRef(a.lead), ", got ", labels->sizes());
-    FKD_CHECK_ARG(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool, "labels",
-                  "expected an integer dtype, got ", labels->scalar_type());
-    FKD_CHECK_ARG(labels->device() == student.device(), "labels", "on ", labels->device(),
-                  " but student_logits on ", student.device());
-    a.labels = labels->to(at::kLong).reshape({-1}).contiguous();
-  }
-  FKD_CHECK_ARG(o.hard_weight == 0 || a.labels.defined(), "labels", "required when hard_weight != 0");
+  a.labels = labels_arg(labels, a.lead, student.device(), o.hard_weight);
   a.params = make_kd_params(div, o.temperature, o.beta, o.soft_weight, o.hard_weight, ignore_index);
   return a;
 }
@@ -152,8 +160,10 @@ inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* gra
 
 // The reduction weight of every valid row, as a 0-d fp32 tensor on the logits' device:
 // 1 / max(1, number of valid rows) for "batchmean", 1 otherwise. Computed with tensor ops so the
-// kernels read it from memory and nothing waits for the device.
-inline at::Tensor row_weight(const KdLossArgs& a) {
+// kernels read it from memory and nothing waits for the device. Args: KdLossArgs, or another KD op's
+// arguments with the same fields (student, labels, rows, reduction, params, lead; topk_kd/topk_kd.h).
+template <typename Args>
+at::Tensor row_weight(const Args& a) {
   const auto opts = a.student.options().dtype(at::kFloat);
   if (a.reduction != Reduction::BatchMean) return at::ones({}, opts);
   if (!a.labels.defined()) return at::full({}, 1.0f / static_cast<float>(std::max<int64_t>(1, a.rows)), opts);
@@ -161,7 +171,8 @@ inline at::Tensor row_weight(const KdLossArgs& a) {
 }
 
 // The op's loss output from the per-row losses (ignored rows hold 0).
-inline at::Tensor reduce_rows(const KdLossArgs& a, const at::Tensor& row_losses, const at::Tensor& weight) {
+template <typename Args>
+at::Tensor reduce_rows(const Args& a, const at::Tensor& row_losses, const at::Tensor& weight) {
   if (a.reduction == Reduction::None) return row_losses.view(a.lead);
   at::Tensor total = row_losses.sum();
   return a.reduction == Reduction::BatchMean ? total * weight : total;

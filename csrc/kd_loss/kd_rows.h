@@ -55,7 +55,6 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
-#include <utility>
 
 #include "common/common.h"
 #include "kd_loss/kd_loss_math.h"
@@ -118,6 +117,18 @@ void kd_rows_cpu(const KdRowsArgs& a, float row_weight, bool stream);
 void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t stream);
 #endif
 
+// The bytes [first, last) spanned by the rows of a [rows, stride] buffer of `width` elements per row
+// (rows >= 1), for the overlap checks of the row APIs.
+struct ByteSpan {
+  uintptr_t first, last;
+  bool overlaps(const ByteSpan& o) const { return first < o.last && o.first < last; }
+};
+
+inline ByteSpan row_span(const void* p, int64_t rows, int64_t stride, int64_t width, size_t elem_bytes) {
+  const auto first = reinterpret_cast<uintptr_t>(p);
+  return {first, first + static_cast<uintptr_t>(((rows - 1) * stride + width) * static_cast<int64_t>(elem_bytes))};
+}
+
 // The contract above, checked on the host in O(1) (no device access). in_place_ok: the backend
 // accepts grad == student (same stride and dtype).
 inline void check_kd_rows_args(const KdRowsArgs& a, bool in_place_ok) {
@@ -138,22 +149,14 @@ inline void check_kd_rows_args(const KdRowsArgs& a, bool in_place_ok) {
             "kd_rows: row strides (", a.student_stride, ", ", a.teacher_stride, ", ", a.grad_stride,
             ") must be >= vocab (", a.vocab, ")");
   if (a.grad == nullptr) return;
-  // Byte ranges [first, last) spanned by a [rows, stride] buffer's rows.
-  const auto span = [&](const void* p, int64_t stride, at::ScalarType t) {
-    const auto first = reinterpret_cast<uintptr_t>(p);
-    const auto bytes = static_cast<uintptr_t>(((a.rows - 1) * stride + a.vocab) * static_cast<int64_t>(c10::elementSize(t)));
-    return std::pair<uintptr_t, uintptr_t>{first, first + bytes};
-  };
-  const auto overlap = [](std::pair<uintptr_t, uintptr_t> x, std::pair<uintptr_t, uintptr_t> y) {
-    return x.first < y.second && y.first < x.second;
-  };
-  const auto g = span(a.grad, a.grad_stride, a.grad_dtype);
-  FKD_CHECK(!overlap(g, span(a.teacher, a.teacher_stride, a.teacher_dtype)),
+  const ByteSpan g = row_span(a.grad, a.rows, a.grad_stride, a.vocab, c10::elementSize(a.grad_dtype));
+  FKD_CHECK(!g.overlaps(row_span(a.teacher, a.rows, a.teacher_stride, a.vocab, c10::elementSize(a.teacher_dtype))),
             "kd_rows: the gradient overlaps the teacher logits");
   const bool in_place = a.grad == a.student && a.grad_stride == a.student_stride && a.grad_dtype == a.student_dtype;
   FKD_CHECK(!in_place || in_place_ok, "kd_rows: this backend cannot write the gradient in place over the student "
             "logits (kd_loss/kd_rows.h); pass a separate gradient buffer");
-  FKD_CHECK(in_place || !overlap(g, span(a.student, a.student_stride, a.student_dtype)),
+  FKD_CHECK(in_place || !g.overlaps(row_span(a.student, a.rows, a.student_stride, a.vocab,
+                                             c10::elementSize(a.student_dtype))),
             "kd_rows: the gradient overlaps the student logits other than exactly in place");
 }
 
