@@ -4,10 +4,11 @@ autograd formula and its public wrapper. The compiled kernels (``csrc/<op>/``) r
 ``CUDA`` implementations of the same ops when ``fastkd._C`` loads (``fastkd/_extension.py``).
 
     kd.py    fastkd::kd_loss_fwd, kd_loss_scale_          -> fastkd.kd_loss, fastkd.KDLoss
+    topk.py  fastkd::topk_kd_loss_fwd (+ kd_loss_scale_) -> fastkd.topk_kd_loss, fastkd.TopKKDLoss
     clip.py  fastkd::grad_norm, clip_grad_norm_, scale_grads_, clamp_grads_
                                                            -> fastkd.clip_grad_norm_ and friends
 """
 
-from . import clip, kd
+from . import clip, kd, topk
 
-__all__ = ["clip", "kd"]
+__all__ = ["clip", "kd", "topk"]

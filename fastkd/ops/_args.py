@@ -23,7 +23,7 @@ import torch
 from ..reference._common import DIVERGENCES, REDUCTIONS
 
 __all__ = ["TEMPERATURE_RANGE", "FLOAT_DTYPES", "check_logits", "check_labels", "check_loss_options", "is_real",
-           "loss_options", "as_int", "use_reference_maths"]
+           "loss_options", "as_int", "use_reference_maths", "values_on_host"]
 
 # The temperatures whose fp32 maths holds (tests/ops/test_kd_loss.py checks both ends against the
 # float64 oracle). Measured with (64, 32000) logits of scale 3 against float64: below 0.05 the JSD
@@ -122,8 +122,7 @@ def check_labels(op: str, labels, student: torch.Tensor, ignore_index, hard_weig
     # Value check where it costs no device sync (CUDA kernels assert on the device instead), and where the
     # values are concrete (not under torch.compile or a torch.func transform: the reference's gather then
     # raises on an index out of range).
-    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling() \
-            and not _functorch_active():
+    if labels.numel() and values_on_host(labels):
         vocab = student.shape[-1]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
@@ -148,6 +147,12 @@ def loss_options(temperature, beta, soft_weight, hard_weight) -> torch.Tensor:
 def as_int(x):
     """A checked integer as the op's ``int`` argument; a symbolic one stays symbolic."""
     return x if isinstance(x, torch.SymInt) else int(x)
+
+
+def values_on_host(x: torch.Tensor) -> bool:
+    """Whether a check of ``x``'s values is free of device syncs and possible: a CPU tensor, with concrete values
+    (not under torch.compile or a torch.func transform)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_active()
 
 
 def _functorch_active() -> bool:

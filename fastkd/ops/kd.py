@@ -13,6 +13,7 @@ from torch import nn
 from ..reference import kd as reference
 from ..reference._common import DIVERGENCES, REDUCTIONS
 from ._args import as_int, check_labels, check_logits, check_loss_options, loss_options, use_reference_maths
+from ._autograd import register_fused_gradient
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS"]
 
@@ -44,43 +45,7 @@ def _kd_loss_scale_fake(grad, grad_output):
 
 
 # ---- autograd ----------------------------------------------------------------------------------------
-def _kd_loss_setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    # The second output never gets a gradient; materialising one would allocate and zero a tensor
-    # as large as the logits on every backward.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad)
-    ctx.with_grad = inputs[-1]
-    ctx.consumed = False
-
-
-def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "fastkd.kd_loss does not support double backward (create_graph=True): its gradient is "
-            "computed by a fused kernel. Use fastkd.reference.kd_loss for higher-order derivatives."
-        )
-    if not ctx.with_grad:
-        raise RuntimeError(
-            "fastkd.kd_loss: the gradient was not computed in the forward (with_grad=False); call the op "
-            "through fastkd.kd_loss, which sets it when student_logits requires grad."
-        )
-    if ctx.consumed:
-        raise RuntimeError(
-            "fastkd.kd_loss: backward through the same loss twice (retain_graph=True) is not supported: "
-            "the fused gradient is scaled in place by the first backward. Recompute the loss instead."
-        )
-    ctx.consumed = True
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:  # the loss did not reach the differentiated output
-        return (None,) * 8
-    # In place: free when grad_loss == 1 (loss.backward()), one pass over the gradient otherwise.
-    torch.ops.fastkd.kd_loss_scale_(grad, grad_loss)
-    return grad, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("fastkd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context)
+register_fused_gradient("kd_loss_fwd", "fastkd.kd_loss", "fastkd.reference.kd_loss")
 
 
 # ---- the public wrapper ----------------------------------------------------------------------------
@@ -140,8 +105,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return loss
 
 
-class KDLoss(nn.Module):
-    """Module form of :func:`fastkd.kd_loss` with the same keywords: ``KDLoss(temperature=2.0)(s, t, labels)``."""
+class KDLossOptions(nn.Module):
+    """The keywords of the KD losses' module forms (:class:`KDLoss`, :class:`fastkd.TopKKDLoss`), kept as
+    attributes and shown in the module's repr."""
 
     def __init__(self, *, temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
                  soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
@@ -155,13 +121,21 @@ class KDLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
-                       divergence=self.divergence, beta=self.beta, soft_weight=self.soft_weight,
-                       hard_weight=self.hard_weight, ignore_index=self.ignore_index, reduction=self.reduction)
+    def options(self) -> dict:
+        """The keywords, for the loss function."""
+        return dict(temperature=self.temperature, divergence=self.divergence, beta=self.beta,
+                    soft_weight=self.soft_weight, hard_weight=self.hard_weight, ignore_index=self.ignore_index,
+                    reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"soft_weight={self.soft_weight}, hard_weight={self.hard_weight}, "
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+class KDLoss(KDLossOptions):
+    """Module form of :func:`fastkd.kd_loss` with the same keywords: ``KDLoss(temperature=2.0)(s, t, labels)``."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, **self.options())

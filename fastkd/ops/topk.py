@@ -1,0 +1,130 @@
+"""``fastkd.topk_kd_loss`` and ``fastkd.TopKKDLoss``: the KD loss from a sparse (top-k) teacher.
+
+The op's one home: its schema, the fallback registration (``fastkd.reference.topk``), the fake kernel, the
+autograd (the fused gradient of ``fastkd/ops/_autograd.py``, scaled by ``fastkd::kd_loss_scale_``) and the
+public wrapper. The compiled kernels of the op are in ``csrc/topk_kd/`` (CPU per instruction set, CUDA);
+the dispatcher prefers them where they are built. docs/topk_kd_loss.md has the maths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import topk as reference
+from ._args import (
+    as_int,
+    check_labels,
+    check_logits,
+    check_loss_options,
+    loss_options,
+    use_reference_maths,
+    values_on_host,
+)
+from ._autograd import register_fused_gradient
+from .kd import KDLossOptions  # also defines fastkd::kd_loss_scale_, which the backward calls
+
+__all__ = ["topk_kd_loss", "TopKKDLoss"]
+
+_LIB = torch.library.Library("fastkd", "FRAGMENT")
+
+# ---- schema ------------------------------------------------------------------------------------------
+_LIB.define(
+    "topk_kd_loss_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, Tensor options, "
+    "str divergence, int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor)"
+)  # options: float64 CPU [temperature, beta, soft_weight, hard_weight] (fastkd.ops._args.loss_options)
+
+# ---- fallback (reference) kernel ---------------------------------------------------------------------
+_LIB.impl("topk_kd_loss_fwd", reference.topk_kd_loss_fwd, "CompositeExplicitAutograd")
+
+
+# ---- fake kernel (torch.compile, meta tensors) -------------------------------------------------------
+@torch.library.register_fake("fastkd::topk_kd_loss_fwd")
+def _topk_kd_loss_fwd_fake(student, values, indices, labels, options, divergence, ignore_index, reduction,
+                           with_grad):
+    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=torch.float32)
+    grad = student.new_empty(student.shape if with_grad else (0,))
+    return loss, grad
+
+
+# ---- autograd ----------------------------------------------------------------------------------------
+register_fused_gradient("topk_kd_loss_fwd", "fastkd.topk_kd_loss", "fastkd.reference.topk_kd_loss")
+
+
+# ---- the public wrapper ----------------------------------------------------------------------------
+_OP = "fastkd.topk_kd_loss"
+
+
+def _check_args(student, values, indices, labels, temperature, divergence, beta, soft_weight, hard_weight,
+                ignore_index, reduction):
+    check_logits(_OP, "student_logits", student)
+    check_logits(_OP, "teacher_values", values)
+    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool \
+            or indices.is_complex():
+        what = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise TypeError(f"{_OP}: teacher_indices must be an integer tensor (int32 or int64 vocabulary indices), "
+                        f"got {what}")
+    if indices.layout != torch.strided:
+        raise TypeError(f"{_OP}: teacher_indices must be a dense (strided) tensor, got layout {indices.layout}; "
+                        "convert it with teacher_indices.to_dense()")
+    if values.shape != indices.shape:
+        raise ValueError(f"{_OP}: teacher_values {tuple(values.shape)} and teacher_indices {tuple(indices.shape)} "
+                         "must have the same shape (..., K): entry k of a row is the teacher's value at index k")
+    if values.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"{_OP}: rows differ: student_logits has leading shape {tuple(student.shape[:-1])}, "
+                         f"teacher_values {tuple(values.shape[:-1])}; both must hold the same positions")
+    k, vocab = values.shape[-1], student.shape[-1]
+    if k == 0:
+        raise ValueError(f"{_OP}: teacher_values has K = 0 entries per row; the teacher needs at least one")
+    if k > vocab:
+        raise ValueError(f"{_OP}: K = {k} teacher entries per row but the student's vocabulary has {vocab}; "
+                         "K must be <= vocab (the indices are distinct entries of it)")
+    for name, x in (("teacher_values", values), ("teacher_indices", indices)):
+        if x.device != student.device:
+            raise ValueError(f"{_OP}: {name} is on {x.device} but student_logits on {student.device}; move them to "
+                             "one device")
+    check_loss_options(_OP, temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction)
+    reference.check_topk_divergence(_OP, divergence, beta)
+    check_labels(_OP, labels, student, ignore_index, hard_weight)
+
+
+def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                 labels: torch.Tensor | None = None, *, temperature: float = 1.0, divergence: str = "kl",
+                 beta: float = 0.5, soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "batchmean") -> torch.Tensor:
+    """Knowledge-distillation loss from a sparse teacher: its top-k logits (or log-probabilities).
+
+    ``teacher_values`` (..., K) are the teacher's values at ``teacher_indices`` (..., K) (int32 or int64, in
+    [0, V), distinct within a row) of the student's vocabulary; ``student_logits`` is (..., V), 1 <= K <= V.
+    The teacher distribution is renormalised over its support: p~ = softmax(teacher_values / T) over the K
+    entries, 0 elsewhere; the student is the full softmax of student_logits / T over V. Row loss =
+    soft_weight * T^2 * D(p~, p_student) + hard_weight * CE(student, labels) (at T = 1), with ``divergence``
+    ``"kl"`` = KL(p~ || p_s) or ``"jsd"`` (0 <= beta < 1; M = beta p~ + (1 - beta) p_s over the whole
+    vocabulary, beta = 0 is "kl"). ``"reverse_kl"`` and beta = 1 are refused: they are infinite whenever the
+    student has mass outside the support. A row whose K values are all -inf has no soft term.
+
+    Everything else is as :func:`fastkd.kd_loss`: ignore_index rows, reductions, fp32 maths and loss, the
+    gradient (dense over V, w.r.t. ``student_logits`` only) in the student's dtype, float64 and torch.func
+    calls through the reference maths (``fastkd.reference.topk_kd_loss``).
+    """
+    _check_args(student_logits, teacher_values, teacher_indices, labels, temperature, divergence, beta, soft_weight,
+                hard_weight, ignore_index, reduction)
+    if use_reference_maths(student_logits, teacher_values):
+        if values_on_host(teacher_indices):  # the op's kernels check them on the other paths
+            reference.check_topk_indices(teacher_indices, student_logits.shape[-1])
+        return reference.topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, temperature, divergence,
+                                      beta, soft_weight, hard_weight, ignore_index, reduction)
+    loss, _ = torch.ops.fastkd.topk_kd_loss_fwd(
+        student_logits, teacher_values, teacher_indices, labels,
+        loss_options(temperature, beta, soft_weight, hard_weight), divergence, as_int(ignore_index), reduction,
+        torch.is_grad_enabled() and student_logits.requires_grad,
+    )
+    return loss
+
+
+class TopKKDLoss(KDLossOptions):
+    """Module form of :func:`fastkd.topk_kd_loss` with the same keywords:
+    ``TopKKDLoss(temperature=2.0)(student_logits, teacher_values, teacher_indices, labels)``."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        return topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, **self.options())
