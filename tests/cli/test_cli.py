@@ -282,7 +282,7 @@ BAD_CONFIGS = {  # case: (text in the config, its replacement, what the message 
     "string in a schedule": ("start = 4.0", 'start = "4"', "[loss] temperature: bad linear schedule"),
     "temperature reaches 0": ("end = 1.0", "end = 0.0",
                               "[loss] temperature: the temperature schedule gives 0.0 at the end of its ramp; a "
-                              "temperature must be finite and > 0"),
+                              "temperature must be in [0.05, 100]"),
     "a factory that raises": ('"userproj:student"', '"userproj:boom"',
                               "student.factory = 'userproj:boom' failed: RuntimeError: the weights server is down"),
     "data factory returning a non-iterable": ('train = "userproj:train_loader"', 'train = "userproj:not_a_loader"',
