@@ -28,8 +28,8 @@ Why it is laid out so:
   header, so an edited manifest (vocabulary, top_k, length) is an error, not a misread.
 - **Reading verifies.** Opening checks the manifest and every shard's byte size (a ``stat`` each);
   by default (``verify="lazy"``) a shard's SHA-256 is checked the first time this process reads from
-  it: one sequential read of each shard per process (SHA-256 runs at about a GB/s per core, several
-  times slower than reading from the page cache; docs/teacher_cache.md has the measured figure).
+  it: one sequential read and hash of each shard per process, spread over the first epoch
+  (bench/bench_cache.py measures its throughput, ``verify_gbps``, and its share of a batch's read).
   ``verify="open"`` checks every shard when the cache is opened (do it in the main process before
   DataLoader workers start: they inherit what was verified), ``verify="size"`` skips the checksum
   (a flipped byte then goes unnoticed). A truncated, corrupt or mismatched shard is a
@@ -460,13 +460,16 @@ class CachedTeacherDataset(Dataset):
 
 # -- build helpers ------------------------------------------------------------------------------------
 def _teacher_device(teacher: torch.nn.Module, device) -> torch.device:
-    where = {t.device for t in (*teacher.parameters(), *teacher.buffers())}
+    """Where the inputs go: ``device``, which must hold (some of) the teacher's weights, or by default
+    the device of its first weight (a model split over devices takes its inputs on the first)."""
+    tensors = [*teacher.parameters(), *teacher.buffers()]
     if device is None:
-        return next(iter(where)) if len(where) == 1 else torch.device("cpu")
+        return tensors[0].device if tensors else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if any(d != device for d in where):
+    where = {t.device for t in tensors}
+    if where and device not in where:
         raise ValueError(f"fastkd.TeacherCache.build: device={device} but the teacher's weights are on "
                          f"{', '.join(sorted(map(str, where)))}; move it first (teacher.to({str(device)!r}))")
     return device

@@ -6,7 +6,10 @@ on how examples are batched, so the cache can be compared bit for bit with torch
 
 import json
 import pickle
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,3 +348,10 @@ def test_teacher_runs_in_eval_mode_and_is_restored(tmp_path):
     teacher = TableLM().train()
     build(tmp_path / "c", teacher, lm_data(5))
     assert teacher.modes == [False, False] and teacher.training
+
+
+def test_import_fastkd_stays_light():
+    """`import fastkd` loads neither the cache nor safetensors; the first use of fastkd.TeacherCache does."""
+    code = ("import sys, fastkd; assert 'safetensors' not in sys.modules and 'fastkd.data' not in sys.modules; "
+            "fastkd.TeacherCache; assert 'safetensors' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
