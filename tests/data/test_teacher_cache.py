@@ -148,6 +148,45 @@ def test_resume_after_a_crash_runs_only_the_rest(tmp_path):
     assert whole.manifest == cache.manifest
 
 
+KILL_MID_WRITE = """
+import os, signal, sys
+import fastkd
+# (On the way: `import fastkd` loads neither the cache nor safetensors; fastkd.TeacherCache does.)
+assert "safetensors" not in sys.modules and "fastkd.data" not in sys.modules
+fastkd.TeacherCache
+assert "safetensors" in sys.modules
+sys.path.insert(0, {here!r})
+import test_teacher_cache as t
+fsyncs, real_fsync = [0], os.fsync
+def fsync(fd):  # the writes: manifest, then per shard the shard file and the manifest, each file + folder
+    fsyncs[0] += 1
+    if fsyncs[0] == 7:  # shard 1's file, written but not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
+t.build({path!r}, t.TableLM(), t.lm_data(10), batch_size=3, shard_bytes=1)
+"""
+
+
+def test_a_build_killed_mid_write_resumes(tmp_path):
+    """A real SIGKILL while a shard is being written: the finished shard stays, the next build removes the
+    temporary file and writes the rest, and the result is the uninterrupted build's, byte for byte. (The
+    killed process also checks that `import fastkd` stays light: one interpreter start for both.)"""
+    here = str(Path(__file__).resolve().parent)
+    folder = tmp_path / "c"
+    run = subprocess.run([sys.executable, "-c", KILL_MID_WRITE.format(here=here, path=str(folder))],
+                         cwd=Path(here).parents[1])
+    assert run.returncode == -9
+    assert [p.name for p in folder.glob(".shard-00001.safetensors.*.tmp")]
+    assert [s["file"] for s in json.loads((folder / "manifest.json").read_text())["shards"]] == [
+        "shard-00000.safetensors"]
+    teacher = TableLM()
+    build(folder, teacher, lm_data(10), batch_size=3, shard_bytes=1)
+    assert teacher.calls == 3  # examples 3..5, 6..8, 9
+    build(tmp_path / "whole", TableLM(), lm_data(10), batch_size=3, shard_bytes=1)
+    assert snapshot(folder) == snapshot(tmp_path / "whole")
+
+
 def test_leftovers_of_a_killed_build_are_removed(tmp_path):
     data = lm_data(9)
     crashing = TableLM()
@@ -349,9 +388,3 @@ def test_teacher_runs_in_eval_mode_and_is_restored(tmp_path):
     build(tmp_path / "c", teacher, lm_data(5))
     assert teacher.modes == [False, False] and teacher.training
 
-
-def test_import_fastkd_stays_light():
-    """`import fastkd` loads neither the cache nor safetensors; the first use of fastkd.TeacherCache does."""
-    code = ("import sys, fastkd; assert 'safetensors' not in sys.modules and 'fastkd.data' not in sys.modules; "
-            "fastkd.TeacherCache; assert 'safetensors' in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
