@@ -35,20 +35,31 @@ inline std::vector<std::vector<at::Tensor>> disjoint_passes(at::TensorList grads
   std::vector<Span> spans;
   spans.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    if (g.numel() == 0) continue;  // no memory: no pass needed
-    int64_t last = 0;               // offset of the last element, in elements
-    for (int64_t d = 0; d < g.dim(); ++d) last += (g.size(d) - 1) * g.stride(d);
-    const auto lo = reinterpret_cast<uintptr_t>(g.data_ptr());
-    spans.push_back({lo, lo + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(g.element_size())), i});
+    const at::TensorImpl* t = grads[i].unsafeGetTensorImpl();
+    const int64_t n = t->numel();
+    if (n == 0) continue;  // no memory: no pass needed
+    int64_t extent = n;    // elements from the first to past the last
+    if (!t->is_contiguous()) {
+      const auto sizes = t->sizes(), strides = t->strides();
+      extent = 1;
+      for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
+    }
+    const auto lo = reinterpret_cast<uintptr_t>(t->data());
+    spans.push_back({lo, lo + static_cast<uintptr_t>(extent * static_cast<int64_t>(t->itemsize())), i});
   }
+  // Spans in increasing (or decreasing) address order, each clear of the one before, are pairwise disjoint.
+  // Gradients allocated one after the other are often laid out so: then no sort is needed.
+  const auto disjoint_in_order = [&spans] {
+    bool up = true, down = true;
+    for (size_t k = 1; k < spans.size() && (up || down); ++k) {
+      up = up && spans[k].lo >= spans[k - 1].hi;
+      down = down && spans[k].hi <= spans[k - 1].lo;
+    }
+    return up || down;
+  };
+  if (disjoint_in_order()) return {};
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
-  bool overlap = false;
-  for (size_t k = 1; k < spans.size() && !overlap; ++k) overlap = spans[k].lo < spans[k - 1].hi;
-  if (!overlap) {
-    // Sorted by start, each span starts at or after the previous one's end: pairwise disjoint.
-    return {};
-  }
+  if (disjoint_in_order()) return {};
   // Interval partitioning: in order of start, an entry joins the pass whose last span ended first if that
   // end is at or before its start, else opens a new pass (the fewest passes: the deepest overlap).
   std::vector<std::vector<at::Tensor>> passes;

@@ -328,12 +328,12 @@ def test_reference_norm_is_deterministic_across_threads(norm_type, dtype):
 
 
 # ---- gradients that share memory (tied weights gathered twice, overlapping views) ----------------------------
-def _aliased_cases(dtype):
+def _aliased_cases(dtype, device="cpu"):
     """name -> a function making the parameters (a fresh copy of the same gradients each call)."""
     g = torch.Generator().manual_seed(5)
-    big = torch.randn(3_000_000, generator=g).to(dtype)  # above the CPU kernel's parallel grain (2 threads)
-    small = torch.randn(1271, generator=g).to(dtype)
-    mat = torch.randn(64, 80, generator=g).to(dtype)
+    big = torch.randn(3_000_000, generator=g).to(dtype=dtype, device=device)  # above the CPU kernel's parallel grain
+    small = torch.randn(1271, generator=g).to(dtype=dtype, device=device)
+    mat = torch.randn(64, 80, generator=g).to(dtype=dtype, device=device)
 
     def view_params(buf, *views):
         buf = buf.clone()
@@ -704,6 +704,50 @@ def test_cuda_not_clipped_bit_identical_and_value():
         fastkd.clip_grad_value_(ps, 1e-4)
     torch.nn.utils.clip_grad_value_(theirs, 1e-4)
     assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ps, theirs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(_aliased_cases(torch.float32)))
+def test_cuda_aliased_gradients_match_torch_deterministically(case, dtype):
+    """The CUDA kernels with gradients that share memory: torch's result with torch's norm, the same bits on
+    every run, no host sync (the passes are found on the host from the tensors' sizes and addresses)."""
+    make = _aliased_cases(dtype, device="cuda")[case]
+    theirs = make()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in theirs]).float()
+    max_norm = 1e-3 * float(norm)
+    torch.nn.utils.clip_grads_with_norm_(theirs, max_norm, norm)
+    clamped_theirs = make()
+    torch.nn.utils.clip_grad_value_(clamped_theirs, 0.5)
+    for _ in range(3):
+        ours = make()
+        with _NoSync():
+            fastkd.clip_grads_with_norm_(ours, max_norm, norm)
+        assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+        ours = make()
+        with _NoSync():
+            n = fastkd.clip_grad_norm_(ours, max_norm)  # the one-call op
+        with_ours = make()
+        torch.nn.utils.clip_grads_with_norm_(with_ours, max_norm, n)
+        assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, with_ours))
+        clamped = make()
+        with _NoSync():
+            fastkd.clip_grad_value_(clamped, 0.5)
+        assert all(_bit_equal(a.grad, b.grad) for a, b in zip(clamped, clamped_theirs))
+
+
+@pytest.mark.cuda
+def test_cuda_clip_value_nan_and_complex_like_torch():
+    ours = _params([(7,), (1271,), (3, 5)], dtypes=(torch.float32, torch.bfloat16), device="cuda")
+    with _NoSync():
+        fastkd.clip_grad_value_(ours, float("nan"))
+    assert all(p.grad.isnan().all() for p in ours)
+    z = [_with_grad(torch.randn(s, dtype=torch.complex64, device="cuda")) for s in [(7,), (40, 33)]]
+    w = [_with_grad(p.grad.clone()) for p in z]
+    n1, n2 = fastkd.clip_grad_norm_(z, 0.1), torch.nn.utils.clip_grad_norm_(w, 0.1)
+    torch.testing.assert_close(n1, n2, rtol=1e-5, atol=0)
+    for a, b in zip(z, w):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-5, atol=0)
 
 
 @pytest.mark.cuda
