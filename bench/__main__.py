@@ -5,11 +5,11 @@
     python -m bench --only kd,step --device cuda --out-dir /tmp/gpu --no-docs
 
 Writes one CSV per benchmark, {stem}_{device}[_quick].csv in --out-dir (default bench/results; the
-stems are the registry's: kd_loss, clip, step), one row per provider x case (shape or tensor set) x
+stems are the registry's: kd_loss, clip, step, cache), one row per provider x case (shape or tensor set) x
 dtype x mode with the machine columns; then runs bench.report on them: the plots beside the CSVs, and
 the Markdown tables into docs/benchmarks.md's generated blocks and the README's headline table (a full
 run into bench/results) or else into report[_quick].md in --out-dir. The grids themselves live in the
-registered modules (bench_kd_loss, bench_clip, bench_step); this only runs them. A benchmark that fails
+registered modules (bench_kd_loss, bench_clip, bench_step, bench_cache); this only runs them. A benchmark that fails
 is reported and the others still run; the exit status is then 1.
 """
 

@@ -57,6 +57,10 @@ BENCHES: tuple[Bench, ...] = (
                    *_TIMES, "tokens_per_s", "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"),
           headline=(Headline("distillation training step", {"dtype": "float32"},
                              "batch {batch} x {seq} tokens, vocabulary {vocab}, {dtype}"),)),
+    Bench("cache", "cache", "bench.bench_cache",
+          columns=("part", "provider", "top_k", "dtype", "batch", "seq", "positions", "bytes_per_token",
+                   "payload_bytes_per_token", *_TIMES, "overhead_ms", "verify_gbps", "logit_std", "max_abs_err",
+                   "kl_t1")),
 )
 BY_NAME = {b.name: b for b in BENCHES}
 

@@ -35,4 +35,14 @@ FKD_HD bool needs_scaling(Acc coef) {
   return !(coef >= Acc(1));
 }
 
+// clamp_min(x, lo) then clamp_max(., hi), as torch.nn.utils.clip_grad_value_ does: a NaN element stays
+// NaN, and a NaN bound (clip_value = nan) makes every element NaN, as torch's clamp does.
+template <typename A>
+FKD_HD A clamp_like_torch(A x, A lo, A hi) {
+  if (x != x) return x;
+  if (lo != lo) return lo;
+  if (hi != hi) return hi;
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
 }  // namespace fastkd

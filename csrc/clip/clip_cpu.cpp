@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "clip/clip.h"
+#include "clip/passes.h"
 #include "common/common.h"
 
 namespace fastkd {
@@ -273,41 +274,43 @@ void scale_grads_cpu(at::TensorList grads, const at::Tensor& total_norm, double 
     scale = needs_scaling(c);
   }
   if (!scale) return;  // coefficient >= 1: gradients stay bit-identical, nothing is read or written
-  Table tab = make_table(grads, /*in_place=*/true);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_grads_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      apply_in_place<double>(tab, [](Vec v) { return v; }, [&](double x) { return x * coef; });
-    } else {
-      // fp16/bf16: float(x) * coef rounded once, as torch's mul_ by an fp32 0-d tensor does.
-      const float cf = static_cast<float>(coef);
-      apply_in_place<scalar_t>(tab, [&](Vec v) { return v * Vec(cf); },
-                               [&](scalar_t x) { return static_cast<float>(x) * cf; });
-    }
+  // Entries sharing memory (a tied weight listed twice) are scaled once each, one pass after the other.
+  for_each_disjoint_pass(grads, [&](at::TensorList pass) {
+    Table tab = make_table(pass, /*in_place=*/true);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_grads_cpu", [&] {
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        apply_in_place<double>(tab, [](Vec v) { return v; }, [&](double x) { return x * coef; });
+      } else {
+        // fp16/bf16: float(x) * coef rounded once, as torch's mul_ by an fp32 0-d tensor does.
+        const float cf = static_cast<float>(coef);
+        apply_in_place<scalar_t>(tab, [&](Vec v) { return v * Vec(cf); },
+                                 [&](scalar_t x) { return static_cast<float>(x) * cf; });
+      }
+    });
+    copy_back(tab);
   });
-  copy_back(tab);
 }
 
 void clamp_grads_cpu(at::TensorList grads, double clip_value) {
   const auto dtype = check_group(grads, "fastkd::clamp_grads_");
-  Table tab = make_table(grads, /*in_place=*/true);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clamp_grads_cpu", [&] {
-    // torch's clamp converts the bounds to the tensor's dtype first; clamp_min then clamp_max.
-    const auto lo_t = static_cast<scalar_t>(-clip_value), hi_t = static_cast<scalar_t>(clip_value);
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      auto op = [&](double x) { return std::isnan(x) ? x : std::min(std::max(x, double(lo_t)), double(hi_t)); };
-      apply_in_place<double>(tab, [](Vec v) { return v; }, op);
-    } else {
-      const float lo = static_cast<float>(lo_t), hi = static_cast<float>(hi_t);
-      // at::vec::maximum/minimum propagate NaN, as torch's clamp does.
-      apply_in_place<scalar_t>(
-          tab, [&](Vec v) { return at::vec::minimum(at::vec::maximum(v, Vec(lo)), Vec(hi)); },
-          [&](scalar_t x) {
-            const float f = static_cast<float>(x);
-            return std::isnan(f) ? f : std::min(std::max(f, lo), hi);
-          });
-    }
+  for_each_disjoint_pass(grads, [&](at::TensorList pass) {  // entries sharing memory: one pass each
+    Table tab = make_table(pass, /*in_place=*/true);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clamp_grads_cpu", [&] {
+      // torch's clamp converts the bounds to the tensor's dtype first; clamp_min then clamp_max.
+      const auto lo_t = static_cast<scalar_t>(-clip_value), hi_t = static_cast<scalar_t>(clip_value);
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        const double lo = lo_t, hi = hi_t;
+        apply_in_place<double>(tab, [](Vec v) { return v; }, [&](double x) { return clamp_like_torch(x, lo, hi); });
+      } else {
+        const float lo = static_cast<float>(lo_t), hi = static_cast<float>(hi_t);
+        // at::vec::maximum/minimum propagate NaN (from an element or a bound), as torch's clamp does.
+        apply_in_place<scalar_t>(
+            tab, [&](Vec v) { return at::vec::minimum(at::vec::maximum(v, Vec(lo)), Vec(hi)); },
+            [&](scalar_t x) { return clamp_like_torch(static_cast<float>(x), lo, hi); });
+      }
+    });
+    copy_back(tab);
   });
-  copy_back(tab);
 }
 
 at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type) {

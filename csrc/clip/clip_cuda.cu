@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "clip/clip.h"
+#include "clip/passes.h"
 #include "common/common.h"
 #include "common/multi_tensor.cuh"
 #include "common/reduce.cuh"
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) clamp_kernel(mt::TensorTable tab, T 
   mt::transform_in_place(x, c.n, [l, h](T v) {
     const A f = static_cast<A>(v);
     if (f != f) return v;  // NaN stays NaN
-    return static_cast<T>(f < l ? l : (f > h ? h : f));
+    return static_cast<T>(clamp_like_torch(f, l, h));  // a NaN bound gives NaN, as torch's clamp
   });
 }
 
@@ -203,6 +204,16 @@ void check_norm_type(double norm_type) {
                 " (fastkd.get_total_norm hands other orders to torch)");
 }
 
+// One launch per pass of entries that share no memory (csrc/clip/passes.h; one pass in the usual case): two
+// blocks never scale the same element at once, and a tied weight listed twice is scaled twice, as by torch.
+void scale_in_passes(at::TensorList grads, at::ScalarType dtype, const at::Tensor& norm, double max_norm) {
+  for_each_disjoint_pass(grads, [&](at::TensorList pass) {
+    Group g = make_group(pass, /*in_place=*/true);
+    launch_scale(mt::upload_table(g.ptrs, g.numels, pass[0].device()), dtype, norm, max_norm);
+    copy_back(g);
+  });
+}
+
 at::Tensor grad_norm_cuda(at::TensorList grads, double norm_type) {
   const auto dtype = check_group(grads, "fastkd::grad_norm");
   check_norm_type(norm_type);
@@ -221,17 +232,27 @@ void scale_grads_cuda(at::TensorList grads, const at::Tensor& total_norm, double
   const c10::cuda::CUDAGuard guard(grads[0].device());
   at::Tensor norm = total_norm;
   if (norm.scalar_type() != at::kFloat && norm.scalar_type() != at::kDouble) norm = norm.to(at::kFloat);
-  Group g = make_group(grads, /*in_place=*/true);
-  launch_scale(mt::upload_table(g.ptrs, g.numels, grads[0].device()), dtype, norm, max_norm);
-  copy_back(g);
+  scale_in_passes(grads, dtype, norm, max_norm);
 }
 
-// Norm and scale on one uploaded table: two launches, one H2D copy.
+// Norm and scale on one uploaded table: two launches, one H2D copy (entries that share memory: the norm
+// over the whole list, then the scaling in passes).
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
   const auto dtype = check_group(grads, "fastkd::clip_grad_norm_");
   check_norm_type(norm_type);
   const c10::cuda::CUDAGuard guard(grads[0].device());
   at::Tensor out = at::empty({}, grads[0].options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
+  const auto passes = disjoint_passes(grads);
+  if (!passes.empty()) {
+    const Group g = make_group(grads, /*in_place=*/false);
+    launch_norm(mt::upload_table(g.ptrs, g.numels, grads[0].device()), dtype, norm_type, out);
+    for (const auto& pass : passes) {
+      Group gp = make_group(pass, /*in_place=*/true);
+      launch_scale(mt::upload_table(gp.ptrs, gp.numels, grads[0].device()), dtype, out, max_norm);
+      copy_back(gp);
+    }
+    return out;
+  }
   Group g = make_group(grads, /*in_place=*/true);
   const mt::UploadedTable tab = mt::upload_table(g.ptrs, g.numels, grads[0].device());
   launch_norm(tab, dtype, norm_type, out);
@@ -243,17 +264,19 @@ at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double nor
 void clamp_grads_cuda(at::TensorList grads, double clip_value) {
   const auto dtype = check_group(grads, "fastkd::clamp_grads_");
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  Group g = make_group(grads, /*in_place=*/true);
-  const mt::UploadedTable tab = mt::upload_table(g.ptrs, g.numels, grads[0].device());
-  if (tab.nchunks == 0) return;
-  check_grid(tab.nchunks);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clamp_grads_cuda", [&] {
-    clamp_kernel<scalar_t><<<static_cast<unsigned>(tab.nchunks), kThreads, 0, stream>>>(
-        tab.view, static_cast<scalar_t>(-clip_value), static_cast<scalar_t>(clip_value));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for_each_disjoint_pass(grads, [&](at::TensorList pass) {  // entries sharing memory: one launch each
+    Group g = make_group(pass, /*in_place=*/true);
+    const mt::UploadedTable tab = mt::upload_table(g.ptrs, g.numels, grads[0].device());
+    if (tab.nchunks == 0) return;
+    check_grid(tab.nchunks);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clamp_grads_cuda", [&] {
+      clamp_kernel<scalar_t><<<static_cast<unsigned>(tab.nchunks), kThreads, 0, stream>>>(
+          tab.view, static_cast<scalar_t>(-clip_value), static_cast<scalar_t>(clip_value));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    copy_back(g);
   });
-  copy_back(g);
 }
 
 }  // namespace

@@ -24,8 +24,10 @@ enum class Reduction : int { None = 0, Sum = 1, BatchMean = 2 };
 // ---- scalar and vector primitives ---------------------------------------------------------------
 FKD_HD float fkd_exp(float x) { return expf(x); }
 FKD_HD float fkd_log(float x) { return logf(x); }
-// p > 0 ? x : 0 -- the 0 * log 0 = 0 convention, and no 0 * (-inf) = NaN on masked entries.
-FKD_HD float fkd_if_pos(float p, float x) { return p > 0.f ? x : 0.f; }
+// p == 0 ? 0 : x for a probability p -- the 0 * log 0 = 0 convention, and no 0 * (-inf) = NaN on
+// masked entries (-inf logits). A NaN p (from a NaN or +inf logit) is not 0: it passes x through, so a
+// non-finite input makes the loss and gradient non-finite as torch's textbook formula does, never 0.
+FKD_HD float fkd_if_pos(float p, float x) { return p == 0.f ? 0.f : x; }
 FKD_HD float fkd_max(float a, float b) { return fmaxf(a, b); }
 FKD_HD float fkd_fma(float a, float b, float c) { return fmaf(a, b, c); }
 
@@ -37,7 +39,7 @@ using VecF = at::vec::Vectorized<float>;
 inline VecF fkd_exp(const VecF& x) { return x.exp_u20(); }
 inline VecF fkd_log(const VecF& x) { return x.log(); }
 inline VecF fkd_if_pos(const VecF& p, const VecF& x) {
-  return VecF::blendv(VecF(0.f), x, p > VecF(0.f));
+  return VecF::blendv(x, VecF(0.f), p == VecF(0.f));
 }
 inline VecF fkd_max(const VecF& a, const VecF& b) { return at::vec::maximum(a, b); }
 inline VecF fkd_fma(const VecF& a, const VecF& b, const VecF& c) { return at::vec::fmadd(a, b, c); }

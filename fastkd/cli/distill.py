@@ -130,7 +130,7 @@ def _option_error(exc) -> ConfigError:
 
     sections = {f.name: f.metadata["section"] for f in fields(DistillerConfig)}
     section = "train" if exc.option == "epochs" else sections.get(exc.option)
-    key = f"[{section}] {exc.option}" if section else exc.option
+    key = f"[{section}] {exc.option}" if section else {"train_loader": "data.train"}.get(exc.option, exc.option)
     msg = str(exc)
     for prefix in ("fastkd.Distiller.fit: ", "fastkd.Distiller: "):
         msg = msg.removeprefix(prefix)

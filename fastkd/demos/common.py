@@ -7,13 +7,16 @@ from pathlib import Path
 
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
+from ..train.run_dir import writing
+
 __all__ = ["write_report", "tensor_batches"]
 
 
 def write_report(out: Path, report: dict, table: str) -> None:
     """A demo's results in its run folder (report.json, table.txt), and the table on stdout."""
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.txt").write_text(table + "\n")
+    with writing(out):  # a full or unwritable folder: one message naming it (exit 2 from the CLI)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "table.txt").write_text(table + "\n")
     print(table)
 
 

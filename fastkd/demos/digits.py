@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..train.distiller import Distiller
-from ..train.run_dir import refuse_non_empty
+from ..train.run_dir import refuse_non_empty, writing
 from .common import tensor_batches, write_report
 
 __all__ = ["DemoConfig", "run_demo", "load_digits_split", "mlp"]
@@ -247,6 +247,9 @@ def _plot(curves: dict, path: Path) -> Path | None:
     axes[1].set(xlabel="epoch", ylabel="test cross-entropy", title="test cross-entropy", yscale="log")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with writing(path.parent):
+            fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path

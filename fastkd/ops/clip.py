@@ -169,11 +169,25 @@ def _combine(norms: list[torch.Tensor], p: float, device) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]), p)
 
 
+def _real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor's real and imaginary parts as a real tensor of the same memory (a lazily conjugated
+    view is refused by torch here, with the fix, ``resolve_conj()``; torch's clipping refuses it too)."""
+    return torch.view_as_real(t)
+
+
+def _for_norm(group: list[torch.Tensor], p: float) -> list[torch.Tensor]:
+    """What the norm kernels read for a group: the gradients; for complex ones what torch's norm is of,
+    the moduli |z| (for p = 2 the real view: the sum of re^2 + im^2, without a temporary)."""
+    if not group[0].is_complex():
+        return group
+    return [_real_view(t) if p == 2.0 else t.abs() for t in group]
+
+
 def _local_norm(groups: list[list[torch.Tensor]], p: float, device) -> torch.Tensor:
     """The p-norm of local tensors: one ``fastkd::grad_norm`` call per (device, dtype) group."""
     if not _kernel_order(p):
         return _TORCH_GET_TOTAL_NORM([t for g in groups for t in g], p, False, None)
-    return _combine([torch.ops.fastkd.grad_norm(g, p) for g in groups], p, device)
+    return _combine([torch.ops.fastkd.grad_norm(_for_norm(g, p), p) for g in groups], p, device)
 
 
 def _all_reduce_norm(norm: torch.Tensor, p: float, groups) -> torch.Tensor:
@@ -287,6 +301,8 @@ def _scale(prep: _Prepared, max_norm: float, total_norm: torch.Tensor) -> None:
         if norm is None:
             # Non-blocking only towards an accelerator: a CPU kernel reads the value right away.
             norm = on_device[device] = total_norm.to(device, non_blocking=device.type != "cpu")
+        if group[0].is_complex():  # real and imaginary parts times the real coefficient
+            group = [_real_view(t) for t in group]
         torch.ops.fastkd.scale_grads_(group, norm, max_norm)
 
 
@@ -306,7 +322,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     prep = _Prepared(_grads_of(parameters, warn_empty_generator=True))
     p = float(norm_type)
     if len(prep.plain) == 1 and not prep.domains and process_group is None and _kernel_order(p) \
-            and not error_if_nonfinite:
+            and not error_if_nonfinite and not prep.plain[0][0].is_complex():
         # The common case, one (device, dtype) group on one process: norm and scale in one op call.
         return torch.ops.fastkd.clip_grad_norm_(prep.plain[0], float(max_norm), p)
     total = _total_norm(prep, p, error_if_nonfinite, process_group)
@@ -317,9 +333,18 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
 @torch.no_grad()
 def clip_grad_value_(parameters, clip_value: float, foreach=None) -> None:
     """Clamp every gradient element to [-clip_value, clip_value] in place (``torch.nn.utils.clip_grad_value_``),
-    one kernel call per (device, dtype) group."""
+    one kernel call per (device, dtype) group. ``clip_value = nan`` makes every gradient NaN, as in torch.
+    Complex gradients are refused, as by torch (``clamp`` has no meaning for them)."""
     clip_value = float(clip_value)
-    for group in _Prepared(_grads_of(parameters)).all_groups():
+    groups = list(_Prepared(_grads_of(parameters)).all_groups())
+    for group in groups:  # before any gradient is clamped
+        if group[0].is_complex():
+            raise NotImplementedError(
+                f"fastkd.clip_grad_value_: a gradient is complex ({group[0].dtype}); complex numbers cannot be "
+                "clamped (torch.nn.utils.clip_grad_value_ refuses them too). Clip the norm instead "
+                "(fastkd.clip_grad_norm_ takes complex gradients), or clamp the real and imaginary parts: "
+                "torch.view_as_real(p.grad).clamp_(-clip_value, clip_value)")
+    for group in groups:
         torch.ops.fastkd.clamp_grads_(group, clip_value)
 
 
@@ -364,24 +389,33 @@ _PATCH_TARGETS = (
 
 
 class _TorchClipPatch:
-    """Handle returned by ``patch_torch_clip_grad``: ``restore()`` (or leaving its ``with`` block) puts
-    torch's functions back."""
+    """Handle returned by ``patch_torch_clip_grad``: ``restore()`` (or leaving its ``with`` block) ends it.
+
+    Handles count, whatever order they are restored in: torch's functions are fastkd's while any handle
+    is active, and become again what they were before the first one once every handle is restored."""
 
     def __init__(self):
-        self._saved = []
+        if not _ACTIVE_PATCHES:  # the first handle: keep what torch's names hold now
+            _SAVED_BEFORE_PATCH[:] = [(mod, name, getattr(mod, name)) for mod, name, _ in _PATCH_TARGETS
+                                      if hasattr(mod, name)]
         for mod, name, fn in _PATCH_TARGETS:
             if hasattr(mod, name):
-                self._saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, fn)
+        _ACTIVE_PATCHES.append(self)
 
     def restore(self) -> None:
-        for mod, name, old in reversed(self._saved):
-            setattr(mod, name, old)
-        self._saved = []
+        """End this handle (again: nothing); the last active handle to end puts torch's functions back."""
+        if self not in _ACTIVE_PATCHES:
+            return
+        _ACTIVE_PATCHES.remove(self)
+        if not _ACTIVE_PATCHES:
+            for mod, name, old in reversed(_SAVED_BEFORE_PATCH):
+                setattr(mod, name, old)
+            _SAVED_BEFORE_PATCH.clear()
 
     @property
     def active(self) -> bool:
-        return bool(self._saved)
+        return self in _ACTIVE_PATCHES
 
     def __enter__(self):
         return self
@@ -390,12 +424,18 @@ class _TorchClipPatch:
         self.restore()
 
 
+# The handles not yet restored, and what torch's names held before the first of them.
+_ACTIVE_PATCHES: list[_TorchClipPatch] = []
+_SAVED_BEFORE_PATCH: list[tuple] = []
+
+
 def patch_torch_clip_grad() -> _TorchClipPatch:
     """Make ``torch.nn.utils.clip_grad_norm_`` (also ``torch.nn.utils.clip_grad.clip_grad_norm_``,
     ``clip_grad_value_``, ``get_total_norm`` and ``clip_grads_with_norm_``) call fastkd's.
 
     Returns a handle: ``handle.restore()`` undoes it, and ``with fastkd.patch_torch_clip_grad(): ...``
-    patches for the block only. Code that imported the function by name before patching
+    patches for the block only. Several handles may be active, and restored in any order: torch's own
+    functions come back when the last one is restored. Code that imported the function by name before patching
     (``from torch.nn.utils import clip_grad_norm_``) keeps torch's."""
     return _TorchClipPatch()
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["to_device", "split_batch", "logits_of", "valid_rows", "windows"]
+__all__ = ["to_device", "cast_floating", "floating_dtype", "split_batch", "logits_of", "valid_rows", "windows"]
 
 
 def to_device(obj, device):
@@ -25,6 +25,24 @@ def to_device(obj, device):
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def cast_floating(obj, dtype: torch.dtype):
+    """``obj`` with every floating-point tensor in it (through dicts, tuples and lists) cast to ``dtype``;
+    integer tensors (token ids, masks) and everything else as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: cast_floating(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast_floating(v, dtype) for v in obj)
+    return obj
+
+
+def floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The one floating dtype of ``module``'s parameters and buffers; None when it has none or several."""
+    dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def split_batch(batch) -> tuple[tuple, dict, torch.Tensor | None]:

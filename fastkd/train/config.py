@@ -29,6 +29,7 @@ from typing import Any, Union
 import torch
 
 from .._suggest import did_you_mean
+from ..ops._args import TEMPERATURE_RANGE
 from ..ops.kd import DIVERGENCES
 from .run_dir import jsonable
 from .schedules import Schedule, as_schedule
@@ -87,9 +88,11 @@ def _check_device(device) -> None:
         raise OptionError("device", f"device {device!r}: MPS is not available here; use device = 'cpu'")
 
 
-# The range of each schedule's values: the temperature divides the logits, the weights scale the terms.
-_SCHEDULE_RANGES = {"temperature": (False, "finite and > 0"), "soft_weight": (True, "finite and >= 0"),
-                    "hard_weight": (True, "finite and >= 0")}
+# The range of each schedule's values (low, high, what): the temperature is the losses' own range
+# (fastkd/ops/_args.py), the weights scale the terms.
+_SCHEDULE_RANGES = {"temperature": (*TEMPERATURE_RANGE, "in [{:g}, {:g}]".format(*TEMPERATURE_RANGE)),
+                    "soft_weight": (0.0, math.inf, "finite and >= 0"),
+                    "hard_weight": (0.0, math.inf, "finite and >= 0")}
 
 
 def check_schedule_values(schedules: dict[str, Schedule], total_steps: int | None = None) -> None:
@@ -97,7 +100,7 @@ def check_schedule_values(schedules: dict[str, Schedule], total_steps: int | Non
     (``total_steps - 1``; a ramp's end when the run's length is not known yet). Ramps are monotone, so
     their two ends bound every value; a callable is checked at those two steps."""
     for name, sched in schedules.items():
-        zero_ok, what = _SCHEDULE_RANGES.get(name, (True, "finite"))
+        low, high, what = _SCHEDULE_RANGES.get(name, (-math.inf, math.inf, "finite"))
         bound = sched.with_total_steps(total_steps or 1)
         last = total_steps - 1 if total_steps else (getattr(bound, "steps", 0) or 0) + getattr(bound, "warmup", 0)
         for step in dict.fromkeys((0, max(last, 0))):
@@ -106,7 +109,7 @@ def check_schedule_values(schedules: dict[str, Schedule], total_steps: int | Non
             except Exception as exc:
                 raise OptionError(name, f"the {name} schedule fails at step {step}: {type(exc).__name__}: "
                                   f"{exc}") from exc
-            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
             if not ok:
                 where = ("step 0" if step == 0 else f"step {step} (the run's last)" if total_steps
                          else "the end of its ramp")

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from torch import nn
 
 from ..ops.clip import clip_grad_norm_, clip_grad_value_
 from ..ops.kd import kd_loss
-from .batches import logits_of, split_batch, to_device, valid_rows, windows
+from .batches import cast_floating, floating_dtype, logits_of, split_batch, to_device, valid_rows, windows
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -61,7 +61,7 @@ from .config import (
 )
 from .distributed import broadcast_object, gather_object, rank_and_world_size
 from .metrics import MetricsLog, progress_bar
-from .run_dir import RunDirError, RunFolder, fingerprint
+from .run_dir import RunDirError, RunFolder, fingerprint, writing
 from .schedules import Schedule, as_schedule
 from .stats import DeviceSums, EvalSums, WindowSums
 
@@ -132,6 +132,10 @@ class Distiller:
         self.teacher = teacher
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
+        # A teacher kept in a floating dtype of its own (a bf16 teacher, fp32 batches and precision="fp32")
+        # gets its floating-point inputs in that dtype: it runs as it would on its own, and kd_loss takes
+        # its logits in any floating dtype.
+        self._teacher_dtype = None if teacher is None else floating_dtype(teacher)
 
         self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
@@ -232,7 +236,8 @@ class Distiller:
         sd = self.state_dict()  # every rank: it gathers the RNG states
         if self.folder is None or not self.is_main:
             return None
-        return save_atomic(sd, self.folder.checkpoint(name))
+        with writing(self.folder.path):
+            return save_atomic(sd, self.folder.checkpoint(name))
 
     def load_checkpoint(self, path: str | os.PathLike, *, weights_only: bool = False) -> dict:
         """Restore from a checkpoint: everything (default), or the student's weights alone."""
@@ -287,6 +292,8 @@ class Distiller:
     def _teacher_logits(self, args, kwargs, like: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.teacher is None:
             return None
+        if self._teacher_dtype is not None:
+            args, kwargs = cast_floating((args, kwargs), self._teacher_dtype)
         with torch.no_grad(), self._autocast():
             t = logits_of(self.teacher(*args, **kwargs))
         if like is not None and t.shape != like.shape:
@@ -353,8 +360,12 @@ class Distiller:
                 self.scheduler.step()
         else:
             self.state.skipped += 1
-            log.warning("fastkd.Distiller: step %d skipped: gradient norm %s (%d skipped so far)", step,
-                        float(norm), self.state.skipped)
+            if float(sums["rows"]) == 0:  # (read on skipped steps only) no loss to learn from, not a bad gradient
+                log.warning("fastkd.Distiller: step %d skipped: no valid rows in its window (every label is "
+                            "ignore_index=%d) (%d skipped so far)", step, opts.ignore_index, self.state.skipped)
+            else:
+                log.warning("fastkd.Distiller: step %d skipped: gradient norm %s (%d skipped so far)", step,
+                            float(norm), self.state.skipped)
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -434,23 +445,35 @@ class Distiller:
             if loader is not None and not isinstance(loader, Iterable) and not hasattr(loader, "__getitem__"):
                 raise TypeError(f"fastkd.Distiller.fit: {what} must be an iterable of batches (a DataLoader, a "
                                 f"list, a generator), got {type(loader).__name__}")
-        self._check_run_dir(resume)
         try:
             n_batches = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
             n_batches = None
-        if resume:
-            if self.folder is not None and self.is_main:
+        # A run that would train nothing is an error, never a silent success: an empty loader or a one-pass
+        # iterator for several epochs here, an epoch that draws no batch in the loop below.
+        if n_batches == 0:
+            raise OptionError("train_loader", "fastkd.Distiller.fit: train_loader is empty (len 0): there is nothing "
+                              "to train on")
+        if isinstance(train_loader, Iterator) and epochs > 1:
+            raise OptionError("train_loader", f"fastkd.Distiller.fit: train_loader is an iterator "
+                              f"({type(train_loader).__name__}), used up by the first epoch: epochs 2 to {epochs} "
+                              "would train nothing. Pass a loader that can be iterated once per epoch (a DataLoader, "
+                              "a list of batches), or epochs=1")
+        self._check_run_dir(resume)
+        total = math.ceil(n_batches / opts.accumulation_steps) * epochs if n_batches is not None else None
+        if self.folder is not None and self.is_main:
+            with writing(self.folder.path):  # what a writer killed mid-write (kill -9) left behind
                 remove_stale_temp_files(self.folder.last.parent)
+        if resume:
             self.load_checkpoint(resume if not isinstance(resume, bool) else self.folder.last)
+            self._check_resumed_data(n_batches, total, epochs)
         else:
-            per_epoch = math.ceil(n_batches / opts.accumulation_steps) if n_batches is not None else None
-            self.state = TrainState(total_steps=None if per_epoch is None else per_epoch * epochs)
+            self.state = TrainState(total_steps=total)
         if self.state.total_steps is not None:
             self._bind_schedules(self.state.total_steps)
         check_schedule_values(self.schedules, self.state.total_steps)
         if self.folder is not None and self.is_main:
-            self.folder.write_meta(self.fingerprint())
+            self.folder.write_meta(self.fingerprint())  # the run's first write: an unwritable folder stops here
         self.metrics.open(bool(resume), self.state.step)
         self.should_stop = False
         self.model.train()
@@ -467,6 +490,11 @@ class Distiller:
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(self.state.epoch)
                 self._run_epoch(train_loader, n_batches)
+                if self.state.batch_in_epoch == 0:
+                    raise OptionError("train_loader", f"fastkd.Distiller.fit: train_loader gave no batch in epoch "
+                                      f"{self.state.epoch + 1} (empty, or an iterator already used up), so the epoch "
+                                      "trained nothing. Pass a loader that yields batches every epoch (a DataLoader, "
+                                      "a list of batches)")
                 if self.should_stop and self.state.batch_in_epoch:
                     self.save_checkpoint()  # stopped mid-epoch by a callback: resumable from here
                     break
@@ -481,11 +509,35 @@ class Distiller:
             self.metrics.flush()
         return self.state.history
 
+    def _check_resumed_data(self, n_batches: int | None, total: int | None, epochs: int) -> None:
+        """The loader and epochs of a resumed run against the checkpoint's: a loader that cannot reach the
+        checkpoint's position is an error; another run length keeps the run's schedules, with a warning."""
+        st = self.state
+        if n_batches is not None and st.batch_in_epoch > n_batches:
+            raise self._shorter_loader_error(n_batches)
+        if total is not None and st.total_steps is not None and total != st.total_steps:
+            # The schedules (and an LR scheduler built for the run) are part of the run being continued:
+            # re-laid over another length they would jump mid-run. They keep the checkpoint's length.
+            log.warning("fastkd.Distiller: resuming with %d epoch(s) of this train_loader (%d optimizer steps), but "
+                        "the run's schedules were laid out over %d steps when it started: they keep that length "
+                        "(held at their end values after step %d). For schedules over the new length start a new "
+                        "run, e.g. from this run's weights", epochs, total, st.total_steps, st.total_steps)
+
+    def _shorter_loader_error(self, n_batches) -> OptionError:
+        st = self.state
+        return OptionError("train_loader", f"fastkd.Distiller.fit: the checkpoint is at micro-batch {st.batch_in_epoch} "
+                           f"of epoch {st.epoch + 1}, but train_loader now ends after {n_batches} batches: it is "
+                           "not the loader of the interrupted run. Resume with that run's data and batch size, or "
+                           "start a new run")
+
     def _run_epoch(self, loader, n_batches) -> None:
         opts = self.options
         it = iter(loader)
-        for _ in range(self.state.batch_in_epoch):  # fast-forward to the checkpoint's position
-            next(it)
+        for i in range(self.state.batch_in_epoch):  # fast-forward to the checkpoint's position
+            try:
+                next(it)
+            except StopIteration:
+                raise self._shorter_loader_error(i) from None
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
             self._resume_rng = None

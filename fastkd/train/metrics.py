@@ -13,6 +13,8 @@ import logging
 import math
 from pathlib import Path
 
+from .run_dir import writing
+
 __all__ = ["MetricsLog", "TRAIN_FIELDS", "EVAL_FIELDS", "progress_bar"]
 
 log = logging.getLogger("fastkd.train")
@@ -43,7 +45,7 @@ class MetricsLog:
                     rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
             else:
                 rows = []
-            with open(path, "w", newline="") as f:
+            with writing(self.folder), open(path, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
                 w.writerows(rows)
@@ -60,7 +62,7 @@ class MetricsLog:
         if self.folder is None:
             return
         name, fields = _LOGS[kind]
-        with open(self.folder / name, "a", newline="") as f:
+        with writing(self.folder), open(self.folder / name, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
         if self._tb is not None:
             for k, v in row.items():

@@ -12,6 +12,8 @@ optimizer and its hyper-parameters, the scheduler, the schedules as given, the o
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -25,13 +27,32 @@ from .._version import version as _fastkd_version
 if TYPE_CHECKING:
     from .config import DistillerConfig
 
-__all__ = ["RunDirError", "RunFolder", "fingerprint", "refuse_non_empty", "jsonable"]
+__all__ = ["RunDirError", "RunFolder", "fingerprint", "refuse_non_empty", "jsonable", "writing"]
 
 log = logging.getLogger("fastkd.train")
 
 
 class RunDirError(RuntimeError):
-    """The run folder holds another run (or this run, which should be resumed rather than overwritten)."""
+    """The run folder holds another run (or this run, which should be resumed rather than overwritten), or
+    cannot be written (full, read-only, not a folder)."""
+
+
+@contextlib.contextmanager
+def writing(folder: Path):
+    """Writes into the run folder ``folder``: an OSError (no space left, a read-only or unwritable folder, a
+    file where the folder should be) becomes one RunDirError naming the folder and what to do. Only the
+    run folder's own writes go through here, so an OSError of the user's data or models is never renamed."""
+    try:
+        yield
+    except OSError as exc:
+        what = {errno.ENOSPC: "no space is left on its device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "it is on a read-only file system", errno.EACCES: "it is not writable (permission denied)",
+                errno.EPERM: "it is not writable (operation not permitted)"}.get(exc.errno, exc.strerror or str(exc))
+        where = f" (writing {exc.filename})" if exc.filename else ""
+        fix = "Free space on it" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "Make it writable"
+        raise RunDirError(f"cannot write to the run folder {folder}: {what}{where}. {fix} or choose another run "
+                          "folder (run_dir, `--out`); the checkpoints already written are intact (written "
+                          "atomically)") from exc
 
 
 def jsonable(x):
@@ -88,16 +109,19 @@ class RunFolder:
 
     def write_meta(self, fingerprint: dict) -> None:
         """run.json, atomically (temporary file, then ``os.replace``)."""
-        self.path.mkdir(parents=True, exist_ok=True)
         meta = {"fastkd_version": _fastkd_version(), "torch_version": torch.__version__, "fingerprint": fingerprint}
-        tmp = self.path / ".run.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, self.meta)
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / ".run.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp, self.meta)
 
     def check(self, fingerprint: dict, resume: Any) -> None:
         """RunDirError unless this folder may take the run: a new or empty folder for a new run, or a
         folder holding this very run (same fingerprint) to resume it. ``resume``: False, True (from
         checkpoints/last.pt) or a checkpoint path."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run folder {self.path} is a file, not a folder; choose a new or empty folder")
         meta = self.read_meta()
         if meta is not None and not self.has_checkpoint():
             # A run that stopped before its first checkpoint (a failure at the first step, say): nothing in

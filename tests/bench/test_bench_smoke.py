@@ -34,12 +34,12 @@ def test_grid_writes_every_file(quick_run):
     rc, out = quick_run
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "clip_cpu_quick.csv", "clip_cpu_quick.png", "kd_loss_cpu_quick.csv", "kd_loss_cpu_quick.png",
-        "report_quick.md", "step_cpu_quick.csv"]
+        "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "kd_loss_cpu_quick.csv",
+        "kd_loss_cpu_quick.png", "report_quick.md", "step_cpu_quick.csv"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report_quick.md").read_text()
-    for stem in ("headline", "kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick"):
+    for stem in ("headline", "kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick", "cache_cpu_quick"):
         assert f"## {stem}\n" in md
     for stem in ("kd_loss_cpu_quick", "clip_cpu_quick"):
         assert f"![{stem}]({stem}.png)" in md
@@ -81,6 +81,21 @@ def test_step_rows(quick_run):
     for r in rows:
         assert float(r["tokens_per_s"]) > 0 and int(r["tokens"]) == int(r["batch"]) * int(r["seq"])
         assert all(k in r for k in MACHINE)
+
+
+def test_cache_rows(quick_run):
+    rows = rows_of(quick_run[1] / "cache_cpu_quick.csv")
+    assert [r["part"] for r in rows] == ["size"] * 3 + ["read"] * 3 + ["precision"] * 6
+    for r in rows[:3]:  # the payload and a little header and offsets
+        payload = int(r["top_k"]) * 6
+        assert int(r["payload_bytes_per_token"]) == payload < float(r["bytes_per_token"]) < payload + 8
+    assert [r["provider"] for r in rows[3:6]] == ["tokens", "tokens+cache", "tokens+cache, first read"]
+    for r in rows[3:6]:
+        assert float(r["median_ms"]) > 0 and float(r["verify_gbps"]) > 0 and all(k in r for k in MACHINE)
+    for f16, bf16 in zip(rows[6::2], rows[7::2]):  # float16 keeps 3 more bits than bfloat16
+        assert (f16["dtype"], bf16["dtype"]) == ("float16", "bfloat16") and f16["logit_std"] == bf16["logit_std"]
+        assert 0 < float(f16["max_abs_err"]) < float(bf16["max_abs_err"]) / 4
+        assert 0 < float(f16["kl_t1"]) < float(bf16["kl_t1"]) / 10
 
 
 def test_step_refuses_different_maths():

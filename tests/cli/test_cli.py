@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -49,6 +50,15 @@ def boom():
 
 def not_a_loader():
     return 42
+
+def empty_loader():
+    return []
+
+def one_pass_loader():
+    return (batch for batch in train_loader())
+
+def bf16_teacher():
+    return teacher().to(torch.bfloat16)
 '''
 
 CONFIG = '''
@@ -282,7 +292,7 @@ BAD_CONFIGS = {  # case: (text in the config, its replacement, what the message 
     "string in a schedule": ("start = 4.0", 'start = "4"', "[loss] temperature: bad linear schedule"),
     "temperature reaches 0": ("end = 1.0", "end = 0.0",
                               "[loss] temperature: the temperature schedule gives 0.0 at the end of its ramp; a "
-                              "temperature must be finite and > 0"),
+                              "temperature must be in [0.05, 100]"),
     "a factory that raises": ('"userproj:student"', '"userproj:boom"',
                               "student.factory = 'userproj:boom' failed: RuntimeError: the weights server is down"),
     "data factory returning a non-iterable": ('train = "userproj:train_loader"', 'train = "userproj:not_a_loader"',
@@ -345,3 +355,64 @@ def test_corrupt_last_checkpoint_advice_can_be_followed(project, tmp_path, capsy
     assert main(["resume", "r", "--checkpoint", "best"]) == 0  # the advice, followed
     assert main(["resume", "r", "--checkpoint", "nothing.pt"]) == 2
     assert "use --checkpoint last, best or a checkpoint's path" in _err(capsys)
+
+
+# ---- runs that cannot write or would train nothing: one message, exit 2 ------------------------------------------
+def _run_folder_failures(tmp_path, monkeypatch, case):
+    from fastkd.train import checkpoint  # noqa: PLC0415
+
+    run = tmp_path / "r"
+    if case == "disk full at a checkpoint":
+        def full(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(checkpoint._HashingWriter, "write", full)
+        return "no space is left on its device. Free space on it or choose another run folder"
+    if case == "folder not writable":
+        real = Path.mkdir
+
+        def denied(self, *args, **kwargs):
+            if self.absolute() == run:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", denied)
+        return "it is not writable (permission denied) (writing r). Make it writable or choose another run folder"
+    run.write_text("a file where the run folder should be")
+    return "is a file, not a folder; choose a new or empty folder"
+
+
+@pytest.mark.parametrize("case", ["disk full at a checkpoint", "folder not writable", "--out is a file"])
+def test_unwritable_or_full_run_folder_is_exit_2(project, tmp_path, capsys, monkeypatch, case):
+    cfg = project(epochs=1)
+    message = _run_folder_failures(tmp_path, monkeypatch, case)
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
+    err = _err(capsys)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err and ("r:" in err or "r " in err), err
+    if case == "disk full at a checkpoint":  # trained, then could not save: no temporary file left behind
+        assert "cannot write to the run folder r: " in err and not list((tmp_path / "r").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("case", ["empty loader", "generator, 3 epochs"])
+def test_data_that_would_train_nothing_is_exit_2(project, tmp_path, capsys, case):
+    cfg = project(epochs=3)
+    factory, message = {
+        "empty loader": ("empty_loader", "data.train is empty (len 0): there is nothing to train on"),
+        "generator, 3 epochs": ("one_pass_loader", "data.train is an iterator (generator), used up by the first "
+                                "epoch: epochs 2 to 3 would train nothing. Pass a loader that can be iterated once per "
+                                "epoch"),
+    }[case]
+    text = cfg.read_text().replace("userproj:train_loader", f"userproj:{factory}")
+    cfg.write_text(text.replace('name = "cosine"', 'name = "constant"'))  # a generator has no len()
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
+    err = _err(capsys)
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bf16_teacher_under_fp32(project, tmp_path):
+    cfg = project(epochs=1)
+    cfg.write_text(cfg.read_text().replace('teacher = "userproj:teacher"', 'teacher = "userproj:bf16_teacher"'))
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["step"] == 3

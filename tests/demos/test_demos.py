@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastkd.demos.byte_lm import LMDemoConfig, run_lm_demo
-from fastkd.demos.common import tensor_batches
+from fastkd.demos.common import tensor_batches, write_report
 from fastkd.demos.digits import DemoConfig, run_demo
+from fastkd.train.run_dir import RunDirError
 
 
 def _batches(loader):
@@ -53,3 +57,12 @@ def test_token_level_demo_tiny_run(tmp_path):
         assert math.isfinite(report[name]["val_perplexity"]) and report[name]["val_perplexity"] > 1.0
         assert saved[name]["steps"] == report[name]["steps"] > 0
     assert "distillation lowers" in (tmp_path / "lm" / "table.txt").read_text()
+
+
+def test_demo_report_on_a_full_disk_names_the_folder(tmp_path, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(RunDirError, match=f"cannot write to the run folder {tmp_path}: no space is left on its device"):
+        write_report(tmp_path, {"a": 1}, "table")

@@ -6,6 +6,7 @@ fallback); ``fastkd.backend(device)`` says which one serves a device.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -58,7 +59,7 @@ def _clone(params):
 
 
 def _bits(t):
-    return t.detach().cpu().reshape(-1).view(torch.uint8) if t.numel() else t
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) if t.numel() else t
 
 
 def _bit_equal(a, b):
@@ -326,6 +327,77 @@ def test_reference_norm_is_deterministic_across_threads(norm_type, dtype):
     torch.testing.assert_close(results[0].double(), exact, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
 
 
+# ---- gradients that share memory (tied weights gathered twice, overlapping views) ----------------------------
+def _aliased_cases(dtype, device="cpu"):
+    """name -> a function making the parameters (a fresh copy of the same gradients each call)."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(3_000_000, generator=g).to(dtype=dtype, device=device)  # above the CPU kernel's parallel grain
+    small = torch.randn(1271, generator=g).to(dtype=dtype, device=device)
+    mat = torch.randn(64, 80, generator=g).to(dtype=dtype, device=device)
+
+    def view_params(buf, *views):
+        buf = buf.clone()
+        return [_with_grad(v(buf)) for v in views]
+
+    return {
+        "same parameter twice": lambda: [_with_grad(big.clone())] * 2,
+        "same parameter three times, with others": lambda: (
+            lambda p, q: [p, q, p, p])(_with_grad(big.clone()), _with_grad(small.clone())),
+        "overlapping slices": lambda: view_params(big, lambda b: b[:2_000_000], lambda b: b[1_000_000:]),
+        "interleaved slices": lambda: view_params(small, lambda b: b[::2], lambda b: b[1::2]),
+        "non-dense view twice": lambda: view_params(mat, lambda b: b[:, ::2], lambda b: b[:, ::2]),
+        "a view of another gradient": lambda: view_params(mat, lambda b: b, lambda b: b[3:9]),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", list(_aliased_cases(torch.float32)))
+def test_aliased_gradients_match_torch_deterministically(case, dtype):
+    """clip_grad_norm_([p, p]) and friends: every element scaled (clamped) once per list entry that holds it,
+    as torch's foreach ops do one entry after the other; the same bits on every run and thread count."""
+    make = _aliased_cases(dtype)[case]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        theirs = make()
+        ours_norm = fastkd.get_total_norm([p.grad for p in make()])
+        exact, _ = reference.clip_grad_norm_float64([p.grad for p in theirs], 1.0)  # every entry counted
+        torch.testing.assert_close(ours_norm.double(), exact, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+        # (fp32: for bf16 gradients torch's own norm is bf16 and so is its coefficient; fastkd's is fp32)
+        torch_norm = torch.nn.utils.get_total_norm([p.grad for p in theirs]).float()
+        max_norm = 1e-3 * float(torch_norm)  # clipped hard: a gradient scaled twice is visibly not scaled once
+        with_ours = make()
+        torch.nn.utils.clip_grads_with_norm_(with_ours, max_norm, ours_norm)
+        torch.nn.utils.clip_grads_with_norm_(theirs, max_norm, torch_norm)
+        for nt in (2, 1, 2, 2):
+            torch.set_num_threads(nt)
+            ours = make()
+            fastkd.clip_grads_with_norm_(ours, max_norm, torch_norm)  # torch's norm: bit-identical gradients
+            assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, theirs)), nt
+            ours = make()
+            assert _bit_equal(fastkd.clip_grad_norm_(ours, max_norm), ours_norm)  # the norm and scaling in one call
+            assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, with_ours)), nt
+        clamped_theirs = make()
+        torch.nn.utils.clip_grad_value_(clamped_theirs, 0.5)
+        for nt in (2, 1):
+            torch.set_num_threads(nt)
+            clamped = make()
+            fastkd.clip_grad_value_(clamped, 0.5)
+            assert all(_bit_equal(a.grad, b.grad) for a, b in zip(clamped, clamped_theirs))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_aliased_gradients_through_the_fused_op():
+    """The one-call op (norm and scale) with a tied weight listed twice: torch's result, twice scaled."""
+    g = torch.randn(3_000_000)
+    x, y = g.clone(), g.clone()
+    n = torch.ops.fastkd.clip_grad_norm_([x, x], 1.0, 2.0)
+    coef = reference.clip_coef(n, 1.0)
+    torch._foreach_mul_([y, y], coef)  # torch's sequential scaling by the same coefficient
+    assert _bit_equal(x, y)
+
+
 def test_import_does_not_load_dtensor():
     """DTensor support costs `import fastkd` nothing: torch.distributed.tensor (about a second to import)
     is only looked at once something else has imported it (test_clip_distributed covers that case)."""
@@ -363,6 +435,68 @@ def test_clip_grad_value_matches_torch(dtype, clip_value):
     torch.nn.utils.clip_grad_value_(theirs, clip_value)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("clip_value", [float("nan"), INF])
+def test_clip_grad_value_non_finite_bound_like_torch(dtype, clip_value):
+    """clip_value = nan makes every gradient NaN (vector bodies and scalar tails alike), inf changes nothing."""
+    ours = _params([(7,), (19,), (1271,), (3, 5)], dtypes=(dtype,))
+    theirs = _clone(ours)
+    fastkd.clip_grad_value_(ours, clip_value)
+    torch.nn.utils.clip_grad_value_(theirs, clip_value)
+    for a, b in zip(ours, theirs):
+        assert _bit_equal(a.grad, b.grad) or (a.grad.isnan().all() and b.grad.isnan().all())
+        assert bool(a.grad.isnan().all()) == math.isnan(clip_value)
+
+
+# ---- complex gradients --------------------------------------------------------------------------------
+def _complex_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (1271,), (40, 33)]
+    params = [_with_grad(torch.randn(s, dtype=dtype, generator=g)) for s in shapes]
+    strided = torch.randn(30, 20, dtype=dtype, generator=g)
+    params.append(_with_grad(strided[:, ::3]))  # not dense
+    params.append(_with_grad(torch.randn(50, dtype=dtype.to_real(), generator=g)))  # a real one beside them
+    return params
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_complex_gradients_match_torch(dtype, norm_type):
+    """torch's norm of complex gradients is the norm of their moduli |z|; the scaling multiplies them by the
+    real coefficient. Both as in torch: with torch's norm the scaled gradients are equal to torch's."""
+    ours, theirs = _complex_params(dtype), _complex_params(dtype)
+    n_torch = torch.nn.utils.get_total_norm([p.grad for p in theirs], norm_type)
+    n_ours = fastkd.get_total_norm([p.grad for p in ours], norm_type)
+    assert n_ours.dtype == n_torch.dtype == (torch.float64 if dtype == torch.complex128 else torch.float32)
+    torch.testing.assert_close(n_ours, n_torch, rtol=1e-5 if dtype == torch.complex64 else 1e-12, atol=0)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 0.1, n_torch)
+    fastkd.clip_grads_with_norm_(ours, 0.1, n_torch)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
+    ours, theirs = _complex_params(dtype), _complex_params(dtype)
+    n1 = fastkd.clip_grad_norm_(ours, 0.1, norm_type)
+    n2 = torch.nn.utils.clip_grad_norm_(theirs, 0.1, norm_type)
+    torch.testing.assert_close(n1, n2, rtol=1e-5 if dtype == torch.complex64 else 1e-12, atol=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-5 if dtype == torch.complex64 else 1e-12, atol=0)
+    single = _with_grad(torch.randn(100, dtype=dtype))  # one group: the one-call path
+    twin = _with_grad(single.grad.clone())
+    torch.testing.assert_close(fastkd.clip_grad_norm_(single, 0.1, norm_type),
+                               torch.nn.utils.clip_grad_norm_(twin, 0.1, norm_type), rtol=1e-5, atol=0)
+    torch.testing.assert_close(single.grad, twin.grad, rtol=2e-5, atol=0)
+
+
+def test_complex_gradients_cannot_be_clamped_as_in_torch():
+    ours, theirs = _complex_params(torch.complex64), _complex_params(torch.complex64)
+    with pytest.raises(NotImplementedError, match="clamp"):
+        torch.nn.utils.clip_grad_value_(theirs, 0.1)
+    before = [p.grad.clone() for p in ours]
+    with pytest.raises(NotImplementedError, match=r"fastkd.clip_grad_value_: a gradient is complex .*"
+                                                  r"torch.view_as_real\(p.grad\).clamp_"):
+        fastkd.clip_grad_value_(ours, 0.1)
+    assert all(torch.equal(p.grad, b) for p, b in zip(ours, before))  # nothing clamped before the error
 
 
 # ---- ops: opcheck, compile, fallback -------------------------------------------------------------------
@@ -478,6 +612,35 @@ def test_patch_torch_clip_grad():
     assert torch.nn.utils.clip_grad_norm_ is original and not h.active
 
 
+
+@pytest.mark.parametrize("order", [p for n in (2, 3) for p in itertools.permutations(range(n))],
+                         ids=lambda p: "-".join(map(str, p)))
+def test_patch_handles_restored_in_any_order(order):
+    """Handles count: torch's functions stay fastkd's while one is active, and are torch's own again once
+    every handle is restored, whatever the order (restoring one twice changes nothing)."""
+    names = [(torch.nn.utils, "clip_grad_norm_"), (torch.nn.utils.clip_grad, "clip_grad_norm_"),
+             (torch.nn.utils, "clip_grad_value_"), (torch.nn.utils.clip_grad, "clip_grad_value_"),
+             (torch.nn.utils, "get_total_norm"), (torch.nn.utils, "clip_grads_with_norm_")]
+    originals = [getattr(mod, name) for mod, name in names]
+    assert torch.nn.utils.clip_grad_norm_ is not fastkd.clip_grad_norm_
+    handles = [fastkd.patch_torch_clip_grad() for _ in order]
+    try:
+        for k, i in enumerate(order):
+            handles[i].restore()
+            handles[i].restore()
+            left = len(order) - k - 1
+            assert sum(h.active for h in handles) == left and not handles[i].active
+            patched = [getattr(mod, name) is getattr(fastkd, name) for mod, name in names]
+            assert patched == [left > 0] * len(names), (k, patched)
+        assert all(getattr(mod, name) is orig for (mod, name), orig in zip(names, originals))
+        with fastkd.patch_torch_clip_grad():  # and a later patch still works
+            assert torch.nn.utils.clip_grad_norm_ is fastkd.clip_grad_norm_
+        assert torch.nn.utils.clip_grad_norm_ is originals[0]
+    finally:
+        for h in handles:
+            h.restore()
+
+
 # ---- CUDA ----------------------------------------------------------------------------------------------
 class _NoSync:
     """Any host<->device synchronisation inside the block raises (torch.cuda.set_sync_debug_mode)."""
@@ -541,6 +704,50 @@ def test_cuda_not_clipped_bit_identical_and_value():
         fastkd.clip_grad_value_(ps, 1e-4)
     torch.nn.utils.clip_grad_value_(theirs, 1e-4)
     assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ps, theirs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(_aliased_cases(torch.float32)))
+def test_cuda_aliased_gradients_match_torch_deterministically(case, dtype):
+    """The CUDA kernels with gradients that share memory: torch's result with torch's norm, the same bits on
+    every run, no host sync (the passes are found on the host from the tensors' sizes and addresses)."""
+    make = _aliased_cases(dtype, device="cuda")[case]
+    theirs = make()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in theirs]).float()
+    max_norm = 1e-3 * float(norm)
+    torch.nn.utils.clip_grads_with_norm_(theirs, max_norm, norm)
+    clamped_theirs = make()
+    torch.nn.utils.clip_grad_value_(clamped_theirs, 0.5)
+    for _ in range(3):
+        ours = make()
+        with _NoSync():
+            fastkd.clip_grads_with_norm_(ours, max_norm, norm)
+        assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+        ours = make()
+        with _NoSync():
+            n = fastkd.clip_grad_norm_(ours, max_norm)  # the one-call op
+        with_ours = make()
+        torch.nn.utils.clip_grads_with_norm_(with_ours, max_norm, n)
+        assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, with_ours))
+        clamped = make()
+        with _NoSync():
+            fastkd.clip_grad_value_(clamped, 0.5)
+        assert all(_bit_equal(a.grad, b.grad) for a, b in zip(clamped, clamped_theirs))
+
+
+@pytest.mark.cuda
+def test_cuda_clip_value_nan_and_complex_like_torch():
+    ours = _params([(7,), (1271,), (3, 5)], dtypes=(torch.float32, torch.bfloat16), device="cuda")
+    with _NoSync():
+        fastkd.clip_grad_value_(ours, float("nan"))
+    assert all(p.grad.isnan().all() for p in ours)
+    z = [_with_grad(torch.randn(s, dtype=torch.complex64, device="cuda")) for s in [(7,), (40, 33)]]
+    w = [_with_grad(p.grad.clone()) for p in z]
+    n1, n2 = fastkd.clip_grad_norm_(z, 0.1), torch.nn.utils.clip_grad_norm_(w, 0.1)
+    torch.testing.assert_close(n1, n2, rtol=1e-5, atol=0)
+    for a, b in zip(z, w):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-5, atol=0)
 
 
 @pytest.mark.cuda

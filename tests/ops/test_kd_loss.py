@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastkd
 from fastkd import _extension, reference
@@ -180,6 +181,35 @@ def test_masked_only_where_divergence_stays_finite():
     check(s, t.masked_fill(mask, -math.inf), temperature=1.0, divergence="kl")
     # reverse KL: entries the student rules out.
     check(s.masked_fill(mask, -math.inf), t, temperature=1.0, divergence="reverse_kl")
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_inputs_give_non_finite_rows(divergence, beta, dtype):
+    """A NaN or +inf logit (student or teacher) makes its row's loss and gradient non-finite, as torch's
+    textbook log_softmax formula does, in every divergence; -inf stays a masked entry; other rows are
+    untouched. (Vocabulary 3000: two chunks of the CPU kernel, the bad value in the second.)"""
+    s, t = make_logits(7, 3000, seed=34)
+    bad = {1: ("s", math.nan), 2: ("s", math.inf), 3: ("t", math.nan), 4: ("t", math.inf)}
+    for row, (which, value) in bad.items():
+        (s if which == "s" else t)[row, 2500] = value
+    s[5, 10], t[6, 10] = -math.inf, -math.inf  # masked entries: finite rows (p = 0 on the other side too below)
+    t[5, 10] = -math.inf
+    s[6, 10] = -math.inf
+    s, t = s.to(dtype), t.to(dtype)
+    kw = dict(temperature=2.0, divergence=divergence, beta=beta, reduction="none")
+    x = s.clone().requires_grad_(True)
+    loss = fastkd.kd_loss(x, t, **kw)
+    loss.sum().backward()
+    textbook = F.log_softmax(s.double() / 2.0, -1) + F.log_softmax(t.double() / 2.0, -1)
+    textbook_bad = (textbook.isnan() | textbook.isposinf()).any(-1)
+    assert textbook_bad.tolist() == [False, True, True, True, True, False, False]
+    assert (~torch.isfinite(loss)).tolist() == textbook_bad.tolist()
+    assert (~torch.isfinite(x.grad.float()).all(-1)).tolist() == textbook_bad.tolist()
+    good = ~textbook_bad
+    ref = reference.kd_loss(s[good].double(), t[good].double(), **kw)
+    torch.testing.assert_close(loss[good].double(), ref, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.usefixtures("cpu_kernel")

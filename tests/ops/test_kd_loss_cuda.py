@@ -160,6 +160,22 @@ def test_masked_logits():
         check(loss, grad, ref_loss, ref_grad, torch.float32)
 
 
+@pytest.mark.parametrize("vocab", [769, 32000])  # a warp per row, a block per row
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_finite_inputs_give_non_finite_rows(vocab, divergence):
+    """NaN / +inf in the student or the teacher: that row's loss and gradient are non-finite, as the
+    textbook formula's; -inf masks; other rows finite (docs/reliability.md)."""
+    s = make_logits(6, vocab, torch.float32, 13)
+    t = make_logits(6, vocab, torch.float32, 14)
+    s[1, vocab - 5], s[2, 3] = float("nan"), float("inf")
+    t[3, vocab - 5], t[4, 3] = float("nan"), float("inf")
+    s[5, 0] = t[5, 0] = float("-inf")
+    loss, grad = run_op(s, t, None, 2.0, divergence, 0.3, 1.0, 0.0, -100, "none")
+    expect = [False, True, True, True, True, False]
+    assert (~torch.isfinite(loss)).tolist() == expect
+    assert (~torch.isfinite(grad).all(-1)).tolist() == expect
+
+
 @pytest.mark.parametrize("vocab", [769, 32000])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backward_with_grad_output(vocab, reduction):

@@ -107,7 +107,7 @@ BAD_OPTIONS = [
     (dict(temperature={"schedule": "linear", "start": "4", "end": 1.0}), "temperature",
      "start must be a finite number, got str '4'"),
     (dict(temperature={"schedule": "linear", "start": 4.0, "end": 0.0}), "temperature",
-     "the temperature schedule gives 0.0 at the end of its ramp; a temperature must be finite and > 0"),
+     "the temperature schedule gives 0.0 at the end of its ramp; a temperature must be in \\[0.05, 100\\]"),
     (dict(temperature=0.0), "temperature", "gives 0.0 at step 0"),
     (dict(soft_weight=float("nan")), "soft_weight", "value must be a finite number"),
     (dict(hard_weight=-1.0), "hard_weight", "a hard_weight must be finite and >= 0"),

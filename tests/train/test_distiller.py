@@ -6,6 +6,7 @@ import copy
 import csv
 import math
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -339,3 +340,164 @@ def test_csv_log_has_every_term(tmp_path):
     assert r["loss"] == pytest.approx(r["kd_loss"] + 0.5 * r["ce"], rel=1e-5)
     assert r["temperature"] == 2.0 and r["lr"] == 0.5 and r["grad_norm"] > 0 and r["rows_per_s"] > 0
     assert os.path.exists(tmp_path / "run.json")
+
+
+# ---- reliability: the loader, the run length, the teacher's dtype, the run folder -------------------------------
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, distiller, logs):
+        if distiller.state.step == self.step:
+            distiller.should_stop = True
+
+
+class NoLen:
+    """A re-iterable loader without len() (a streaming dataset, say)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _stopped_run(run_dir, at=3, **kw):
+    d = Distiller(mlp(seed=1), mlp(), sgd, run_dir=run_dir, callbacks=[StopAt(at)], progress=False, **kw)
+    d.fit(DataLoader(class_data(), batch_size=6), epochs=2)  # 8 micro-batches per epoch; stopped mid-epoch 1
+    assert d.state.batch_in_epoch == at
+    return d
+
+
+@pytest.mark.parametrize("loader", ["with len", "without len"])
+def test_loader_shorter_on_resume_is_a_clear_error(tmp_path, loader):
+    """The checkpoint is at micro-batch 3 of epoch 1; a loader that now ends before it cannot continue that
+    run: one OptionError naming train_loader and the fix (never a bare StopIteration)."""
+    _stopped_run(tmp_path)
+    short = list(DataLoader(class_data(n=12), batch_size=6))  # 2 batches
+    with pytest.raises(fastkd.train.OptionError, match=r"checkpoint is at micro-batch 3 of epoch 1, but train_loader "
+                                                       r"now ends after 2 batches: it is not the loader of the "
+                                                       r"interrupted run\. Resume with that run's data") as exc:
+        d = Distiller(mlp(seed=1), mlp(), sgd, run_dir=tmp_path, progress=False)
+        d.fit(short if loader == "with len" else NoLen(short), epochs=2, resume=True)
+    assert exc.value.option == "train_loader"
+    d = Distiller(mlp(seed=1), mlp(), sgd, run_dir=tmp_path, progress=False)  # the right loader still resumes it
+    d.fit(DataLoader(class_data(), batch_size=6), epochs=2, resume=True)
+    assert d.state.step == 16
+
+
+@pytest.mark.parametrize("change", ["more epochs", "more data"])
+def test_resume_with_another_run_length_keeps_the_schedules_and_warns(tmp_path, caplog, change):
+    """The schedules are part of the run being continued: resumed over another length they keep the one they
+    started with (re-laid mid-run they would jump), and a warning says so, with the numbers."""
+    temperature = {"schedule": "linear", "start": 4.0, "end": 1.0}
+    _stopped_run(tmp_path, temperature=temperature)  # 2 epochs x 8 steps: the ramp over 16 steps
+    d = Distiller(mlp(seed=1), mlp(), sgd, run_dir=tmp_path, progress=False, temperature=temperature)
+    epochs, n = (4, 48) if change == "more epochs" else (2, 96)
+    with caplog.at_level("WARNING", logger="fastkd.train"):
+        d.fit(DataLoader(class_data(n=n), batch_size=6), epochs=epochs, resume=True)
+    total = 32
+    assert (f"resuming with {epochs} epoch(s) of this train_loader ({total} optimizer steps), but the run's schedules "
+            "were laid out over 16 steps when it started: they keep that length") in caplog.text
+    assert d.state.total_steps == 16 and d.state.step == total
+    assert d.hparams(8)["temperature"] == 2.5 and d.hparams(16)["temperature"] == d.hparams(30)["temperature"] == 1.0
+    caplog.clear()
+    same = tmp_path / "same"
+    _stopped_run(same)
+    with caplog.at_level("WARNING", logger="fastkd.train"):
+        Distiller(mlp(seed=1), mlp(), sgd, run_dir=same, progress=False).fit(
+            DataLoader(class_data(), batch_size=6), epochs=2, resume=True)
+    assert "resuming with" not in caplog.text  # the same length: no warning
+
+
+def test_teacher_in_another_dtype_under_fp32(tmp_path):
+    """A bf16 teacher with fp32 batches and precision fp32: its floating-point inputs are cast to its dtype
+    (it runs as it would alone: no matmul dtype error); kd_loss takes its bf16 logits."""
+    teacher = mlp(seed=1).to(torch.bfloat16)
+    d = Distiller(teacher, mlp(), sgd, precision="fp32", progress=False)
+    loader = DataLoader(class_data(), batch_size=12)
+    d.fit(loader)
+    assert d.state.step == 4 and d.state.skipped == 0
+    x = next(iter(loader))[0]
+    assert torch.equal(d._teacher_logits((x,), {}), teacher(x.to(torch.bfloat16)))
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())
+    ids = torch.randint(0, 11, (4, 7))  # integer inputs (token ids) are never cast
+    tok = Distiller(TokenModel().to(torch.bfloat16), TokenModel(), sgd, progress=False)
+    tok.fit([(ids, torch.roll(ids, -1, 1))])
+    assert tok.state.step == 1
+
+
+def test_a_window_without_valid_rows_logs_no_valid_rows(caplog):
+    x, y = class_data(n=24).tensors
+    y = y.clone()
+    y[6:12] = IGNORE  # the second micro-batch: every label ignored
+    with caplog.at_level("WARNING", logger="fastkd.train"):
+        d = Distiller(mlp(seed=1), mlp(), sgd, progress=False)
+        d.fit(DataLoader(TensorDataset(x, y), batch_size=6))
+    assert d.state.skipped == 1 and d.state.step == 4
+    assert ("step 1 skipped: no valid rows in its window (every label is ignore_index=-100) (1 skipped so far)"
+            in caplog.text)
+    assert "gradient norm" not in caplog.text
+
+
+@pytest.mark.parametrize("case", ["empty list", "empty DataLoader", "generator, 2 epochs", "used-up iterator"])
+def test_a_run_that_would_train_nothing_is_an_error(tmp_path, case):
+    batches = list(DataLoader(class_data(), batch_size=12))
+    loader, epochs, message = {
+        "empty list": ([], 1, "train_loader is empty (len 0)"),
+        "empty DataLoader": (DataLoader(class_data(n=0), batch_size=4), 1, "train_loader is empty (len 0)"),
+        "generator, 2 epochs": ((b for b in batches), 2, "train_loader is an iterator (generator), used up by the "
+                                "first epoch: epochs 2 to 2 would train nothing"),
+        "used-up iterator": ((lambda it: (list(it), it)[1])(iter(batches)), 1,
+                             "train_loader gave no batch in epoch 1 (empty, or an iterator already used up), so the "
+                             "epoch trained nothing"),
+    }[case]
+    d = Distiller(mlp(seed=1), mlp(), sgd, run_dir=tmp_path / "r", progress=False)
+    with pytest.raises(fastkd.train.OptionError, match=re.escape(message)) as exc:
+        d.fit(loader, epochs=epochs)
+    assert exc.value.option == "train_loader" and d.state.step == 0
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    one = Distiller(mlp(seed=1), mlp(), sgd, progress=False)
+    one.fit((b for b in batches), epochs=1)  # a generator for one epoch is fine
+    assert one.state.step == 4
+
+
+def test_a_new_run_removes_temp_files_of_a_killed_writer(tmp_path):
+    """A run killed (kill -9) while writing its first checkpoint leaves run.json and a temporary file; the next
+    run in that folder removes every such file before it starts (best.pt's too, which it may never write)."""
+    Distiller(mlp(seed=1), mlp(), sgd, run_dir=tmp_path, progress=False).folder.write_meta({"a": "killed run"})
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in (".last.pt.k1ll3d.tmp", ".best.pt.h4lf.tmp"):
+        (ckpts / name).write_bytes(b"half a checkpoint")
+    seen = []
+
+    class Look(Callback):
+        def on_step_end(self, distiller, logs):
+            seen.append(sorted(p.name for p in ckpts.iterdir()))
+
+    Distiller(mlp(seed=1), mlp(), sgd, run_dir=tmp_path, callbacks=[Look()], progress=False).fit(
+        DataLoader(class_data(), batch_size=12))
+    assert seen[0] == []  # gone before the first step
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.parametrize("where", ["run.json", "metrics.csv", "checkpoint"])
+def test_full_disk_is_one_error_naming_the_run_folder(tmp_path, monkeypatch, where):
+    import errno  # noqa: PLC0415
+
+    from fastkd.train import checkpoint, metrics, run_dir  # noqa: PLC0415
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = {"run.json": (run_dir.Path, "write_text"), "metrics.csv": (metrics.csv.DictWriter, "writeheader"),
+              "checkpoint": (checkpoint._HashingWriter, "write")}[where]
+    monkeypatch.setattr(*target, full)
+    d = Distiller(mlp(seed=1), mlp(), sgd, run_dir=tmp_path / "r", progress=False)
+    with pytest.raises(RunDirError, match=re.escape(f"cannot write to the run folder {tmp_path / 'r'}: no space is left "
+                                                    "on its device")) as exc:
+        d.fit(DataLoader(class_data(), batch_size=12))
+    assert "Free space on it or choose another run folder" in str(exc.value)
+    assert d.state.step == (4 if where == "checkpoint" else 0)  # the first write comes before any training
+    assert not list((tmp_path / "r").rglob("*.tmp"))
