@@ -185,9 +185,12 @@ struct Acc {
   }
 };
 
-// Maximum of x[0, n) (-inf when empty or all masked). Four independent accumulators keep the loop
-// from waiting on one dependency chain (the NaN-propagating vector max alone was a third of the
-// kernel's time with a single one).
+// max(a, b), NaN when either is NaN (fmaxf returns the other operand).
+inline float max_nan(float a, float b) { return a != a || b != b ? NAN : fmaxf(a, b); }
+
+// Maximum of x[0, n) (-inf when empty or all masked; NaN when an entry is NaN). Four independent
+// accumulators keep the loop from waiting on one dependency chain (the NaN-propagating vector max
+// alone was a third of the kernel's time with a single one).
 template <typename T>
 float chunk_max(const T* x, int64_t n) {
   constexpr int64_t W = Vec::size();
@@ -201,10 +204,10 @@ float chunk_max(const T* x, int64_t n) {
   }
   for (; i + W <= n; i += W) m0 = at::vec::maximum(m0, ldc<Vec>(x + i));
   float m = -INFINITY;
-  for (; i < n; ++i) m = fmaxf(m, static_cast<float>(x[i]));
+  for (; i < n; ++i) m = max_nan(m, static_cast<float>(x[i]));
   alignas(64) float lanes[W];
   at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)).store(lanes);
-  for (int64_t k = 0; k < W; ++k) m = fmaxf(m, lanes[k]);
+  for (int64_t k = 0; k < W; ++k) m = max_nan(m, lanes[k]);
   return m;
 }
 

@@ -88,17 +88,19 @@ void sort_support(const I* idx, int64_t k, int64_t vocab, int64_t row, TopkScrat
   }
 }
 
-// Step 2: values / T into buf.v and their log-sum-exp; `empty`: every value is -inf (no soft term).
+// A non-finite log-normaliser: a NaN or +inf entry makes every log-probability and probability of
+// the row NaN (as torch's log_softmax does), whatever the instruction set's exp makes of NaN.
+constexpr LogNorm kNanNorm{NAN, NAN};
+
+// Step 2: values / T into buf.v and their log-sum-exp; `empty`: every value is -inf (no soft term;
+// NaN among -inf values is not that: the row is NaN).
 template <typename T>
 LogNorm teacher_norm(const T* values, int64_t k, float inv_t, TopkScratch& buf, bool* empty) {
   float* v = buf.v.data();
   load_float(values, v, k, inv_t);
-  float m = chunk_max(v, k);
+  const float m = chunk_max(v, k);  // NaN if a value is
   *empty = m == -INFINITY;
-  if (*empty && std::any_of(v, v + k, [](float x) { return std::isnan(x); })) {
-    *empty = false;  // NaN among -inf values: the row's loss is NaN, not "no soft term"
-    m = NAN;
-  }
+  if (!(m < INFINITY)) return kNanNorm;  // a NaN or +inf value
   Acc sum;
   const float sh = exp_shift(m);
   for_each_vec(k, [&](int64_t i, auto tag) {
@@ -126,10 +128,12 @@ float topk_row(const S* s, const TopkRowsArgs& a, int64_t r, S* grad, int64_t la
   });
   // 3: the student's log-sum-exp (and the T = 1 one), keeping the exponentials for the gradient.
   LseState la = lse_empty(), l1 = lse_empty();
+  bool non_finite = false;  // a NaN or +inf student logit (chunk maximum NaN or +inf)
   for (int64_t c0 = 0, c = 0; c0 < vocab; c0 += kChunk, ++c) {
     const int64_t n = std::min(kChunk, vocab - c0);
     const LseState ca = keep ? chunk_exp<true, true>(s + c0, buf.ea.data() + c0, n, it)
                              : chunk_exp<true, false>(s + c0, nullptr, n, it);
+    non_finite |= !(ca.m < INFINITY);
     buf.fa[c] = exp_shift(ca.m);
     la = lse_merge(la, ca);
     if (sep) {
@@ -138,8 +142,8 @@ float topk_row(const S* s, const TopkRowsArgs& a, int64_t r, S* grad, int64_t la
       l1 = lse_merge(l1, c1);
     }
   }
-  const LogNorm na = lse_finish(la);
-  const LogNorm n1 = sep ? lse_finish(l1) : na;  // without `sep`, T = 1 and a = s
+  const LogNorm na = non_finite ? kNanNorm : lse_finish(la);
+  const LogNorm n1 = non_finite ? kNanNorm : sep ? lse_finish(l1) : na;  // without `sep`, T = 1 and a = s
   // 4: the divergence from the support (the student logits read here, before any gradient is written).
   const TopkJsd jsd = make_topk_jsd(D == Divergence::JSD ? p.beta : 0.5f);
   double d_sum = 0.0, r_sum = 0.0;

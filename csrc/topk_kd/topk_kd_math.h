@@ -15,7 +15,8 @@
 // of the student's mass, and T multiplies the error into the gradient) and takes no log M (which needs a
 // clamp where M underflows): every term is a probability times a softplus. Forward KL:
 //   D = sum_S p~ (lpt - lps), dD/da_j = p_s_j - p~_j (p~ = 0 off S).
-// Terms p * x are 0 where p == 0 (0 log 0 = 0; no 0 * inf); a NaN probability propagates.
+// Terms p * x are 0 where p == 0 (0 log 0 = 0; no 0 * inf) and a NaN probability propagates: kd_loss_math.h's
+// fkd_if_pos, the kernels' one rule for non-finite inputs.
 #pragma once
 
 #include <cmath>
@@ -27,9 +28,6 @@ namespace fastkd {
 
 // log(1 + exp(z)) for any z (+-inf included) without overflow; NaN stays NaN (through exp(-|z|)).
 FKD_HD float fkd_softplus(float z) { return fmaxf(z, 0.f) + log1pf(expf(-fabsf(z))); }
-
-// p * x, 0 where p == 0.
-FKD_HD float topk_pterm(float p, float x) { return p != 0.f ? p * x : 0.f; }
 
 // The row constants of JSD for beta in (0, 1).
 struct TopkJsd {
@@ -57,11 +55,11 @@ template <Divergence D>
 FKD_HD TopkTerm topk_term(float lpt, float pt, float lps, float ps, const TopkJsd& j) {
   if constexpr (D == Divergence::KL) {
     (void)ps; (void)j;
-    return {topk_pterm(pt, lpt - lps), 0.f, 0.f};
+    return {fkd_if_pos(pt, pt * (lpt - lps)), 0.f, 0.f};
   } else {
     const float z = j.log_odds + (lpt - lps);
     const float sp = fkd_softplus(z);
-    return {topk_pterm(pt, j.neg_log_beta - fkd_softplus(-z)), topk_pterm(ps, sp), sp};
+    return {fkd_if_pos(pt, pt * (j.neg_log_beta - fkd_softplus(-z))), fkd_if_pos(ps, ps * sp), sp};
   }
 }
 
@@ -95,7 +93,7 @@ FKD_HD float topk_support_grad(float ps, float pt, float sp, float r_sum, const 
     return ps - pt;
   } else {
     (void)pt;
-    return topk_pterm(ps, (1.f - j.beta) * (r_sum - sp));
+    return fkd_if_pos(ps, (1.f - j.beta) * ps * (r_sum - sp));
   }
 }
 
