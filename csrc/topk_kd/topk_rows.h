@@ -34,7 +34,8 @@
 //   as the student has mass off S: rejected (check_topk_rows_args).
 //   row_losses[r] = soft_weight * T^2 * D + hard_weight * CE(student row at T = 1, labels[r]),
 //     unweighted (the caller reduces them), 0 for a row whose label is ignore_index. A row whose K
-//     values are all -inf has no soft term (only its cross-entropy). NaN propagates.
+//     values are all -inf has no soft term (only its cross-entropy). A NaN or +inf student logit or value
+//     makes the row's loss and gradient non-finite (kd_loss's rule; NaN among -inf values included).
 //   grad row r    = row_weight * d(row_losses[r]) / d(student row), dense over all V entries, all
 //     zeros for an ignored row, only when grad != nullptr:
 //       KL:  soft_weight T (p_s - p~) + hard_weight (softmax(s) - onehot(label))

@@ -446,6 +446,34 @@ def test_torch_compile_fullgraph(reduction):
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_torch_compile_changing_temperature_compiles_once():
+    """A temperature and weight schedule changes the options every step: fullgraph keeps working and the graph
+    is compiled once for the changing values (the first call's static graph aside), as for kd_loss."""
+    s, v, i = make_case(6, 97, 8, seed=31)
+    labels = make_labels((6,), 97)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x, val, idx, lab, T, hw):
+        return fastkd.topk_kd_loss(x, val, idx, lab, temperature=T, divergence="jsd", beta=0.3, hard_weight=hw)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counting)
+    with torch._dynamo.config.patch(recompile_limit=2):  # a recompile per value would fail here
+        for T, hw in [(1.0, 0.5), (1.5, 0.4), (2.0, 0.3), (3.0, 0.1)]:
+            x = s.clone().requires_grad_(True)
+            loss = compiled(x, v, i, labels, T, hw)
+            loss.backward()
+            ref_loss, ref_grad = run(reference.topk_kd_loss, s.double(), v.double(), i, labels, temperature=T,
+                                     divergence="jsd", beta=0.3, hard_weight=hw)
+            torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    assert len(graphs) <= 2, len(graphs)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 def _dup(i):
     i = i.clone()
