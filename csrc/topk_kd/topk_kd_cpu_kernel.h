@@ -126,6 +126,10 @@ float topk_row(const S* s, const TopkRowsArgs& a, int64_t r, S* grad, int64_t la
       nt = teacher_norm(static_cast<const scalar_t*>(a.values) + r * a.values_stride, k, it, buf, &empty);
     }
   });
+  if (empty && !p.hard) {  // no term at all: as an ignored row (the student is not read)
+    if (grad) std::fill(grad, grad + vocab, S(0));
+    return 0.f;
+  }
   // 3: the student's log-sum-exp (and the T = 1 one), keeping the exponentials for the gradient.
   LseState la = lse_empty(), l1 = lse_empty();
   bool non_finite = false;  // a NaN or +inf student logit (chunk maximum NaN or +inf)

@@ -263,6 +263,12 @@ def test_non_finite_inputs_give_non_finite_rows(divergence, beta, dtype):
     bad = [False, True, True, True, True, True, False, False]
     assert (~torch.isfinite(loss)).tolist() == bad
     assert (~torch.isfinite(x.grad.float()).all(-1)).tolist() == bad
+    s2 = s.clone()
+    s2[0, 7] = math.nan
+    v2 = torch.full_like(v, -math.inf)
+    x2 = s2.clone().requires_grad_(True)
+    fastkd.topk_kd_loss(x2, v2, i, **kw).sum().backward()  # rows without a soft term have no loss at all
+    assert (x2.grad == 0).all()
     good = ~torch.tensor(bad)
     ref = reference.topk_kd_loss(s[good].double(), v[good].double(), i[good], **kw)
     torch.testing.assert_close(loss[good].double(), ref, rtol=2e-5, atol=1e-6)
