@@ -3,6 +3,9 @@ import socket
 import pytest
 import torch
 
+import fastkd
+from fastkd import _extension
+
 
 def pytest_collection_modifyitems(config, items):
     # CUDA tests are selected by marker and skipped where no GPU is visible (collection itself never
@@ -23,3 +26,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(params=sorted(_extension.cpu_kernel_tables()) or ["reference"])
+def cpu_kernel(request):
+    """Runs a test with each copy of the CPU kernels (AVX2 and AVX-512 here), then restores the one in use;
+    "reference" where the extension is disabled or not built."""
+    if request.param == "reference":
+        yield request.param
+        return
+    with _extension.use_cpu_kernel(request.param):
+        assert fastkd.kernel_info()["cpu"] == request.param
+        yield request.param

@@ -19,27 +19,31 @@
 
 namespace fastkd {
 
-struct KdRowsArgs;  // kd_loss/kd_rows.h
+struct KdRowsArgs;    // kd_loss/kd_rows.h
+struct TopkRowsArgs;  // topk_kd/topk_rows.h
 
 struct CpuKernelTable {
   int abi;          // kCpuKernelAbi of the module that filled it
   const char* isa;  // "avx512", "avx2" or "default"
   // The KD-loss row kernel (kd_loss/kd_loss_cpu_kernel.h), behind kd_rows_cpu (kd_loss/kd_rows.h).
   void (*kd_rows)(const KdRowsArgs& a, float row_weight, bool stream);
+  // The top-k KD-loss row kernel (topk_kd/topk_kd_cpu_kernel.h), behind topk_rows_cpu (topk_kd/topk_rows.h).
+  void (*topk_rows)(const TopkRowsArgs& a, float row_weight, bool stream);
 };
 
 // Raise on every change of CpuKernelTable or of an argument struct its entries take: both modules
 // come from one build, and install_cpu_kernels refuses a table from a stale module.
-constexpr int kCpuKernelAbi = 2;
+constexpr int kCpuKernelAbi = 3;
 
 #if defined(CPU_CAPABILITY)  // C++ translation units: setup.py passes the ISA of each module
 namespace CPU_CAPABILITY {
 
 // This instruction set's copies of the entry points, defined by the kernel headers.
 void kd_rows(const KdRowsArgs& a, float row_weight, bool stream);
+void topk_rows(const TopkRowsArgs& a, float row_weight, bool stream);
 
 // The table of this translation unit's instruction set, named `isa`.
-constexpr CpuKernelTable isa_kernel_table(const char* isa) { return {kCpuKernelAbi, isa, &kd_rows}; }
+constexpr CpuKernelTable isa_kernel_table(const char* isa) { return {kCpuKernelAbi, isa, &kd_rows, &topk_rows}; }
 
 }  // namespace CPU_CAPABILITY
 #endif

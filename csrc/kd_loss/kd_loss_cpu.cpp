@@ -17,6 +17,7 @@
 #include "cpu_isa/kernel_table.h"
 #include "kd_loss/kd_loss.h"
 #include "kd_loss/kd_loss_cpu.h"
+#include "kd_loss/kd_grad_cpu.h"
 #include "kd_loss/kd_loss_cpu_kernel.h"
 #include "kd_loss/kd_rows.h"
 
@@ -133,15 +134,6 @@ std::atomic<bool> g_grad_cache_enabled{true};
 
 bool grad_cache_enabled() { return g_grad_cache_enabled.load(std::memory_order_relaxed); }
 
-// The gradient's buffer: from the cache for 1 MiB and more, else torch's CPU allocator.
-at::Tensor new_grad(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const int64_t numel = c10::multiply_integers(sizes);
-  if (numel * static_cast<int64_t>(options.dtype().itemsize()) < (int64_t(1) << 20) || !grad_cache_enabled()) {
-    return at::empty(sizes, options);
-  }
-  return at::detail::empty_generic(sizes, &GradAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
-}
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    const std::optional<at::Tensor>& labels, const at::Tensor& options,
@@ -151,9 +143,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   const at::Tensor weight = row_weight(a);
   const float w = weight.item<float>();  // a CPU tensor: no device to wait for
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
-  at::Tensor grad = with_grad ? new_grad(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
+  at::Tensor grad = with_grad ? new_cpu_grad(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
   // Stream the gradient past the caches when it is much larger than them (see store_from_float).
-  const bool stream = with_grad && grad.nbytes() >= (size_t(64) << 20);
+  const bool stream = with_grad && stream_cpu_grad(grad.nbytes());
   kd_rows_cpu(kd_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr), w, stream);
   if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
   return {reduce_rows(a, row_losses, weight), grad};
@@ -188,6 +180,15 @@ void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
 }
 
 }  // namespace
+
+at::Tensor new_cpu_grad(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (numel * static_cast<int64_t>(options.dtype().itemsize()) < (int64_t(1) << 20) || !grad_cache_enabled()) {
+    return at::empty(sizes, options);
+  }
+  return at::detail::empty_generic(sizes, &GradAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
+}
 
 void kd_rows_cpu(const KdRowsArgs& a, float row_weight, bool stream) {
   check_kd_rows_args(a, /*in_place_ok=*/true);

@@ -27,8 +27,9 @@
 //   D = KL(p~ || p_s) = sum_k p~_k (log p~_k - log p_s[i_k])                      (Divergence::KL)
 //   D = beta KL(p~ || M) + (1 - beta) KL(p_s || M), M = beta p~ + (1 - beta) p_s   (Divergence::JSD,
 //       0 < beta < 1). Off S, M = (1 - beta) p_s exactly, so that part of D is c (1 - beta) Q with
-//       c = -log(1 - beta), Q = max(0, 1 - sum_k p_s[i_k]); log M is clamped to log(FLT_MIN) as
-//       kd_loss_math.h's log_mixture does.
+//       c = -log(1 - beta) and Q the student's mass off S. Computed in the log-ratio form of
+//       topk_kd/topk_kd_math.h (per support entry a probability times a softplus; no 1 - sum_S p_s, no
+//       log M), which both backends use.
 //   Divergence::ReverseKL (and JSD with beta = 1, which make_kd_params maps to it) is infinite as soon
 //   as the student has mass off S: rejected (check_topk_rows_args).
 //   row_losses[r] = soft_weight * T^2 * D + hard_weight * CE(student row at T = 1, labels[r]),
@@ -39,6 +40,7 @@
 //       KL:  soft_weight T (p_s - p~) + hard_weight (softmax(s) - onehot(label))
 //       JSD: soft_weight T (1 - beta) p_s (log p_s - log M - KL(p_s || M)) + the same hard part;
 //            off S that is a row constant times p_s: (1 - beta) (c - KL(p_s || M)) p_s.
+//     A row with no soft term gets the hard part alone (none of the above, no support entries).
 //     Every entry is rounded once, from fp32, to grad_dtype.
 // Indices: every indices[r][k] must be in [0, vocab) and a row's K indices distinct; the CPU throws
 // c10::ValueError naming 'teacher_indices' and the row, CUDA trips a device assert (no host sync).

@@ -13,22 +13,23 @@ __all__ = ["kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_los
 
 
 def _if_pos(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # 0 * log 0 = 0, and no 0 * (-inf) = NaN on masked entries.
-    return torch.where(p > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # 0 * log 0 = 0, and no 0 * (-inf) = NaN on masked entries (p != 0, not p > 0: a NaN p propagates).
+    return torch.where(p != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _plogr(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """p * (lp - lq), 0 where p == 0 -- with the operands masked too, so that autograd through the
-    oracle gets no NaN from the branch torch.where discards (masked -inf logits)."""
-    pos = p > 0
+    oracle gets no NaN from the branch torch.where discards (masked -inf logits). A NaN p propagates."""
+    pos = p != 0
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
     return torch.where(pos, p * (torch.where(pos, lp, zero) - torch.where(pos, lq, zero)), zero)
 
 
 def _log_mixture(ps, pt, beta: float) -> torch.Tensor:
-    # log M, M = beta p_t + (1 - beta) p_s; only read where p_s > 0 or p_t > 0, i.e. where M > 0.
+    # log M, M = beta p_t + (1 - beta) p_s; only read where p_s > 0 or p_t > 0, i.e. where M > 0 (a NaN
+    # M propagates).
     m = beta * pt + (1.0 - beta) * ps
-    return torch.where(m > 0, m, torch.ones((), dtype=m.dtype, device=m.device)).log()
+    return torch.where(m != 0, m, torch.ones((), dtype=m.dtype, device=m.device)).log()
 
 
 def _effective_divergence(divergence: str, beta: float) -> str:

@@ -98,6 +98,29 @@ def _jsd_parts(lps_k, lpt, pt, beta):
     return lm, d, ksm
 
 
+def _softplus(z):
+    # log(1 + exp(z)) without overflow, exact at z = +-inf (torch's softplus switches to z above a threshold).
+    return z.clamp_min(0.0) + torch.exp(-z.abs()).log1p()
+
+
+def _jsd_fused_parts(lps_k, lpt, pt, beta):
+    """JSD from the log-ratios z_k = log(beta / (1 - beta)) + log p~_k - log p_s[i_k] (the kernels' form).
+
+    On the support, log p_s - log M = c - softplus(z) and log p~ - log M = -log(beta) - softplus(-z), with
+    c = -log(1 - beta); off it, log p_s - log M = c. As sum_S p_s + Q = 1, KL(p_s || M) = c - R with
+    R = sum_S p_s softplus(z) >= 0, so D = beta sum_S p~ (-log(beta) - softplus(-z)) + (1 - beta)(c - R) and
+    dD/da_j = (1 - beta) p_s_j (R - softplus(z_j)) on the support, (1 - beta) p_s_j R off it. No 1 - sum of
+    probabilities is formed (it cancels where the support holds the student's mass) and no log M (which
+    underflows): returns (D, R, softplus(z)), D and R of shape [..., 1]."""
+    c = -math.log1p(-beta)
+    ps_k = lps_k.exp()
+    z = (math.log(beta) + c) + (lpt - lps_k)
+    sp = _softplus(z)
+    r = _if_pos(ps_k, ps_k * sp).sum(-1, keepdim=True)
+    teacher = _if_pos(pt, pt * (-math.log(beta) - _softplus(-z))).sum(-1, keepdim=True)
+    return beta * teacher + (1.0 - beta) * (c - r), r, sp
+
+
 def topk_kd_loss_rows(student, values, indices, labels, temperature, divergence, beta, soft_weight, hard_weight,
                       ignore_index):
     """Per-row losses (0 on ignored rows) and the valid-row mask (or None)."""
@@ -146,27 +169,30 @@ def topk_kd_loss_fwd(student, values, indices, labels, options, divergence, igno
 def topk_kd_loss_and_grad(student, values, indices, labels, temperature, divergence, beta, soft_weight, hard_weight,
                           ignore_index, reduction, with_grad):
     """The fp32 loss and, when asked, its gradient with respect to ``student`` (dense over V, in the
-    student's dtype) from the closed-form formulas."""
+    student's dtype) from the closed-form formulas the kernels use (JSD: ``_jsd_fused_parts``)."""
     _check_op_args(temperature, divergence, beta, reduction)
     check_topk_divergence("fastkd: argument 'divergence'", divergence, beta)
     _check_op_tensors(student, values, indices)
-    rows, valid = topk_kd_loss_rows(student, values, indices, labels, temperature, divergence, beta, soft_weight,
-                                    hard_weight, ignore_index)
+    s, lps, lps_k, lpt, pt, empty = _sparse_terms(student, values, indices, temperature)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    kl = _effective(divergence, beta) == "kl"
+    if kl:
+        d = _plogr(pt, lpt, lps_k).sum(-1, keepdim=True)
+    else:
+        d, r, sp = _jsd_fused_parts(lps_k, lpt, pt, beta)
+    d = torch.where(empty, zero, d).squeeze(-1)
+    rows, valid = add_hard_term(soft_weight * temperature * temperature * d, s, labels, hard_weight, ignore_index)
     loss = _reduce(rows, valid, reduction).float()  # the op's loss is fp32 whatever the logits
     if not with_grad:
         return loss, student.new_empty((0,))
-    s, lps, lps_k, lpt, pt, empty = _sparse_terms(student, values, indices, temperature)
     idx = indices.long()
     ps = lps.exp()
-    if _effective(divergence, beta) == "kl":
+    if kl:
         ddiv = ps.scatter(-1, idx, ps.gather(-1, idx) - pt)  # p_s - p~, exact on the support
     else:
-        c = -math.log1p(-beta)
-        lm, _, ksm = _jsd_parts(lps_k, lpt, pt, beta)
         ps_k = lps_k.exp()
-        off = (1.0 - beta) * _if_pos(ps, ps * (c - ksm))  # log p_s - log M = c off the support
-        ddiv = off.scatter(-1, idx, (1.0 - beta) * _if_pos(ps_k, ps_k * (lps_k - lm - ksm)))
-    ddiv = torch.where(empty, torch.zeros((), dtype=ddiv.dtype, device=ddiv.device), ddiv)
+        ddiv = ((1.0 - beta) * r * ps).scatter(-1, idx, (1.0 - beta) * _if_pos(ps_k, ps_k * (r - sp)))
+    ddiv = torch.where(empty, zero, ddiv)
     grad = finish_grad(soft_weight * temperature * ddiv, s, labels, valid, hard_weight, reduction)
     return loss, grad.to(student.dtype)
 

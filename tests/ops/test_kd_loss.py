@@ -71,19 +71,8 @@ def check(s, t, labels=None, grad_out=None, floor=1e-6, **kw):
     return loss, grad
 
 
-# ---- the CPU kernel's instruction sets -------------------------------------------------------------------
+# ---- the CPU kernel's instruction sets (the fixture cpu_kernel: tests/conftest.py) -------------------------
 _TABLES = _extension.cpu_kernel_tables()
-
-
-@pytest.fixture(params=sorted(_TABLES) or ["reference"])
-def cpu_kernel(request):
-    """Runs a test with each copy of the CPU kernel (AVX2 and AVX-512 here), then restores the one in use."""
-    if request.param == "reference":
-        yield request.param
-        return
-    with _extension.use_cpu_kernel(request.param):
-        assert fastkd.kernel_info()["cpu"] == request.param
-        yield request.param
 
 
 @pytest.mark.skipif(fastkd.kernel_info()["cpu"] == "reference", reason="the extension is disabled or not built")

@@ -1,0 +1,49 @@
+// The CPU op of the top-k KD loss: argument handling (topk_kd/topk_kd.h), the gradient buffer
+// (kd_loss/kd_grad_cpu.h), and the row-kernel entry topk_rows_cpu (topk_kd/topk_rows.h), which runs the
+// instruction set's copy in use (cpu_isa/kernel_table.h). The row kernel is topk_kd_cpu_kernel.h, whose
+// copy for this module's instruction set this file compiles. The backward is kd_loss_scale_
+// (kd_loss_cpu.cpp).
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu_isa/kernel_table.h"
+#include "kd_loss/kd_grad_cpu.h"
+#include "kd_loss/kd_loss.h"
+#include "topk_kd/topk_kd.h"
+#include "topk_kd/topk_kd_cpu_kernel.h"
+#include "topk_kd/topk_rows.h"
+
+namespace fastkd {
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& values,
+                                                       const at::Tensor& indices,
+                                                       const std::optional<at::Tensor>& labels,
+                                                       const at::Tensor& options, c10::string_view divergence,
+                                                       int64_t ignore_index, c10::string_view reduction,
+                                                       bool with_grad) {
+  TopkLossArgs a = make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index, reduction);
+  const at::Tensor weight = row_weight(a);
+  const float w = weight.item<float>();  // a CPU tensor: no device to wait for
+  at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
+  at::Tensor grad = with_grad ? new_cpu_grad(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
+  const bool stream = with_grad && stream_cpu_grad(grad.nbytes());
+  topk_rows_cpu(topk_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr), w, stream);
+  if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
+  return {reduce_rows(a, row_losses, weight), grad};
+}
+
+}  // namespace
+
+void topk_rows_cpu(const TopkRowsArgs& a, float row_weight, bool stream) {
+  check_topk_rows_args(a, /*in_place_ok=*/true);
+  if (a.rows == 0) return;
+  cpu_kernels().topk_rows(a, row_weight, stream);
+}
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("topk_kd_loss_fwd", &topk_kd_loss_fwd_cpu); }
+
+}  // namespace fastkd
