@@ -1,8 +1,10 @@
 // CUDA kernel of the top-k KD loss (topk_kd_loss_fwd): the launcher topk_rows_cuda of the internal row
 // API (topk_kd/topk_rows.h, whose header states what a call computes) and the op's CUDA implementation.
-// The per-element maths is kd_loss_math.h's (log-sum-exp states, log_prob, the KL and JSD terms and
-// gradients, grad_combine, row_loss), shared with the CPU kernels; the host-side argument handling is
-// topk_kd/topk_kd.h; the launch configuration is topk_kd/topk_kd_launch.h (tested without a GPU).
+// The maths is shared with the CPU kernel: the O(K) per-row part (the support's terms, the divergence,
+// the gradient's row constant and support entries: KL, and JSD in log-ratio form) is topk_kd/topk_kd_math.h,
+// the O(V) part kd_loss_math.h's (log-sum-exp states, log_prob, grad_combine, row_loss); the host-side
+// argument handling is topk_kd/topk_kd.h; the launch configuration is topk_kd/topk_kd_launch.h (tested
+// without a GPU).
 //
 // One row is processed by a group of threads: a whole block (vocab > kWarpRowMaxVocab) or one warp
 // (small vocabularies, kWarpKernelThreads / 32 rows per block). Per row:
@@ -11,13 +13,13 @@
 //      the same threads fold the row's K teacher values into the log-sum-exp of v = values / T; one
 //      group reduction (fixed order: warp butterfly, then warp 0 over the warps' partials);
 //   2. the K support entries (each thread a strided share of k): the index is range-checked and
-//      checked for duplicates, the student logit at it is gathered, and the row's sums -- the
-//      divergence, and for JSD KL(p_s || M) on the support and the student's support mass -- are
-//      reduced across the group (fixed order); the row's loss follows;
+//      checked for duplicates, the student logit at it is gathered, and the row's sums of topk_term --
+//      the divergence's and, for JSD, R = sum_S p_s softplus(z) -- are reduced across the group (fixed
+//      order); the row's loss follows;
 //   3. with a gradient, pass 2 reads the student row again (walking it backwards, most recently read
 //      first, with evict-first loads) and writes the dense gradient w (soft_weight T alpha p_s +
 //      hard_weight p1) in vector packs: off the support the soft gradient is the row constant alpha
-//      times p_s (KL: alpha = 1; JSD: alpha = (1 - beta) (c - KL(p_s || M)), topk_rows.h); then,
+//      times p_s (topk_dense_coef: KL 1, JSD (1 - beta) R); then,
 //      after a group barrier, the K support entries and the label get their exact values. Every entry
 //      is rounded once, from fp32, to the gradient's dtype.
 // Indices out of [0, vocab) and an index repeated within a row trip device-side asserts (no host sync).
@@ -33,7 +35,8 @@
 // (lse_add keeps a NaN even as a thread's first value), so every log-probability, the loss and the
 // gradient of the row are NaN; a NaN or +inf teacher value makes the teacher's log-sum-exp, and so the
 // loss and the support's gradient, NaN (fkd_if_pos keeps NaN terms). -inf is a masked entry; a row
-// whose K values are all -inf has no soft term ("live" below: NaN counts as live).
+// whose K values are all -inf has no soft term and no support corrections ("live" below: NaN counts as
+// live, so a NaN among -inf values is a NaN row).
 //
 // Dtypes: the student (and gradient) dtype is a template parameter (its packs); the teacher values'
 // dtype, the indices' width and the divergence are read at run time (uniform branches in the O(K)
@@ -45,7 +48,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -56,6 +58,7 @@
 #include "common/vec_pack.cuh"
 #include "topk_kd/topk_kd.h"
 #include "topk_kd/topk_kd_launch.h"
+#include "topk_kd/topk_kd_math.h"
 
 namespace fastkd {
 namespace {
@@ -90,15 +93,15 @@ struct Stats {  // online log-sum-exp of a = s/T, b = values/T, s (T = 1, only w
   LseState a, b, c;
   float live;   // 1 if some value is not -inf (NaN included), else 0: a row with no soft term
 };
-struct Sums {   // over the support: the divergence's terms, KL(p_s || M)'s terms (JSD), sum of p_s (JSD)
-  float d, aux, mass;
+struct Sums {   // over the support: topk_term's d and r (JSD's R)
+  float d, r;
 };
 
 __device__ __forceinline__ Stats merge(const Stats& x, const Stats& y) {
   return {lse_merge(x.a, y.a), lse_merge(x.b, y.b), lse_merge(x.c, y.c), fmaxf(x.live, y.live)};
 }
 __device__ __forceinline__ Sums merge(const Sums& x, const Sums& y) {
-  return {x.d + y.d, x.aux + y.aux, x.mass + y.mass};
+  return {x.d + y.d, x.r + y.r};
 }
 
 using fastkd::shfl_xor;  // float (common/reduce.cuh), LseState (kd_loss_math.h): the overloads below would hide them
@@ -106,7 +109,7 @@ __device__ __forceinline__ Stats shfl_xor(const Stats& v, int m) {
   return {shfl_xor(v.a, m), shfl_xor(v.b, m), shfl_xor(v.c, m), shfl_xor(v.live, m)};
 }
 __device__ __forceinline__ Sums shfl_xor(const Sums& v, int m) {
-  return {shfl_xor(v.d, m), shfl_xor(v.aux, m), shfl_xor(v.mass, m)};
+  return {shfl_xor(v.d, m), shfl_xor(v.r, m)};
 }
 
 // The kernel's arguments (topk_rows.h's TopkRowsArgs, with the launch's choices).
@@ -128,7 +131,7 @@ struct TopkKernelArgs {
   int64_t rows;
   int vocab;
   KdParams p;
-  float c_off;       // JSD: -log(1 - beta), log p_s - log M off the support
+  TopkJsd jsd;       // JSD's row constants (topk_kd_math.h); unused for KL
   bool bitmap;       // duplicate check: bitmap (else pairwise)
   int bitmap_words;  // per row group
 };
@@ -153,9 +156,8 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
   const bool sep = p.separate_lse1;
   const bool jsd = p.divergence == Divergence::JSD;
   const float inv_t = p.inv_temperature;
-  const float beta = p.beta;
   const Stats stats_id{lse_empty(), lse_empty(), lse_empty(), 0.f};
-  const Sums sums_id{0.f, 0.f, 0.f};
+  const Sums sums_id{0.f, 0.f};
   unsigned int* bits = fkd_topk_bitmap + (kWarpGroup ? (threadIdx.x / kWarpSize) * a.bitmap_words : 0);
   if (a.bitmap) {
     for (int i = rank; i < a.bitmap_words; i += size) bits[i] = 0u;
@@ -219,18 +221,21 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
     float s_label = 0.f;
     if (p.hard && rank == 0) s_label = (label >= 0 && label < vocab) ? to_f(s[label]) : NAN;
 
-    // One support entry: the student's and the teacher's log-probabilities and probabilities, log M.
+    // One support entry: the student's and the teacher's log-probabilities and probabilities, and its
+    // topk_term (for JSD, sp = softplus(z) is its gradient's part).
     struct Entry {
-      float lps, ps, lpt, pt, lm;
+      float ps, pt;
+      TopkTerm t;
     };
     const auto entry = [&](int64_t idx, bool in_range, int kk) {
       Entry e;
       const float sv = in_range ? to_f(s[idx]) : NAN;
-      e.lps = log_prob(sv * inv_t, na);
-      e.ps = fkd_exp(e.lps);
-      e.lpt = log_prob(load_value(vrow, a.values_type, kk) * inv_t, nb);
-      e.pt = fkd_exp(e.lpt);
-      e.lm = jsd ? log_mixture(e.ps, e.pt, beta) : 0.f;
+      const float lps = log_prob(sv * inv_t, na);
+      const float lpt = log_prob(load_value(vrow, a.values_type, kk) * inv_t, nb);
+      e.ps = fkd_exp(lps);
+      e.pt = fkd_exp(lpt);
+      e.t = jsd ? topk_term<Divergence::JSD>(lpt, e.pt, lps, e.ps, a.jsd)
+                : topk_term<Divergence::KL>(lpt, e.pt, lps, e.ps, a.jsd);
       return e;
     };
     // The gradient of an entry whose student logit is sv, before the support's correction: the soft
@@ -257,15 +262,8 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
       }
       if (empty) continue;
       const Entry e = entry(idx, in_range, kk);
-      if (jsd) {
-        float ks = 0.f;
-        acc.d += jsd_term(e.lps, e.lpt, e.ps, e.pt, e.lm, beta, &ks);
-        acc.aux += ks;
-        acc.mass += e.ps;
-      } else {
-        float unused = 0.f;
-        acc.d += div_term<Divergence::KL>(e.lps, e.lpt, e.ps, e.pt, beta, &unused);
-      }
+      acc.d += e.t.d;
+      acc.r += e.t.r;
     }
     if (!a.bitmap) {
       // Pairwise: in each chunk of `size` entries, thread rank compares its index with every later one;
@@ -281,19 +279,14 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
       }
     }
     acc = group_allreduce<kWarpGroup>(acc, red_sums, sums_id);
-    // D and the gradient's row constants (topk_rows.h): KL(p~ || p_s) on the support; for JSD the
-    // off-support part c (1 - beta) Q of D and c Q of KL(p_s || M), Q = max(0, 1 - support mass).
-    float d = 0.f, ksm = 0.f;
-    if (!empty) {
-      if (jsd) {
-        const float q = fmaxf(0.f, 1.f - acc.mass);
-        d = acc.d + (1.f - beta) * a.c_off * q;
-        ksm = acc.aux + a.c_off * q;
-        alpha = (1.f - beta) * (a.c_off - ksm);
-      } else {
-        d = acc.d;
-        alpha = 1.f;
-      }
+    // D and the dense gradient's row constant (topk_kd_math.h); none without a soft term.
+    float d = 0.f;
+    if (!empty && jsd) {
+      d = topk_divergence<Divergence::JSD>(acc.d, acc.r, a.jsd);
+      alpha = topk_dense_coef<Divergence::JSD>(acc.r, a.jsd);
+    } else if (!empty) {
+      d = topk_divergence<Divergence::KL>(acc.d, acc.r, a.jsd);
+      alpha = topk_dense_coef<Divergence::KL>(acc.r, a.jsd);
     }
     if (rank == 0) a.row_losses[r] = row_loss(p, d, n1, s_label);
 
@@ -319,7 +312,8 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
           const int64_t idx = load_index(irow, a.indices_int64, kk);
           if (!(idx >= 0 && idx < vocab)) continue;  // asserted above
           const Entry e = entry(idx, true, kk);
-          const float ddiv = jsd ? jsd_grad(e.lps, e.ps, e.lm, beta, ksm) : e.ps - e.pt;
+          const float ddiv = jsd ? topk_support_grad<Divergence::JSD>(e.ps, e.pt, e.t.sp, acc.r, a.jsd)
+                                 : topk_support_grad<Divergence::KL>(e.ps, e.pt, e.t.sp, acc.r, a.jsd);
           const float sv = to_f(s[idx]);
           const float p1 = !p.hard ? 0.f : (sep ? fkd_exp(log_prob(sv, n1)) : e.ps);
           float gv = grad_combine(p, w, ddiv, p1);
@@ -393,8 +387,7 @@ void launch_topk(const TopkRowsArgs& r, const float* weight, cudaStream_t stream
   a.rows = r.rows;
   a.vocab = static_cast<int>(r.vocab);
   a.p = r.params;
-  a.c_off = r.params.divergence == Divergence::JSD ? static_cast<float>(-std::log1p(-static_cast<double>(r.params.beta)))
-                                                   : 0.f;
+  a.jsd = make_topk_jsd(r.params.divergence == Divergence::JSD ? r.params.beta : 0.5f);  // no log(0) for KL
   // topk_rows.h: the current device holds the buffers (the caller's CUDAGuard).
   with_config<S>(c10::cuda::current_device(), r.vocab, r.k, [&](const TopkLaunchConfig& c, auto kernel) {
     a.bitmap = c.bitmap;

@@ -20,9 +20,8 @@ namespace fastkd {
 // Rows of at most kWarpRowMaxVocab entries are processed by one warp each (kWarpKernelThreads / 32
 // rows per block), longer ones by a block of block_threads(packs, kTopkBlockThreads) threads. With one
 // dense input per row, occupancy is what keeps enough loads in flight, so the kernels are compiled for
-// several resident blocks (ptxas, sm_90, CUDA 13: the block kernel fits 64 registers, with a few bytes
-// of spills on the device asserts' call paths only -- none without the asserts; the warp kernel needed
-// 66-77 registers and spilled at 64).
+// several resident blocks (ptxas, sm_90, CUDA 13: the block kernel fits 64 registers without spills, 52-64
+// used; the warp kernel uses 66-79 and spilled at 64).
 constexpr int kTopkBlockThreads = 512;
 constexpr int kTopkMinBlocksPerSm = 2;       // block kernel: 2 x 512 threads, <= 64 registers
 constexpr int kTopkWarpMinBlocksPerSm = 3;   // warp kernel: 3 x 256 threads, <= 80 registers

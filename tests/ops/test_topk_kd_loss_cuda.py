@@ -330,7 +330,7 @@ def test_launch_configuration_on_this_gpu(case):
         assert info["max_dyn_smem_attr"] >= info["dyn_smem"], info
     # What test_topk_launch_config.py assumes of the compiled kernels.
     assert info["regs"] <= (80 if info["warp_kernel"] else 64), info
-    assert info["static_smem"] == (0 if info["warp_kernel"] else 1328), info
+    assert info["static_smem"] == (0 if info["warp_kernel"] else 1200), info
     assert info["occupancy"] >= (3 if info["warp_kernel"] else 2) or info["dyn_smem"] > 100_000, info
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[case[0]]
     s = make_student(3, case[1], dtype, 34)
