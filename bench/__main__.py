@@ -5,12 +5,12 @@
     python -m bench --only kd,step --device cuda --out-dir /tmp/gpu --no-docs
 
 Writes one CSV per benchmark, {stem}_{device}[_quick].csv in --out-dir (default bench/results; the
-stems are the registry's: kd_loss, clip, step, cache), one row per provider x case (shape or tensor set) x
-dtype x mode with the machine columns; then runs bench.report on them: the plots beside the CSVs, and
-the Markdown tables into docs/benchmarks.md's generated blocks and the README's headline table (a full
-run into bench/results) or else into report[_quick].md in --out-dir. The grids themselves live in the
-registered modules (bench_kd_loss, bench_clip, bench_step, bench_cache); this only runs them. A benchmark that fails
-is reported and the others still run; the exit status is then 1.
+stems are the registry's: kd_loss, topk_kd_loss, clip, step, cache), one row per provider x case (shape
+or tensor set) x dtype x mode with the machine columns; then runs bench.report on them: the plots beside
+the CSVs, and the Markdown tables into docs/benchmarks.md's generated blocks and the README's headline
+table (a full run into bench/results) or else into report[_quick].md in --out-dir. The grids themselves
+live in the registered modules (bench_kd_loss, bench_topk, bench_clip, bench_step, bench_cache); this only
+runs them. A benchmark that fails is reported and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-docs", "--no-readme", dest="no_docs", action="store_true",
                     help="leave docs/benchmarks.md and README.md as they are (--no-readme: the old name)")
     ap.add_argument("--kd-providers", default=None,
-                    help="subset of the KD-loss providers, e.g. fastkd,eager (leaves out torch.compile)")
+                    help="subset of the KD losses' providers (kd and topk), e.g. fastkd,eager (leaves out "
+                         "torch.compile)")
     args = ap.parse_args(argv)
     only = [b for b in args.only.split(",") if b]
     unknown = [b for b in only if b not in registry.BY_NAME]
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         out = args.out_dir / f"{bench.stem}_{device.type}{suffix}.csv"
         out.unlink(missing_ok=True)  # a failed run must not report an older file's numbers
         bench_args = ["--device", str(device), "--out", str(out)] + (["--quick"] if args.quick else [])
-        if key == "kd" and args.kd_providers:
+        if key in ("kd", "topk") and args.kd_providers:
             bench_args += ["--providers", args.kd_providers]
         print(f"\n=== {key}: python -m {bench.module} {' '.join(bench_args)}", flush=True)
         try:

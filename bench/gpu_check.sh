@@ -10,20 +10,22 @@
 #   environment   GPU, Python, torch, setuptools, nvcc, compute-sanitizer; Liger-Kernel's import error
 #   build         the extension for sm_90 (setuptools < 77 rejects pyproject.toml's license string:
 #                 then it builds in a copy whose license is the older table form)
-#   tests:*       pytest -m cuda, one process per file, the KD kernels' file first (a sticky CUDA error
-#                 ends that file only); SIGINT at the time limit, so pytest still prints its summary
+#   tests:*       pytest -m cuda, one process per file, the KD kernels' file first, then the top-k KD
+#                 kernel's (a sticky CUDA error ends that file only); SIGINT at the time limit, so pytest
+#                 still prints its summary
 #   bench:kd      the headline: KD loss 8192 x 128256 bf16 fwd and fwd+bwd (fastkd, eager, Liger)
 #   launch        the launch configurations and cudaOccupancyMaxActiveBlocksPerMultiprocessor for them
-#   memcheck      compute-sanitizer on fastkd's kernels, PYTORCH_NO_CUDA_MEMORY_CACHING=1
-#   racecheck     the same on the block kernel's shared memory (the trimmed case list)
-#   bench:*       the rest of the KD grid (torch.compile included), the training step, clipping
+#   memcheck      compute-sanitizer on fastkd's kernels (KD, top-k KD, clipping), PYTORCH_NO_CUDA_MEMORY_CACHING=1
+#   racecheck     the same on the kernels' shared memory (the trimmed case list)
+#   bench:*       the rest of the KD grid (torch.compile included), the training step, clipping, the top-k
+#                 KD loss (its table in gpu_check.log only: the 8 files below are taken)
 # The files under $OUT (the device tool brings back 8): gpu_check.log (the summary on top, then all
 # that was printed), summary.txt, cuda_tests.log, sanitizer.log, kd_headline_cuda.csv,
 # kd_loss_cuda.csv, step_cuda.csv, clip_cuda.csv. Plots are made elsewhere from the CSVs:
 #     python -m bench.report OUT/*.csv --no-readme --md OUT/report.md
 # Budget: BUDGET_S seconds (default 400: the whole run under 7 minutes). Each step has its own limit,
 # cut to what is left of the budget, and is skipped when less is left than it needs to finish; what
-# the budget leaves out comes last (the KD grid's torch.compile cases, the step and clip benchmarks).
+# the budget leaves out comes last (the KD grid's torch.compile cases, the step, clip and top-k benchmarks).
 # The build's nvcc flags are setup.py's (what CI builds); NVCC_APPEND_FLAGS passes more to nvcc.
 #
 # Liger-Kernel is not installed there and the machine has no internet: before the run, fetch its wheel
@@ -188,9 +190,10 @@ pytest_file() {  # pytest_file FILE...: the cuda-marked tests (collection only i
 export -f pytest_file
 if [ "$BUILD_OK" = 1 ]; then
   step tests:kd 100 30 "$NOTES/note" pytest_file tests/ops/test_kd_loss_cuda.py
+  step tests:topk 90 30 "$NOTES/note" pytest_file tests/ops/test_topk_kd_loss_cuda.py
   step tests:clip 40 15 "$NOTES/note" pytest_file tests/ops/test_clip.py
 else
-  skip tests:kd "build failed"; skip tests:clip "build failed"
+  skip tests:kd "build failed"; skip tests:topk "build failed"; skip tests:clip "build failed"
 fi
 
 # ---- the headline benchmark, then the launch configurations -------------------------------------------
@@ -255,7 +258,11 @@ if [ "$BUILD_OK" = 1 ]; then
     ${KD_REST[@]+"${KD_REST[@]}"} --out "$OUT/kd_loss_$DEV.csv"
   step bench:step 45 25 - $PY -m bench.bench_step --device $DEV ${QUICK[@]+"${QUICK[@]}"} --out "$OUT/step_$DEV.csv"
   step bench:clip 45 20 - $PY -m bench.bench_clip --device $DEV ${QUICK[@]+"${QUICK[@]}"} --out "$OUT/clip_$DEV.csv"
+  # The top-k KD loss: its CSV stays in the scratch folder; the table it prints is in gpu_check.log.
+  TOPK=(); [ "$DRY" = 1 ] && TOPK=(--quick --providers fastkd,fastkd_dense,eager)
+  step bench:topk 90 40 - $PY -m bench.bench_topk --device $DEV ${TOPK[@]+"${TOPK[@]}"} --out "$NOTES/topk_kd_loss_$DEV.csv"
 else
   skip bench:kd-grid "build failed"; skip bench:step "build failed"; skip bench:clip "build failed"
+  skip bench:topk "build failed"
 fi
 rm -rf "$NOTES"

@@ -1,16 +1,20 @@
 """Small calls of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in bench/gpu_check.sh.
 
-    python -m bench.sanitize_cases [--trim] [--only kd,clip] [--device cuda|cpu]
+    python -m bench.sanitize_cases [--trim] [--only kd,topk,clip] [--device cuda|cpu]
 
 Covers each kernel variant: kd_loss forward with and without gradient for every divergence, small and
 large vocabularies (warp- and block-per-row paths, row caches that hold all or part of a row), the
 sizes whose row cache lies in the shared-memory opt-in window ((48 KiB - static, 48 KiB]: fp32 6100,
 16-bit 12200, mixed 16/32-bit 8100), odd sizes, offset views (scalar heads and tails), padded row
 strides (the gradient's rows at another phase than the inputs'), mixed dtypes, ignored rows, the
-in-place scale; the clipping kernels, also captured in a CUDA graph and replayed.
+in-place scale; topk_kd_loss forward with and without gradient (KL and JSD) on both row paths with
+both duplicate-index checks (pairwise, and the shared-memory bitmap, in the opt-in window too: 400000
+entries), labels inside and outside the support, value and index dtypes, more rows than the persistent
+grid holds (bitmaps reused across rows); the clipping kernels, also captured in a CUDA graph and replayed.
 
---trim: the cases racecheck gets (it tracks every shared-memory access: the block kernel's ~227 KiB
-row cache makes the full set too slow): the block-per-row sizes, two rows each. --device cpu runs the
+--trim: the cases racecheck gets (it tracks every shared-memory access: the KD block kernel's ~227 KiB
+row cache makes the full set too slow): the KD block-per-row sizes and the top-k kernel's bitmap and
+pairwise paths, two rows each. --device cpu runs the
 same calls on the CPU: the GPU check's dry run (it checks this script, not the kernels).
 memcheck must run with PYTORCH_NO_CUDA_MEMORY_CACHING=1: an access past a tensor's end that stays
 inside a block of the caching allocator is otherwise not reported.
@@ -88,6 +92,54 @@ def kd_cases(dev, trim=False):
     return calls
 
 
+def topk_case_list(trim: bool):
+    """(vocab, k, student dtype, values dtype, index dtype, rows, layouts)."""
+    i32, i64 = torch.int32, torch.int64
+    if trim:  # every kernel with shared memory: the bitmap (warp and block kernels), the block reductions
+        return [(1000, 200, BF16, BF16, i64, 2, ("contiguous",)), (4099, 256, F32, F32, i64, 2, ("contiguous", "offset")),
+                (32000, 64, BF16, BF16, i32, 2, ("contiguous",)), (128256, 256, BF16, BF16, i64, 2, ("contiguous",))]
+    cases = []
+    for vocab in (1, 7, 769, 2048, 2049, 32000):
+        for k in (1, 12, 64, 256):
+            if k <= vocab:
+                cases.append((vocab, k, BF16 if k != 12 else F32, F16 if k == 64 else BF16, i32 if k == 64 else i64, 5,
+                              ("contiguous", "offset", "padded")))
+    cases += [(128256, 64, BF16, BF16, i64, 2, ("contiguous", "offset")),
+              (128256, 256, BF16, F32, i32, 2, ("padded",)),
+              (400000, 4096, F16, F16, i64, 2, ("contiguous",)),   # a bitmap past 48 KiB: the opt-in
+              (4099, 4099, F32, F32, i64, 2, ("contiguous",)),     # K = V
+              (700, 200, BF16, BF16, i64, 5000, ("contiguous",))]  # rows beyond the persistent grid
+    return cases
+
+
+def topk_cases(dev, trim=False):
+    g = torch.Generator(device=dev).manual_seed(1)
+    calls = 0
+    for vocab, k, sd, vd, idt, rows, layouts in topk_case_list(trim):
+        base_s = torch.randn(rows, vocab + 1, device=dev, generator=g)
+        values, indices = torch.randn(rows, vocab, device=dev, generator=g).topk(k, dim=-1)
+        values, indices = values.to(vd), indices.to(idt)
+        labels = torch.randint(0, vocab, (rows,), device=dev, generator=g)
+        labels[0] = indices[0, k // 2]  # a label inside the support
+        if rows > 1:
+            labels[1] = -100
+        ss = kd_layouts(base_s, vocab, sd)
+        for layout in layouts:
+            s = ss[layout].detach().requires_grad_(True)
+            for div in ("kl", "jsd"):
+                loss = fastkd.topk_kd_loss(s, values, indices, labels, temperature=2.0, divergence=div, beta=0.3,
+                                           hard_weight=0.3, reduction="batchmean" if trim else "none")
+                (loss * 0.5).sum().backward()
+                calls += 1
+                if not trim:
+                    with torch.no_grad():
+                        fastkd.topk_kd_loss(s, values, indices, temperature=1.0, divergence=div, beta=0.3)
+                    calls += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return calls
+
+
 def clip_cases(dev, trim=False):
     params = [torch.nn.Parameter(torch.randn(n, device=dev)) for n in (0, 1, 7, 1000, 65537)]
     params += [torch.nn.Parameter(torch.randn(33, 17, device=dev, dtype=torch.bfloat16))]
@@ -117,13 +169,13 @@ def clip_cases(dev, trim=False):
     return calls
 
 
-CASES = {"kd": kd_cases, "clip": clip_cases}
+CASES = {"kd": kd_cases, "topk": topk_cases, "clip": clip_cases}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--trim", action="store_true", help="the block-kernel cases only, two rows each (racecheck)")
+    ap.add_argument("--trim", action="store_true", help="the shared-memory cases only, two rows each (racecheck)")
     ap.add_argument("--only", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)

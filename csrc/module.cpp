@@ -12,6 +12,7 @@
 #include "cpu_isa/capsule.h"
 #include "kd_loss/kd_loss_cpu.h"
 #include "kd_loss/kd_loss_launch.h"
+#include "topk_kd/topk_kd_launch.h"
 
 namespace py = pybind11;
 
@@ -19,13 +20,17 @@ namespace {
 
 // The CUDA KD-loss launch configuration for device properties given as a dict of KdDeviceLimits'
 // fields (kd_loss/kd_loss_launch.h): pure arithmetic, no GPU needed (tests/ops/test_kd_launch_config.py).
+// KdDeviceLimits from a dict of its fields' names.
+fastkd::KdDeviceLimits device_limits(const py::dict& limits) {
+  const auto get = [&](const char* k) { return limits[k].cast<int64_t>(); };
+  return {get("major"), get("smem_per_block"), get("smem_per_block_optin"), get("smem_per_sm"),
+          get("reserved_smem_per_block"), get("sm_count"), get("l2_bytes"), get("regs_per_sm"),
+          get("max_threads_per_sm"), get("max_blocks_per_sm")};
+}
+
 py::dict kd_cuda_launch_config(const py::dict& limits, int64_t vocab, int64_t student_bytes, int64_t teacher_bytes,
                                int64_t static_smem, int64_t regs) {
-  const auto get = [&](const char* k) { return limits[k].cast<int64_t>(); };
-  const fastkd::KdDeviceLimits d{get("major"), get("smem_per_block"), get("smem_per_block_optin"),
-                                 get("smem_per_sm"), get("reserved_smem_per_block"), get("sm_count"),
-                                 get("l2_bytes"), get("regs_per_sm"), get("max_threads_per_sm"),
-                                 get("max_blocks_per_sm")};
+  const fastkd::KdDeviceLimits d = device_limits(limits);
   TORCH_CHECK((student_bytes == 2 || student_bytes == 4) && (teacher_bytes == 2 || teacher_bytes == 4),
               "element sizes of 2 or 4 bytes");
   const int n = 16 / static_cast<int>(std::max(student_bytes, teacher_bytes));  // pack_elems<S, T>()
@@ -41,6 +46,27 @@ py::dict kd_cuda_launch_config(const py::dict& limits, int64_t vocab, int64_t st
   out["target_blocks_per_sm"] = c.target_blocks_per_sm;
   out["blocks_per_sm"] = c.blocks_per_sm;
   out["pack_elems"] = n;
+  return out;
+}
+
+// The CUDA top-k KD-loss launch configuration (topk_kd/topk_kd_launch.h) for device properties given as
+// the same dict: no GPU needed (tests/ops/test_topk_launch_config.py).
+py::dict topk_cuda_launch_config(const py::dict& limits, int64_t vocab, int64_t k, int64_t student_bytes,
+                                 int64_t static_smem, int64_t regs) {
+  TORCH_CHECK(student_bytes == 2 || student_bytes == 4, "element sizes of 2 or 4 bytes");
+  TORCH_CHECK(vocab >= 1 && k >= 1 && k <= vocab, "1 <= k <= vocab");
+  const fastkd::TopkLaunchConfig c = fastkd::topk_launch_config(
+      device_limits(limits), {static_smem, regs}, vocab, k, 16 / static_cast<int>(student_bytes));
+  py::dict out;
+  out["warp_kernel"] = c.warp_kernel;
+  out["threads"] = c.threads;
+  out["bitmap"] = c.bitmap;
+  out["bitmap_words"] = c.bitmap_words;
+  out["dyn_smem"] = c.dyn_smem;
+  out["opt_in"] = c.opt_in;
+  out["max_dyn_smem"] = c.max_dyn_smem;
+  out["blocks_per_sm"] = c.blocks_per_sm;
+  out["max_blocks"] = c.max_blocks;
   return out;
 }
 
@@ -65,6 +91,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kd_cuda_launch_config", &kd_cuda_launch_config, py::arg("limits"), py::arg("vocab"),
         py::arg("student_bytes"), py::arg("teacher_bytes"), py::arg("static_smem"), py::arg("regs"),
         "The CUDA KD-loss launch configuration for the given device properties (no GPU needed).");
+  m.def("topk_cuda_launch_config", &topk_cuda_launch_config, py::arg("limits"), py::arg("vocab"), py::arg("k"),
+        py::arg("student_bytes"), py::arg("static_smem"), py::arg("regs"),
+        "The CUDA top-k KD-loss launch configuration for the given device properties (no GPU needed).");
   m.def("kd_cuda_row_layout", [](uintptr_t s, int s_size, uintptr_t t, int t_size, uintptr_t g, int vocab, int n) {
     const fastkd::RowLayout L = fastkd::kd_row_layout(s, s_size, t, t_size, g, vocab, n);
     return py::make_tuple(L.head, L.body, L.tail, L.g_align);
@@ -75,6 +104,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const auto& kv : fastkd::kd_cuda_launch_info(s, t, div, vocab)) out[py::str(kv.first)] = kv.second;
     return out;
   }, "The launch configuration and runtime occupancy of a CUDA KD-loss forward on the current device.");
+  m.def("topk_cuda_launch_info", [](const std::string& s, int64_t vocab, int64_t k) {
+    py::dict out;
+    for (const auto& kv : fastkd::topk_cuda_launch_info(s, vocab, k)) out[py::str(kv.first)] = kv.second;
+    return out;
+  }, "The launch configuration and runtime occupancy of a CUDA top-k KD-loss forward on the current device.");
 #endif
   m.def("kernel_table", [] { return py::reinterpret_steal<py::object>(fastkd::own_cpu_kernel_table()); },
         "This module's own CPU KD-loss kernel table (for install_cpu_kernels).");

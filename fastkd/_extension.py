@@ -151,3 +151,16 @@ def kd_cuda_launch_info(student_dtype: str, teacher_dtype: str, divergence: str,
     """The configuration a CUDA KD-loss forward gets on the current GPU and the runtime's occupancy of it
     (a CUDA build on a machine with a GPU)."""
     return EXT.kd_cuda_launch_info(student_dtype, teacher_dtype, divergence, vocab)
+
+
+def topk_cuda_launch_config(limits: dict, vocab: int, k: int, student_bytes: int, static_smem: int,
+                            regs: int) -> dict:
+    """The CUDA top-k KD-loss launch configuration (csrc/topk_kd/topk_kd_launch.h) for the device properties
+    in ``limits`` (the fields of KdDeviceLimits) and rows of ``k`` indices: arithmetic only, no GPU needed."""
+    return EXT.topk_cuda_launch_config(limits, vocab, k, student_bytes, static_smem, regs)
+
+
+def topk_cuda_launch_info(student_dtype: str, vocab: int, k: int) -> dict:
+    """The configuration a CUDA top-k KD-loss forward gets on the current GPU and the runtime's occupancy of it
+    (a CUDA build on a machine with a GPU)."""
+    return EXT.topk_cuda_launch_info(student_dtype, vocab, k)

@@ -1,6 +1,7 @@
 // Vector packs for the CUDA kernels: N elements of X loaded or stored as one 16-, 8- or 4-byte
-// access, or stored in pieces of 8, 4 or 2 bytes where the address has less alignment (the one home
-// of Pack; the KD-loss kernel and the multi-tensor launches use it). A pack access needs a pointer
+// access, or stored in pieces of 8, 4 or 2 bytes where the address has less alignment, and the loop
+// that walks a row's packs with several loads in flight (the one home of Pack; the KD-loss and top-k
+// KD-loss kernels and the multi-tensor launches use it). A pack access needs a pointer
 // aligned to the pack: callers check the alignment at run time (a tensor may be a view at any
 // offset) and fall back to scalar accesses or to store_pack_aligned where it fails.
 #pragma once
@@ -78,6 +79,48 @@ __device__ __forceinline__ void store_pack_aligned(X* p, const Pack<X, N>& v, in
     if (align >= 4) return store_pieces<4>(p, v);
   }
   if constexpr (sizeof(X) == 2) store_pieces<2>(p, v);
+}
+
+// An element as fp32 (the kernels' maths type), whatever its storage type.
+template <typename X>
+__device__ __forceinline__ float to_f(X x) {
+  return static_cast<float>(x);
+}
+
+// Calls use(j, load(j)) for the packs j = begin + rank + k * size of this thread, k ascending (or
+// descending), loading kU packs before using any so that kU loads per thread are in flight.
+template <int kU, bool kReverse, typename LoadF, typename UseF>
+__device__ __forceinline__ void for_packs(int begin, int end, int rank, int size, LoadF&& load, UseF&& use) {
+  const int first = begin + rank;
+  if (first >= end) return;
+  const int count = (end - first + size - 1) / size;
+  using Item = decltype(load(0));
+  for (int k0 = 0; k0 < count; k0 += kU) {
+    Item buf[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int k = k0 + u;
+      if (k < count) buf[u] = load(first + (kReverse ? count - 1 - k : k) * size);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int k = k0 + u;
+      if (k < count) use(first + (kReverse ? count - 1 - k : k) * size, buf[u]);
+    }
+  }
+}
+
+// Zeros into row[0, vocab) split as kd_row_layout (kd_loss/kd_loss_launch.h) splits it: scalars
+// [0, L.head) and [L.tail, vocab), L.body packs of N from row + L.head stored in pieces of L.g_align
+// bytes; the threads rank, rank + size, ... of a row group share the work.
+template <int N, typename X, typename Layout>
+__device__ __forceinline__ void zero_row(X* row, const Layout& L, int vocab, int rank, int size) {
+  const int n_scalar = L.head + (vocab - L.tail);
+  for (int i = rank; i < n_scalar; i += size) row[i < L.head ? i : L.tail + (i - L.head)] = X(0.f);
+  Pack<X, N> zero;
+#pragma unroll
+  for (int k = 0; k < N; ++k) zero.v[k] = X(0.f);
+  for (int j = rank; j < L.body; j += size) store_pack_aligned(row + L.head + j * N, zero, L.g_align);
 }
 
 }  // namespace fastkd

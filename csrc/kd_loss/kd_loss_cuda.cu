@@ -57,15 +57,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <climits>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "common/cuda_launch.cuh"
 #include "common/reduce.cuh"
 #include "common/vec_pack.cuh"
 #include "kd_loss/kd_loss.h"
@@ -80,16 +79,11 @@ constexpr int kBatchElems = 16;          // elements loaded per thread before an
 constexpr int kScaleMaxThreads = 512;
 constexpr int kScaleUnroll = 4;
 
-// ---- packs (common/vec_pack.cuh): 16-byte (or 8-byte) vector loads and stores ----------------------
+// ---- packs (common/vec_pack.cuh): 16-byte (or 8-byte) vector loads and stores, for_packs -----------
 // Elements per pack: 16 bytes of the wider logit dtype.
 template <typename S, typename T>
 constexpr int pack_elems() {
   return 16 / static_cast<int>(sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
-}
-
-template <typename X>
-__device__ __forceinline__ float to_f(X x) {
-  return static_cast<float>(x);
 }
 
 // Split of one row (kd_loss/kd_loss_launch.h): packs placed by the student's and teacher's phase, the
@@ -100,30 +94,7 @@ __device__ __forceinline__ RowLayout row_layout(const S* s, const T* t, const S*
                        reinterpret_cast<uintptr_t>(g), vocab, N);
 }
 
-// Calls use(j, load(j)) for the packs j = begin + rank + k * size of this thread, k ascending (or
-// descending), loading kU packs before using any so that kU loads per thread are in flight.
-template <int kU, bool kReverse, typename LoadF, typename UseF>
-__device__ __forceinline__ void for_packs(int begin, int end, int rank, int size, LoadF&& load, UseF&& use) {
-  const int first = begin + rank;
-  if (first >= end) return;
-  const int count = (end - first + size - 1) / size;
-  using Item = decltype(load(0));
-  for (int k0 = 0; k0 < count; k0 += kU) {
-    Item buf[kU];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int k = k0 + u;
-      if (k < count) buf[u] = load(first + (kReverse ? count - 1 - k : k) * size);
-    }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int k = k0 + u;
-      if (k < count) use(first + (kReverse ? count - 1 - k : k) * size, buf[u]);
-    }
-  }
-}
-
-// ---- group reductions (common/reduce.cuh; fixed order: deterministic) ------------------------------
+// ---- row groups and their reductions (common/reduce.cuh; fixed order: deterministic) ----------------
 struct Stats {  // online log-sum-exp of a = s/T, b = t/T, and s (T = 1, only with separate_lse1)
   LseState a, b, c;
 };
@@ -136,67 +107,11 @@ __device__ __forceinline__ Stats merge(const Stats& x, const Stats& y) {
 }
 __device__ __forceinline__ Sums merge(const Sums& x, const Sums& y) { return {x.d + y.d, x.aux + y.aux}; }
 
-using fastkd::shfl_xor;  // float (common/reduce.cuh), which the overloads below would hide
-__device__ __forceinline__ LseState shfl_xor(LseState v, int m) { return {shfl_xor(v.m, m), shfl_xor(v.s, m)}; }
+using fastkd::shfl_xor;  // float (common/reduce.cuh), LseState (kd_loss_math.h): the overloads below would hide them
 __device__ __forceinline__ Stats shfl_xor(const Stats& v, int m) {
   return {shfl_xor(v.a, m), shfl_xor(v.b, m), shfl_xor(v.c, m)};
 }
 __device__ __forceinline__ Sums shfl_xor(const Sums& v, int m) { return {shfl_xor(v.d, m), shfl_xor(v.aux, m)}; }
-
-struct Merge {
-  template <typename X>
-  __device__ __forceinline__ X operator()(const X& x, const X& y) const { return merge(x, y); }
-};
-
-// sm: [kWarpSize + 1] in shared memory, one array per value type: a row's reductions alternate
-// between the Stats and the Sums arrays, so each array's next use comes after the other's barriers.
-template <bool kWarpGroup, typename X>
-__device__ __forceinline__ X group_allreduce(const X& v, X* sm, const X& identity) {
-  if constexpr (kWarpGroup) {
-    (void)sm; (void)identity;
-    return warp_allreduce(v, Merge{});
-  } else {
-    return block_allreduce(v, Merge{}, identity, sm);
-  }
-}
-
-// The threads that process one row: a warp, or the whole block.
-template <bool kWarpGroup>
-struct Group {
-  int rank, size;
-  int64_t id, count;
-  __device__ __forceinline__ Group() {
-    if constexpr (kWarpGroup) {
-      const int per_block = blockDim.x / kWarpSize;
-      rank = threadIdx.x % kWarpSize;
-      size = kWarpSize;
-      id = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / kWarpSize;
-      count = static_cast<int64_t>(gridDim.x) * per_block;
-    } else {
-      rank = threadIdx.x;
-      size = blockDim.x;
-      id = blockIdx.x;
-      count = gridDim.x;
-    }
-  }
-};
-
-// Online log-sum-exp of n more values: one max, one rescale when the max grows, n exps.
-template <int N>
-__device__ __forceinline__ void lse_add(LseState& st, const float (&x)[N]) {
-  float mx = x[0];
-#pragma unroll
-  for (int k = 1; k < N; ++k) mx = fmaxf(mx, x[k]);
-  if (mx > st.m) {
-    st.s *= fkd_exp(st.m - mx);  // exp(-inf) = 0 on the first values (st.s is 0 then anyway)
-    st.m = mx;
-  }
-  if (st.m == -INFINITY) return;  // all entries so far are -inf (masked): exp(-inf - -inf) is NaN
-  float acc = 0.f;
-#pragma unroll
-  for (int k = 0; k < N; ++k) acc += fkd_exp(x[k] - st.m);
-  st.s += acc;
-}
 
 __device__ __forceinline__ int align16(int bytes) { return (bytes + 15) & ~15; }
 
@@ -232,7 +147,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
   PS* cache_s = reinterpret_cast<PS*>(fkd_smem);
   PT* cache_t = reinterpret_cast<PT*>(fkd_smem + align16(cache_packs * static_cast<int>(sizeof(PS))));
 
-  const Group<kWarpGroup> grp;
+  const RowGroup<kWarpGroup> grp;
   const int rank = grp.rank, size = grp.size;
   const float w = *weight;
   const bool sep = p.separate_lse1;
@@ -258,13 +173,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
       label = labels[r];
       if (label == p.ignore_index) {  // ignored row: loss 0, zero gradient
         if (rank == 0) row_losses[r] = 0.f;
-        if (g != nullptr) {
-          for (int i = rank; i < n_scalar; i += size) g[scalar_idx(i)] = S(0.f);
-          PS zero;
-#pragma unroll
-          for (int k = 0; k < N; ++k) zero.v[k] = S(0.f);
-          for (int j = rank; j < L.body; j += size) store_pack_aligned(gb + j * N, zero, L.g_align);
-        }
+        if (g != nullptr) zero_row<N>(g, L, vocab, rank, size);
         continue;
       }
       // Like cross_entropy: an out-of-range label is a device-side assert, not a host check (sync).
@@ -394,7 +303,7 @@ kd_loss_scale_kernel(X* __restrict__ grad,              // [rows, vocab] contigu
   constexpr int N = 16 / static_cast<int>(sizeof(X));
   using C = std::conditional_t<std::is_same<X, double>::value, double, float>;  // as the CPU kernel
   if (!per_row && factors[0] == 1.f) return;  // the usual loss.backward(): no pass over memory
-  const Group<kWarpGroup> grp;
+  const RowGroup<kWarpGroup> grp;
   for (int64_t r = grp.id; r < rows; r += grp.count) {
     const float f = factors[per_row ? r : 0];
     if (f == 1.f) continue;
@@ -417,54 +326,19 @@ kd_loss_scale_kernel(X* __restrict__ grad,              // [rows, vocab] contigu
 }
 
 // ---- host side -----------------------------------------------------------------------------------------
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-KdDeviceLimits device_limits(const cudaDeviceProp& p) {
-  return {p.major,
-          static_cast<int64_t>(p.sharedMemPerBlock),
-          static_cast<int64_t>(p.sharedMemPerBlockOptin),
-          static_cast<int64_t>(p.sharedMemPerMultiprocessor),
-          static_cast<int64_t>(p.reservedSharedMemPerBlock),
-          p.multiProcessorCount,
-          p.l2CacheSize,
-          p.regsPerMultiprocessor,
-          p.maxThreadsPerMultiProcessor,
-          p.maxBlocksPerMultiProcessor};
-}
-
-// One instantiation of the forward kernel on one device: what it was compiled to (queried once per
-// device) and its opt-in for more than 48 KiB of shared memory, raised once per device to the most
-// any of its launches asks (sharedMemPerBlockOptin - static), never per call to that call's size:
-// two host threads launching different sizes would race between one's attribute and the other's
-// launch.
+// One instantiation of the forward kernel (its attributes and opt-in: common/cuda_launch.cuh).
 template <Divergence D, typename S, typename T, bool kWarpGroup>
 struct FwdKernel {
   static auto fn() { return kd_loss_fwd_kernel<D, S, T, kWarpGroup>; }
-
-  static const KdKernelFacts& facts(int device) {
-    static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
-    static std::array<KdKernelFacts, C10_COMPILE_TIME_MAX_GPUS> facts;
-    std::call_once(once[device], [&] {
-      cudaFuncAttributes attr;
-      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn()));
-      facts[device] = {static_cast<int64_t>(attr.sharedSizeBytes), attr.numRegs};
-    });
-    return facts[device];
-  }
 
   // The configuration of rows of `vocab` entries on `device` (the current device), with the opt-in
   // raised where it needs it.
   static KdLaunchConfig config(int device, int64_t vocab) {
     constexpr int N = pack_elems<S, T>();
-    const KdLaunchConfig c = kd_launch_config(device_limits(*at::cuda::getDeviceProperties(device)), facts(device),
-                                              vocab, N, sizeof(Pack<S, N>) + sizeof(Pack<T, N>));
-    if (c.opt_in) {
-      static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
-      std::call_once(once[device], [&] {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(fn(), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(c.max_dyn_smem)));
-      });
-    }
+    const KdLaunchConfig c = kd_launch_config(kd_device_limits(*at::cuda::getDeviceProperties(device)),
+                                              kd_kernel_facts(KernelOnDevice<FwdKernel>::attributes(device)), vocab,
+                                              N, sizeof(Pack<S, N>) + sizeof(Pack<T, N>));
+    if (c.opt_in) KernelOnDevice<FwdKernel>::opt_in_dyn_smem(device, c.max_dyn_smem);
     return c;
   }
 };
@@ -526,17 +400,6 @@ std::vector<std::pair<std::string, int64_t>> fwd_launch_info(int64_t vocab) {
           {"regs", attr.numRegs},
           {"max_dyn_smem_attr", attr.maxDynamicSharedSizeBytes},
           {"occupancy", occupancy}};
-}
-
-// Calls f(X{}) for the logit dtypes the CUDA kernels take (fp64 is converted to fp32 before).
-template <typename F>
-void dispatch_logits(at::ScalarType st, const char* what, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: FKD_CHECK(false, what, ": unsupported dtype ", st);
-  }
 }
 
 }  // namespace
@@ -615,14 +478,6 @@ void kd_loss_scale_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
     case at::kBFloat16: return launch_kd_loss_scale<c10::BFloat16>(grad, factors, per_row);
     default: FKD_CHECK_ARG(false, "grad", "expected a floating dtype, got ", grad.scalar_type());
   }
-}
-
-at::ScalarType logit_dtype(const std::string& name) {
-  if (name == "float32") return at::kFloat;
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float16") return at::kHalf;
-  FKD_CHECK(false, "unknown logit dtype '", name, "' (float32, bfloat16 or float16)");
-  return at::kFloat;
 }
 
 }  // namespace

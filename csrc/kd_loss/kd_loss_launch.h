@@ -173,6 +173,26 @@ FKD_HD RowLayout kd_row_layout(uintptr_t s, int s_size, uintptr_t t, int t_size,
   return L;
 }
 
+#if defined(__CUDACC__)
+// The limits and facts above from the runtime's structs (host code of the .cu launchers).
+inline KdDeviceLimits kd_device_limits(const cudaDeviceProp& p) {
+  return {p.major,
+          static_cast<int64_t>(p.sharedMemPerBlock),
+          static_cast<int64_t>(p.sharedMemPerBlockOptin),
+          static_cast<int64_t>(p.sharedMemPerMultiprocessor),
+          static_cast<int64_t>(p.reservedSharedMemPerBlock),
+          p.multiProcessorCount,
+          p.l2CacheSize,
+          p.regsPerMultiprocessor,
+          p.maxThreadsPerMultiProcessor,
+          p.maxBlocksPerMultiProcessor};
+}
+
+inline KdKernelFacts kd_kernel_facts(const cudaFuncAttributes& a) {
+  return {static_cast<int64_t>(a.sharedSizeBytes), a.numRegs};
+}
+#endif
+
 #ifdef FASTKD_WITH_CUDA
 // kd_loss_cuda.cu: the configuration a forward launch for rows of `vocab` entries gets on the current
 // device (the fields of KdLaunchConfig, the kernel's static shared memory, registers and

@@ -12,7 +12,9 @@
 
 #include "common/host_device.h"
 
-#if !defined(__CUDACC__)
+#if defined(__CUDACC__)
+#include "common/reduce.cuh"
+#else
 #include <ATen/cpu/vec/vec.h>
 #endif
 
@@ -83,6 +85,29 @@ FKD_HD LseState lse_merge(LseState x, LseState y) {
   // exp(-inf - m) = 0: an empty side contributes nothing.
   return {m, fkd_add_rn(fkd_mul_rn(x.s, fkd_exp(x.m - m)), fkd_mul_rn(y.s, fkd_exp(y.m - m)))};
 }
+
+// Online log-sum-exp of N more values (the CUDA kernels' per-thread statistics): one max, one rescale
+// when the max grows, N exps. A NaN max (all N values NaN) makes the state NaN for good, so that a NaN
+// logit reaches the log-sum-exp even as a row's first value (where `mx > st.m` alone would drop it).
+template <int N>
+FKD_HD void lse_add(LseState& st, const float (&x)[N]) {
+  float mx = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) mx = fmaxf(mx, x[k]);
+  if (!(mx <= st.m)) {
+    st.s *= fkd_exp(st.m - mx);  // exp(-inf) = 0 on the first values (st.s is 0 then anyway)
+    st.m = mx;
+  }
+  if (st.m == -INFINITY) return;  // all entries so far are -inf (masked): exp(-inf - -inf) is NaN
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < N; ++k) acc += fkd_exp(x[k] - st.m);
+  st.s += acc;
+}
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ LseState shfl_xor(LseState v, int m) { return {shfl_xor(v.m, m), shfl_xor(v.s, m)}; }
+#endif
 
 // Log-probabilities are formed as (x - m) - log(s), never x - (m + log s): with logits of 1e4 / T
 // the rounded sum m + log s would carry an absolute error of ulp(1e5) ~ 0.01 into every log-prob

@@ -24,7 +24,8 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     readme, docs = report.README.read_bytes(), report.DOCS.read_bytes()
     results = sorted((p.name, p.stat().st_mtime_ns) for p in common.RESULTS.iterdir())
-    rc = grid.main(["--quick", "--device", "cpu", "--out-dir", str(out), "--kd-providers", "fastkd,eager"])
+    rc = grid.main(["--quick", "--device", "cpu", "--out-dir", str(out), "--kd-providers",
+                    "fastkd,fastkd_dense,eager"])
     assert report.README.read_bytes() == readme and report.DOCS.read_bytes() == docs
     assert sorted((p.name, p.stat().st_mtime_ns) for p in common.RESULTS.iterdir()) == results
     return rc, out
@@ -35,11 +36,12 @@ def test_grid_writes_every_file(quick_run):
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "kd_loss_cpu_quick.csv",
-        "kd_loss_cpu_quick.png", "report_quick.md", "step_cpu_quick.csv"]
+        "kd_loss_cpu_quick.png", "report_quick.md", "step_cpu_quick.csv", "topk_kd_loss_cpu_quick.csv"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report_quick.md").read_text()
-    for stem in ("headline", "kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick", "cache_cpu_quick"):
+    for stem in ("headline", "kd_loss_cpu_quick", "topk_kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick",
+                 "cache_cpu_quick"):
         assert f"## {stem}\n" in md
     for stem in ("kd_loss_cpu_quick", "clip_cpu_quick"):
         assert f"![{stem}]({stem}.png)" in md
@@ -60,6 +62,20 @@ def test_kd_rows(quick_run):
             assert r["gbps"] == "" and r["fastkd_speedup"] == ""
         else:
             assert float(r["gbps"]) > 0 and float(r["fastkd_speedup"]) > 0
+
+
+def test_topk_rows(quick_run):
+    rows = rows_of(quick_run[1] / "topk_kd_loss_cpu_quick.csv")
+    assert {r["provider"] for r in rows} == {"fastkd", "fastkd_dense", "eager"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert len(rows) == len({(r["provider"], r["rows"], r["vocab"], r["k"], r["dtype"], r["mode"]) for r in rows})
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert float(r["gbps"]) > 0 and float(r["fastkd_speedup"]) > 0 and int(r["k"]) <= int(r["vocab"])
+        assert all(k in r for k in MACHINE)
+    dense = {r["mode"]: float(r["gbps"]) * float(r["median_ms"]) for r in rows if r["provider"] == "fastkd_dense"}
+    sparse = {r["mode"]: float(r["gbps"]) * float(r["median_ms"]) for r in rows if r["provider"] == "fastkd"}
+    assert all(dense[m] > sparse[m] for m in dense)  # the dense loss's bytes count the whole teacher
 
 
 def test_clip_rows(quick_run):
