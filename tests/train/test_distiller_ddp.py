@@ -52,6 +52,9 @@ def _worker(rank, port, run_dir, out):
               eval_loader=DataLoader(data, batch_size=8, sampler=sampler))
         if rank == 0:
             torch.save({"weights": d.student.state_dict(), "history": d.state.history}, out)
+        # Both ranks done before either tears its group down: a rank destroying the gloo group while the
+        # other still talks to it can abort that process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
