@@ -253,8 +253,9 @@ def test_deterministic(case, divergence):
 def test_non_finite_rows(vocab, divergence, dtype):
     """NaN / +inf in the student or the teacher values: that row's loss and gradient are non-finite; -inf
     masks (a value at -inf is an entry with no teacher mass, a student -inf off the support a masked entry);
-    a row whose K values are all -inf has no soft term; other rows finite and exact (docs/reliability.md)."""
-    rows, k = 9, 64
+    a row whose K values are all -inf has no soft term (but NaN among -inf values is a NaN row); other rows
+    finite and exact (docs/reliability.md)."""
+    rows, k = 10, 64
     s = make_student(rows, vocab, torch.float32, 25)
     v, i = make_topk(rows, vocab, k, 26)
     support = torch.zeros(rows, vocab, dtype=torch.bool, device="cuda").scatter_(1, i, True)
@@ -267,9 +268,11 @@ def test_non_finite_rows(vocab, divergence, dtype):
     v[6, :k // 2] = float("-inf")     # half the support carries no teacher mass
     v[7] = float("-inf")              # no soft term
     s[8, i[8, 0]] = float("nan")      # NaN inside the support
+    v[9] = float("-inf")
+    v[9, k // 2] = float("nan")       # NaN among -inf values: a NaN row, not one without a soft term
     s, v = s.to(dtype), v.to(dtype)
     loss, grad = run_op(s, v, i, None, 2.0, divergence, 0.3, 1.0, 0.0, -100, "none")
-    bad = [False, True, True, True, True, False, False, False, True]
+    bad = [False, True, True, True, True, False, False, False, True, True]
     assert (~torch.isfinite(loss)).tolist() == bad
     assert (~torch.isfinite(grad).all(-1)).tolist() == bad
     assert loss[7].item() == 0.0 and torch.all(grad[7] == 0)
