@@ -21,13 +21,14 @@ __all__ = [
     "kd_loss", "KDLoss", "topk_kd_loss", "TopKKDLoss", "backend", "kernel_info", "empty_cache", "extension_error", "reference", "__version__",
     "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "nonfinite_flag",
     "step_if_finite", "patch_torch_clip_grad", "Distiller", "DistillerConfig", "schedules", "TeacherCache",
-    "CachedTeacherDataset",
+    "CachedTeacherDataset", "with_teacher_cache",
 ]
 
 # The trainer and the teacher cache are imported lazily: `import fastkd` for the ops stays light.
 _LAZY = {"Distiller": ("fastkd.train", "Distiller"), "DistillerConfig": ("fastkd.train", "DistillerConfig"),
          "schedules": ("fastkd.train.schedules", None), "TeacherCache": ("fastkd.data", "TeacherCache"),
-         "CachedTeacherDataset": ("fastkd.data", "CachedTeacherDataset")}
+         "CachedTeacherDataset": ("fastkd.data", "CachedTeacherDataset"),
+         "with_teacher_cache": ("fastkd.data", "with_teacher_cache")}
 
 
 def __getattr__(name):

@@ -54,19 +54,19 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as _st_save
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from .._suggest import did_you_mean
 from .._version import version as _fastkd_version
-from ..train.batches import logits_of, split_batch, to_device
+from ..train.batches import CachedExample, logits_of, split_batch, to_device
 
-__all__ = ["TeacherCache", "TeacherCacheError", "CachedTeacherDataset", "CachedExample", "teacher_fingerprint"]
+__all__ = ["TeacherCache", "TeacherCacheError", "CachedTeacherDataset", "CachedExample", "with_teacher_cache",
+           "teacher_fingerprint"]
 
 log = logging.getLogger("fastkd.data")
 
@@ -84,14 +84,6 @@ _INT32_MAX = 2**31 - 1
 
 class TeacherCacheError(ValueError):
     """A teacher cache that is missing, incomplete, corrupt, or not the one asked for."""
-
-
-class CachedExample(NamedTuple):
-    """A dataset item with its cached teacher top-k (``default_collate`` keeps the fields)."""
-
-    example: Any
-    values: torch.Tensor  # [n_i, K], the teacher's K largest logits per position, descending
-    indices: torch.Tensor  # [n_i, K] int32, their vocabulary indices
 
 
 def _shard_name(s: int) -> str:
@@ -299,6 +291,12 @@ class TeacherCache:
         for s in range(len(self._firsts)):
             self._verify(s)
 
+    def check_dataset(self, dataset) -> None:
+        """A :class:`TeacherCacheError` unless ``dataset`` is the one the cache was built from: the same
+        length and, shard by shard, the same items (their SHA-256; one read of the whole dataset)."""
+        self.check(examples=_check_map_style(dataset, "fastkd.TeacherCache.check_dataset"))
+        _check_items(self.path, self._manifest, dataset)
+
     # -- reading ------------------------------------------------------------------------------------
     def __getitem__(self, i) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -441,14 +439,17 @@ class TeacherCache:
 class CachedTeacherDataset(Dataset):
     """``dataset`` with each example paired with its cache entry: item i is
     ``CachedExample(dataset[i], values [n_i, K], indices [n_i, K])``. It is map-style, so shuffling and
-    DistributedSampler work as on ``dataset``; the cache must hold as many examples as ``dataset``
-    (only the count is checked here: :meth:`TeacherCache.build` is what checks the content)."""
+    DistributedSampler work as on ``dataset``; the cache must hold as many examples as ``dataset``.
+    ``check_data=True`` also checks that the items are those the cache was built from
+    (:meth:`TeacherCache.check_dataset`: one read of the dataset); by default only the count is checked."""
 
-    def __init__(self, dataset, cache: TeacherCache | str | os.PathLike):
+    def __init__(self, dataset, cache: TeacherCache | str | os.PathLike, *, check_data: bool = False):
         n = _check_map_style(dataset, "fastkd.CachedTeacherDataset")
         self.dataset = dataset
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
         self.cache.check(examples=n)
+        if check_data:
+            self.cache.check_dataset(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -456,6 +457,43 @@ class CachedTeacherDataset(Dataset):
     def __getitem__(self, i) -> CachedExample:
         values, indices = self.cache[i]
         return CachedExample(self.dataset[i], values, indices)
+
+
+def with_teacher_cache(loader: DataLoader, cache: TeacherCache | str | os.PathLike, *,
+                       check_data: bool = False) -> DataLoader:
+    """``loader``'s batches with the cached teacher top-k of their examples: a DataLoader over
+    ``CachedTeacherDataset(loader.dataset, cache)`` with the same batches in the same order (it keeps
+    ``loader``'s batch sampler, workers and settings) and ``loader``'s collate applied to the examples;
+    each batch is a ``CachedExample(batch, values [B, n, K], indices [B, n, K])``. The examples of a batch
+    must have as many positions each (the same shape of logits)."""
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"fastkd.with_teacher_cache: loader must be a torch.utils.data.DataLoader over a map-style "
+                        f"dataset, got {type(loader).__name__}")
+    if loader.batch_sampler is None:
+        raise ValueError("fastkd.with_teacher_cache: the loader has batch_size=None (it yields what its dataset "
+                         "gives, unbatched): give it a batch_size so that its examples are indexed one by one")
+    data = CachedTeacherDataset(loader.dataset, cache, check_data=check_data)
+    return DataLoader(data, batch_sampler=loader.batch_sampler, num_workers=loader.num_workers,
+                      collate_fn=_CachedCollate(loader.collate_fn), pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+
+
+class _CachedCollate:
+    """A collate over CachedExample items: ``collate_fn`` on the examples, the top-k stacked."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list) -> CachedExample:
+        shapes = {tuple(it.values.shape) for it in items}
+        if len(shapes) > 1:
+            raise ValueError(f"fastkd.with_teacher_cache: a batch mixes examples with {sorted(s[0] for s in shapes)} "
+                             "cached positions: the top-k of a batch is stacked, so its examples need the same "
+                             "number of positions (pad them to one length in the dataset, as the student sees them)")
+        return CachedExample(self.collate_fn([it.example for it in items]), torch.stack([it.values for it in items]),
+                             torch.stack([it.indices for it in items]))
 
 
 # -- build helpers ------------------------------------------------------------------------------------
@@ -619,18 +657,25 @@ def _prepare_folder(path: Path, identity: dict, dataset) -> dict | None:
         raise TeacherCacheError(f"{path} holds a teacher cache for another teacher, dataset or settings ("
                                 f"{'; '.join(diff)}); nothing was overwritten: build into another folder, or delete "
                                 f"{path} to rebuild it")
-    for s, rec in enumerate(manifest["shards"]):  # the same data: the items behind each finished shard
+    for s, rec in enumerate(manifest["shards"]):
         _check_size(path, s, rec)
+    _check_items(path, manifest, dataset, "; nothing was overwritten: build into another folder, or delete "
+                 f"{path} to rebuild it")
+    _remove_leftovers(path, len(manifest["shards"]))
+    return manifest
+
+
+def _check_items(path: Path, manifest: dict, dataset, fix: str = ": build a cache for this dataset in another "
+                 "folder") -> None:
+    """A TeacherCacheError unless the items behind each of the manifest's shards hash as they did."""
+    for rec in manifest["shards"]:
         h = hashlib.sha256()
         for i in range(rec["first_example"], rec["first_example"] + rec["num_examples"]):
             _hash_item(h, dataset[i])
         if h.hexdigest() != rec["inputs_sha256"]:
             a, b = rec["first_example"], rec["first_example"] + rec["num_examples"] - 1
             raise TeacherCacheError(f"{path} holds a teacher cache built from another dataset of the same length "
-                                    f"(examples {a}..{b} differ); nothing was overwritten: build into another folder, "
-                                    f"or delete {path} to rebuild it")
-    _remove_leftovers(path, len(manifest["shards"]))
-    return manifest
+                                    f"(examples {a}..{b} differ){fix}")
 
 
 def _show(v) -> str:

@@ -4,16 +4,28 @@
   ``inputs`` may itself be a tensor, a tuple of positional inputs or a dict of keyword inputs.
 - A model's output is a logits tensor, an object with ``.logits`` (Hugging Face), or a tuple whose first
   element is the logits.
+- A batch of an offline-distillation loader (``fastkd.CachedTeacherDataset``) is a :class:`CachedExample`:
+  one of the batches above with the teacher's cached top-k values and indices of its positions.
 - An optimizer step takes a *window* of up to ``accumulation_steps`` micro-batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["to_device", "cast_floating", "floating_dtype", "split_batch", "logits_of", "valid_rows", "windows"]
+__all__ = ["CachedExample", "to_device", "cast_floating", "floating_dtype", "split_batch", "logits_of", "valid_rows", "windows"]
+
+
+class CachedExample(NamedTuple):
+    """A dataset item (or, collated, a batch) with its cached teacher top-k; ``default_collate`` keeps the
+    fields, stacking ``values`` and ``indices`` over the batch."""
+
+    example: Any
+    values: torch.Tensor  # [n_i, K], the teacher's K largest logits per position, descending
+    indices: torch.Tensor  # [n_i, K] int32, their vocabulary indices
 
 
 def to_device(obj, device):
@@ -23,7 +35,7 @@ def to_device(obj, device):
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
+        return _same_sequence(obj, [to_device(v, device) for v in obj])
     return obj
 
 
@@ -35,8 +47,13 @@ def cast_floating(obj, dtype: torch.dtype):
     if isinstance(obj, dict):
         return {k: cast_floating(v, dtype) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(cast_floating(v, dtype) for v in obj)
+        return _same_sequence(obj, [cast_floating(v, dtype) for v in obj])
     return obj
+
+
+def _same_sequence(obj: tuple | list, items: list):
+    """``items`` in a sequence of ``obj``'s type (a NamedTuple such as CachedExample takes them as fields)."""
+    return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
 
 
 def floating_dtype(module: torch.nn.Module) -> torch.dtype | None:

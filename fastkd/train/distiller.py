@@ -2,8 +2,10 @@
 
 The loop in one paragraph: each optimizer step takes a *window* of ``accumulation_steps`` micro-batches
 (fewer at the end of an epoch). For each micro-batch the teacher runs frozen (eval mode, ``no_grad``,
-autocast) and the student's loss is ``fastkd.kd_loss(..., reduction="sum")``, back-propagated as is
-(gradient of a sum: the fused backward needs no rescaling pass). At the end of the window the
+autocast) and the student's loss is ``fastkd.kd_loss(..., reduction="sum")`` -- or, distilling offline
+from a ``TeacherCache``, the batch carries the teacher's cached top-k and the loss is
+``fastkd.topk_kd_loss`` (teacher.py) -- back-propagated as is (gradient of a sum: the fused backward
+needs no rescaling pass). At the end of the window the
 gradients are multiplied by ``world_size / N``, N being the number of valid (non-ignored) rows of the
 whole window summed over all ranks (one ``all_reduce``; DDP itself averages over ranks, hence the
 ``world_size``). So K micro-batches on R ranks give the update of one batch K*R times the size,
@@ -16,8 +18,8 @@ logging steps. Everything else stays on the device.
 
 This module is the loop; its parts live beside it: the options (config.py), the run folder and its
 fingerprint (run_dir.py), the logs (metrics.py), checkpoint files and RNG state (checkpoint.py), the
-hyper-parameter schedules (schedules.py), batches and model outputs (batches.py), the named device
-sums (stats.py) and the collectives (distributed.py).
+hyper-parameter schedules (schedules.py), batches and model outputs (batches.py), the teacher side
+(teacher.py), the named device sums (stats.py) and the collectives (distributed.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch import nn
 
 from ..ops.clip import clip_grad_norm_, clip_grad_value_
 from ..ops.kd import kd_loss
-from .batches import cast_floating, floating_dtype, logits_of, split_batch, to_device, valid_rows, windows
+from .batches import CachedExample, logits_of, split_batch, to_device, valid_rows, windows
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -64,6 +66,7 @@ from .metrics import MetricsLog, progress_bar
 from .run_dir import RunDirError, RunFolder, fingerprint, writing
 from .schedules import Schedule, as_schedule
 from .stats import DeviceSums, EvalSums, WindowSums
+from .teacher import CachedTeacher, OnlineTeacher
 
 __all__ = ["Distiller", "DistillerConfig", "Callback", "RunDirError", "TrainState", "PRECISIONS"]
 
@@ -95,16 +98,22 @@ class TrainState:
 
 
 class Distiller:
-    """Distil ``teacher`` into ``student`` with ``fastkd.kd_loss``.
+    """Distil ``teacher`` into ``student`` with ``fastkd.kd_loss`` (or, offline, from a teacher cache with
+    ``fastkd.topk_kd_loss``).
 
     Args:
         teacher: any ``nn.Module`` (frozen here: eval mode, ``requires_grad_(False)``, run under
-            ``no_grad``; never wrapped in DDP). ``None`` trains the student on the labels alone through
-            the same loop (the no-distillation baseline): the loss is then the cross-entropy.
+            ``no_grad``; never wrapped in DDP). ``None`` with no ``teacher_cache`` trains the student on
+            the labels alone through the same loop (the no-distillation baseline): the loss is then the
+            cross-entropy.
         student: the ``nn.Module`` to train (wrapped in DDP when ``torch.distributed`` is initialised).
         optimizer: a ``torch.optim.Optimizer`` over the student's parameters, or a factory
             ``f(params) -> Optimizer``.
         scheduler: an LR scheduler stepped once per optimizer step, or a factory ``f(optimizer)``.
+        teacher_cache: a :class:`fastkd.TeacherCache` (with ``teacher=None``): offline distillation. The
+            batches must then carry each position's cached top-k (a loader over
+            ``fastkd.CachedTeacherDataset(dataset, cache)``); the loss is ``fastkd.topk_kd_loss`` and no
+            teacher runs. ``divergence`` must be "kl" or "jsd" with ``beta < 1``.
         callbacks: ``Callback`` objects.
         options: a :class:`DistillerConfig`; the keyword options below override its fields.
         **options: the fields of :class:`DistillerConfig`, listed below. They read back as attributes
@@ -112,13 +121,22 @@ class Distiller:
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, optimizer, *, scheduler=None,
-                 callbacks: Iterable[Callback] = (), options: DistillerConfig | None = None, **kwargs):
+                 teacher_cache=None, callbacks: Iterable[Callback] = (), options: DistillerConfig | None = None,
+                 **kwargs):
         from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+
+        from ..data.teacher_cache import TeacherCache  # noqa: PLC0415  (fastkd.data imports this package)
 
         if not isinstance(student, nn.Module):
             raise TypeError(f"fastkd.Distiller: student must be an nn.Module, got {type(student).__name__}")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"fastkd.Distiller: teacher must be an nn.Module or None, got {type(teacher).__name__}")
+        if teacher_cache is not None and not isinstance(teacher_cache, TeacherCache):
+            raise TypeError("fastkd.Distiller: teacher_cache must be a fastkd.TeacherCache (open one with "
+                            f"fastkd.TeacherCache(path)), got {type(teacher_cache).__name__}")
+        if teacher is not None and teacher_cache is not None:
+            raise ValueError("fastkd.Distiller: give a teacher (online distillation) or a teacher_cache (offline), "
+                             "not both: pass teacher=None with teacher_cache")
         if isinstance(teacher, DDP) or isinstance(student, DDP):
             raise ValueError("fastkd.Distiller: pass the models unwrapped: the student is wrapped in DDP here when "
                              "torch.distributed is initialised, and the teacher never is (it has no gradients)")
@@ -130,12 +148,11 @@ class Distiller:
                              f"{self.device.type}")
         self.student = student.to(self.device)
         self.teacher = teacher
-        if teacher is not None:
-            teacher.to(self.device).eval().requires_grad_(False)
-        # A teacher kept in a floating dtype of its own (a bf16 teacher, fp32 batches and precision="fp32")
-        # gets its floating-point inputs in that dtype: it runs as it would on its own, and kd_loss takes
-        # its logits in any floating dtype.
-        self._teacher_dtype = None if teacher is None else floating_dtype(teacher)
+        self.teacher_cache = teacher_cache
+        # The teacher side: what each micro-batch is distilled from (None: the labels-only baseline).
+        self._teacher: OnlineTeacher | CachedTeacher | None = (
+            OnlineTeacher(teacher, self.device, self._autocast) if teacher is not None
+            else CachedTeacher(teacher_cache, opts.divergence, opts.beta) if teacher_cache is not None else None)
 
         self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
@@ -161,7 +178,7 @@ class Distiller:
             raise TypeError("fastkd.Distiller: ReduceLROnPlateau needs a metric; step it from a Callback.on_eval_end")
 
         self.schedules: dict[str, Schedule] = opts.schedules()
-        if teacher is None:  # the labels-only baseline
+        if self._teacher is None:  # the labels-only baseline
             self.schedules["soft_weight"] = as_schedule(0.0)
             self.schedules["hard_weight"] = as_schedule(1.0)
         # As given (before the trainer fills in open schedule lengths): part of the run's identity.
@@ -187,7 +204,8 @@ class Distiller:
     # ---- the run's identity and folder -------------------------------------------------------------------
     def fingerprint(self) -> dict:
         """What must match for a run folder to hold *this* run (compared on resume and on reuse)."""
-        return fingerprint(teacher=self.teacher, student=self.student, optimizer=self.optimizer,
+        teacher = self._teacher.identity() if self._teacher is not None else {"teacher": None}
+        return fingerprint(teacher=teacher, student=self.student, optimizer=self.optimizer,
                            scheduler=self.scheduler, schedules=self._schedule_spec, options=self.options,
                            world_size=self.world_size)
 
@@ -289,27 +307,32 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.options.amp_dtype)
 
-    def _teacher_logits(self, args, kwargs, like: torch.Tensor | None = None) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
-        if self._teacher_dtype is not None:
-            args, kwargs = cast_floating((args, kwargs), self._teacher_dtype)
-        with torch.no_grad(), self._autocast():
-            t = logits_of(self.teacher(*args, **kwargs))
-        if like is not None and t.shape != like.shape:
-            raise ValueError(
-                f"fastkd.Distiller: teacher and student outputs differ in shape: teacher {tuple(t.shape)}, student "
-                f"{tuple(like.shape)}. Both must be (N, classes) or (batch, seq, vocab) with the same classes/vocabulary "
-                "(slice a padded teacher vocabulary to the student's).")
-        return t
+    def _inputs(self, batch):
+        """A batch on the device -> the model's (args, kwargs), the labels, and the cached teacher top-k
+        ``(values, indices)`` it carries (None for a batch without)."""
+        batch = to_device(batch, self.device)
+        cached = None
+        if isinstance(batch, CachedExample):
+            batch, cached = batch.example, (batch.values, batch.indices)
+        args, kwargs, labels = split_batch(batch)
+        return args, kwargs, labels, cached
 
-    def _loss(self, s, t, labels, hp, reduction="sum", *, soft=None, hard=None):
+    def _target(self, args, kwargs, cached, like: torch.Tensor, training: bool = True):
+        """What the student's logits ``like`` are distilled towards (None: no teacher)."""
+        return None if self._teacher is None else self._teacher.target(args, kwargs, cached, like, training=training)
+
+    def _loss_options(self, hp, soft, hard) -> dict:
         opts = self.options
-        return kd_loss(
-            s, s.detach() if t is None else t, labels, temperature=hp["temperature"], divergence=opts.divergence,
-            beta=opts.beta, soft_weight=hp["soft_weight"] if soft is None else soft,
-            hard_weight=hp["hard_weight"] if hard is None else hard, ignore_index=opts.ignore_index,
-            reduction=reduction)
+        return {"temperature": hp["temperature"], "divergence": opts.divergence, "beta": opts.beta,
+                "soft_weight": hp["soft_weight"] if soft is None else soft,
+                "hard_weight": hp["hard_weight"] if hard is None else hard, "ignore_index": opts.ignore_index,
+                "reduction": "sum"}
+
+    def _loss(self, s, t, labels, hp, *, soft=None, hard=None):
+        kw = self._loss_options(hp, soft, hard)
+        if t is None:  # the labels-only baseline: the hard term alone (the soft one is 0 against itself)
+            return kd_loss(s, s.detach(), labels, **kw)
+        return self._teacher.loss(s, t, labels, **kw)
 
     # ---- one optimizer step ------------------------------------------------------------------------------
     def _train_window(self, batches: list) -> tuple[dict, DeviceSums[WindowSums]]:
@@ -322,13 +345,13 @@ class Distiller:
         ddp = self.model is not self.student
         has_labels = True
         for i, batch in enumerate(batches):
-            args, kwargs, labels = split_batch(to_device(batch, self.device))
+            args, kwargs, labels, cached = self._inputs(batch)
             has_labels = has_labels and labels is not None
             sync = not ddp or i == len(batches) - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self._autocast():
                     s = logits_of(self.model(*args, **kwargs))
-                t = self._teacher_logits(args, kwargs, like=s)
+                t = self._target(args, kwargs, cached, like=s)
                 loss = self._loss(s, t, labels, hp)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             sums.add(rows=valid_rows(s, labels, opts.ignore_index).sum(), loss=loss.detach(), samples=s.shape[0])
@@ -375,7 +398,7 @@ class Distiller:
         if log_now or not finite:
             v = sums.read()
             rows = max(v.rows, 1.0)
-            logs.update(loss=v.loss / rows, kd_loss=v.kd / rows if self.teacher is not None else math.nan,
+            logs.update(loss=v.loss / rows, kd_loss=v.kd / rows if self._teacher is not None else math.nan,
                         ce=v.ce / rows if has_labels else math.nan, grad_norm=float(norm),
                         lr=self.optimizer.param_groups[0]["lr"], **hp)
         return logs, sums
@@ -385,18 +408,26 @@ class Distiller:
     def evaluate(self, loader: Iterable) -> dict:
         """Metrics over ``loader`` (summed over ranks under DDP): student_acc, teacher_acc, agreement (top-1
         teacher-student), kd_loss (the T^2-scaled divergence at the current temperature, per valid row), ce
-        and teacher_ce (per valid row), rows. Accuracies count valid rows (labels != ignore_index)."""
+        and teacher_ce (per valid row), rows. Accuracies count valid rows (labels != ignore_index).
+        With a teacher cache the teacher's top-1 is its cached first index, kd_loss is the top-k loss's soft
+        term, and teacher_ce is NaN (the cache holds the top-k alone); an eval loader without the cache
+        gives NaN for every teacher metric."""
         was_training = self.student.training
         self.student.eval()
         hp = self.hparams()
         sums = DeviceSums(EvalSums, self.device, dtype=torch.float64)
         has_labels = True
+        has_teacher = self._teacher is not None
+        has_teacher_ce = has_teacher
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for batch in loader:
-                args, kwargs, labels = split_batch(to_device(batch, self.device))
+                args, kwargs, labels, cached = self._inputs(batch)
                 with self._autocast():
                     s = logits_of(self.student(*args, **kwargs))
-                t = self._teacher_logits(args, kwargs, like=s)
+                # An offline run may evaluate on data without its cache: the teacher metrics are then NaN.
+                t = None if isinstance(self._teacher, CachedTeacher) and cached is None else \
+                    self._target(args, kwargs, cached, like=s, training=False)
+                has_teacher = has_teacher and t is not None
                 has_labels = has_labels and labels is not None
                 valid = valid_rows(s, labels, self.options.ignore_index)
                 sp = s.argmax(-1)
@@ -405,24 +436,27 @@ class Distiller:
                     sums.add(student_correct=((sp == labels) & valid).sum(),
                              ce=self._loss(s, t, labels, hp, soft=0.0, hard=1.0))
                 if t is not None:
-                    tp = t.argmax(-1)
+                    tp = self._teacher.top1(t)
                     sums.add(agree=((sp == tp) & valid).sum(), kd=self._loss(s, t, labels, hp, soft=1.0, hard=0.0))
                     if labels is not None:
-                        sums.add(teacher_correct=((tp == labels) & valid).sum(),
-                                 teacher_ce=self._loss(t, t, labels, hp, soft=0.0, hard=1.0))
+                        sums.add(teacher_correct=((tp == labels) & valid).sum())
+                        tce = self._teacher.teacher_ce(t, labels, **self._loss_options(hp, 0.0, 1.0))
+                        has_teacher_ce = has_teacher_ce and tce is not None
+                        if tce is not None:
+                            sums.add(teacher_ce=tce)
         sums.all_reduce(self.world_size)
         self.student.train(was_training)
         v = sums.read()
         n = max(v.rows, 1.0)
         nan = math.nan
-        has_t = self.teacher is not None
+        has_t = has_teacher  # every batch had a teacher target
         return {
             "student_acc": v.student_correct / n if has_labels else nan,
             "teacher_acc": v.teacher_correct / n if has_labels and has_t else nan,
             "agreement": v.agree / n if has_t else nan,
             "kd_loss": v.kd / n if has_t else nan,
             "ce": v.ce / n if has_labels else nan,
-            "teacher_ce": v.teacher_ce / n if has_labels and has_t else nan,
+            "teacher_ce": v.teacher_ce / n if has_labels and has_t and has_teacher_ce else nan,
             "rows": int(v.rows),
         }
 
@@ -599,7 +633,8 @@ def _signature() -> inspect.Signature:
     P = inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD), P("teacher", P.POSITIONAL_OR_KEYWORD),
               P("student", P.POSITIONAL_OR_KEYWORD), P("optimizer", P.POSITIONAL_OR_KEYWORD),
-              P("scheduler", P.KEYWORD_ONLY, default=None), P("callbacks", P.KEYWORD_ONLY, default=()),
+              P("scheduler", P.KEYWORD_ONLY, default=None), P("teacher_cache", P.KEYWORD_ONLY, default=None),
+              P("callbacks", P.KEYWORD_ONLY, default=()),
               P("options", P.KEYWORD_ONLY, default=None)]
     params += [P(f.name, P.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields(DistillerConfig)]
     return inspect.Signature(params)

@@ -60,12 +60,14 @@ def jsonable(x):
     return json.loads(json.dumps(x, default=str))
 
 
-def fingerprint(*, teacher, student, optimizer, scheduler, schedules: dict, options: DistillerConfig,
+def fingerprint(*, teacher: dict, student, optimizer, scheduler, schedules: dict, options: DistillerConfig,
                 world_size: int) -> dict:
-    """The run's identity (compared on resume and on reuse of a folder). ``schedules``: their descriptions
-    as given, before the trainer fills in open lengths."""
+    """The run's identity (compared on resume and on reuse of a folder). ``teacher``: what identifies the
+    teacher side (``{"teacher": class name or None}``, and ``"teacher_cache"``: the cache's identity, when
+    the run distils from one); ``schedules``: their descriptions as given, before the trainer fills in open
+    lengths."""
     return jsonable({
-        "teacher": None if teacher is None else type(teacher).__qualname__,
+        **teacher,
         "student": type(student).__qualname__,
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "optimizer": type(optimizer).__name__,

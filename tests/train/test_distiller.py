@@ -231,7 +231,7 @@ def test_trainer_schedules_reach_the_kernel(monkeypatch):
             seen.append((kw["temperature"], kw["soft_weight"], kw["hard_weight"]))
         return real(*args, **kw)
 
-    monkeypatch.setattr(fastkd.train.distiller, "kd_loss", spy)  # the name the trainer calls
+    monkeypatch.setattr(fastkd.train.teacher, "kd_loss", spy)  # the name the trainer calls
     d = Distiller(mlp(seed=1), mlp(), sgd, temperature={"schedule": "linear", "start": 5.0, "end": 1.0},
                   soft_weight=lambda step: 1.0 - 0.1 * step, hard_weight=Cosine(0.0, 1.0, steps=3), progress=False)
     d.fit(DataLoader(class_data(n=30), batch_size=6), epochs=1)  # 5 steps: the linear ramp spans them
@@ -419,7 +419,7 @@ def test_teacher_in_another_dtype_under_fp32(tmp_path):
     d.fit(loader)
     assert d.state.step == 4 and d.state.skipped == 0
     x = next(iter(loader))[0]
-    assert torch.equal(d._teacher_logits((x,), {}), teacher(x.to(torch.bfloat16)))
+    assert torch.equal(d._target((x,), {}, None, like=torch.empty(12, 5)), teacher(x.to(torch.bfloat16)))
     assert all(p.dtype == torch.float32 for p in d.student.parameters())
     ids = torch.randint(0, 11, (4, 7))  # integer inputs (token ids) are never cast
     tok = Distiller(TokenModel().to(torch.bfloat16), TokenModel(), sgd, progress=False)
