@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 # given as a bare import-path string: teacher = "pkg.module:factory".
 CONFIG_SCHEMA: dict[str, dict] = {
     "": {"out": str, "seed": int},
-    "teacher": {"factory": str, "kwargs": dict, "checkpoint": str},
+    # teacher.cache: the folder `fastkd cache-teacher` wrote; `fastkd distill` then distils offline from it
+    # (the teacher is not built), and teacher.factory is needed by `fastkd cache-teacher` alone.
+    "teacher": {"factory": str, "kwargs": dict, "checkpoint": str, "cache": str},
     "student": {"factory": str, "kwargs": dict, "checkpoint": str},
     "data": {"train": str, "eval": str, "kwargs": dict},
     "optimizer": {"name": str, "factory": str, "lr": (int, float), "weight_decay": (int, float),
@@ -33,7 +35,7 @@ CONFIG_SCHEMA: dict[str, dict] = {
     "loss": toml_section("loss"),
     "train": {"epochs": int, **toml_section("train")},
 }
-_REQUIRED = {"teacher": ("factory",), "student": ("factory",), "data": ("train",)}
+_REQUIRED = {"student": ("factory",), "data": ("train",)}
 
 
 def load_config(path: str | Path) -> dict:
@@ -78,6 +80,9 @@ def load_config(path: str | Path) -> dict:
         for k in keys:
             if k not in cfg.get(section, {}):
                 raise ConfigError(f"{path}: missing {section}.{k} (an import path 'package.module:factory')")
+    if not {"factory", "cache"} & set(cfg.get("teacher", {})):
+        raise ConfigError(f"{path}: missing teacher.factory (an import path 'package.module:factory'), or "
+                          "teacher.cache (the folder of `fastkd cache-teacher`) to distil offline")
     cfg["_base_dir"] = str(path.resolve().parent)
     return cfg
 

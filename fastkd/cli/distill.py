@@ -1,5 +1,6 @@
-"""``fastkd distill`` and ``fastkd resume``: build the teacher, student, data, optimizer, scheduler and
-the Distiller from a checked config, and run (or continue) the run."""
+"""``fastkd distill``, ``fastkd resume`` and ``fastkd cache-teacher``: build the teacher, student, data,
+optimizer, scheduler and the Distiller from a checked config, and run (or continue) the run; or run the
+config's teacher once over its data into a teacher cache, for offline distillation (``[teacher] cache``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from pathlib import Path
 from .._suggest import did_you_mean
 from .config import ConfigError, resolve
 
-__all__ = ["run_distill", "run_resume"]
+__all__ = ["run_distill", "run_resume", "run_cache_teacher"]
+
+# The folders of a `fastkd cache-teacher` output: one cache per data split.
+CACHE_SPLITS = {"train": "data.train", "eval": "data.eval"}
 
 
 def _call(fn, args: tuple, kwargs: dict, what: str, fix: str):
@@ -142,9 +146,6 @@ def _option_error(exc) -> ConfigError:
 def run_distill(cfg: dict, out: str | None, resume: bool | str = False) -> list:
     """Check the whole config (options, optimizer, scheduler, schedules over the run, data), then run it.
     Every check that can fail runs before the run folder is touched."""
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
     from ..train.config import DistillerConfig, OptionError  # noqa: PLC0415
     from ..train.distiller import Distiller  # noqa: PLC0415
 
@@ -161,23 +162,16 @@ def run_distill(cfg: dict, out: str | None, resume: bool | str = False) -> list:
     except OptionError as exc:
         raise _option_error(exc) from None
     optimizer = _optimizer_factory(cfg)
-    for p in (cfg["_base_dir"], str(Path.cwd())):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    seed = int(cfg.get("seed", 0))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    teacher = _build(cfg["teacher"], "teacher")
-    student = _build(cfg["student"], "student")
-    for what, model in (("teacher", teacher), ("student", student)):
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"{what}.factory returned a {type(model).__name__}, not a torch.nn.Module")
-        if "checkpoint" in cfg[what]:
-            _load_weights(model, cfg[what]["checkpoint"], what)
-    data_kwargs = cfg["data"].get("kwargs", {})
-    train = _data(cfg["data"]["train"], data_kwargs, "data.train")
-    evald = _data(cfg["data"]["eval"], data_kwargs, "data.eval") if "eval" in cfg["data"] else None
+    _prepare_imports_and_seed(cfg)
+    offline = "cache" in cfg["teacher"]
+    teacher = None if offline else _model(cfg, "teacher")  # offline: the cache stands for the teacher
+    student = _model(cfg, "student")
+    train, evald = _loaders(cfg)
+    cache = None
+    if offline:  # the loaders' batches carry their examples' cached top-k
+        caches = _open_caches(cfg["teacher"]["cache"], train, evald)
+        cache, train = caches["train"]
+        evald = caches["eval"][1] if "eval" in caches else evald
     try:
         per_epoch = math.ceil(len(train) / options.accumulation_steps)
     except TypeError:
@@ -185,7 +179,8 @@ def run_distill(cfg: dict, out: str | None, resume: bool | str = False) -> list:
     total = per_epoch * epochs if per_epoch is not None else None
     # The Distiller builds the optimizer on the student's parameters and the scheduler on it: the factories'
     # trial, before anything is written; fit() checks the schedules at step 0 and at the run's last step.
-    d = Distiller(teacher, student, optimizer, scheduler=_scheduler_factory(cfg, total), options=options)
+    d = Distiller(teacher, student, optimizer, scheduler=_scheduler_factory(cfg, total), options=options,
+                  teacher_cache=cache)
     try:
         history = d.fit(train, epochs=epochs, eval_loader=evald, resume=resume)
     except OptionError as exc:
@@ -195,6 +190,106 @@ def run_distill(cfg: dict, out: str | None, resume: bool | str = False) -> list:
         print("last evaluation: " + json.dumps({k: round(v, 6) if isinstance(v, float) else v
                                                  for k, v in history[-1].items()}))
     return history
+
+
+def _prepare_imports_and_seed(cfg: dict) -> None:
+    """The config's folder and the current folder on the import path; the config's seed everywhere."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    for p in (cfg["_base_dir"], str(Path.cwd())):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    seed = int(cfg.get("seed", 0))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _model(cfg: dict, what: str):
+    """The teacher or student of the config: its factory's module, with its checkpoint's weights."""
+    import torch  # noqa: PLC0415
+
+    model = _build(cfg[what], what)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{what}.factory returned a {type(model).__name__}, not a torch.nn.Module")
+    if "checkpoint" in cfg[what]:
+        _load_weights(model, cfg[what]["checkpoint"], what)
+    return model
+
+
+def _loaders(cfg: dict) -> tuple:
+    """The loaders of data.train and data.eval (None without one)."""
+    data_kwargs = cfg["data"].get("kwargs", {})
+    train = _data(cfg["data"]["train"], data_kwargs, "data.train")
+    evald = _data(cfg["data"]["eval"], data_kwargs, "data.eval") if "eval" in cfg["data"] else None
+    return train, evald
+
+
+def _dataset_of(loader, key: str, command: str):
+    """The map-style dataset behind the DataLoader of ``key``: the teacher cache is per example."""
+    from torch.utils.data import DataLoader  # noqa: PLC0415
+
+    if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
+        raise ConfigError(f"{key}: {command} needs a torch.utils.data.DataLoader with a batch_size over a map-style "
+                          f"dataset (the teacher cache is stored per example), got {type(loader).__name__}")
+    return loader.dataset
+
+
+def _open_caches(folder: str, train, evald) -> dict:
+    """{split: (TeacherCache, the split's loader with the cache)} for the splits of ``folder`` (a
+    `fastkd cache-teacher` output): train must be there, eval is used when there (else the evaluation has
+    no teacher metrics). Each cache is checked against its data: length and items (one read of them)."""
+    from ..data.teacher_cache import TeacherCache, TeacherCacheError, with_teacher_cache  # noqa: PLC0415
+
+    root = Path(folder)
+    if not (root / "train").is_dir():
+        raise ConfigError(f"[teacher] cache = {folder!r}: no teacher cache there ({root / 'train'} is missing); build "
+                          f"it with `fastkd cache-teacher --config FILE --top-k K --out {folder}`")
+    out = {}
+    for split, loader in (("train", train), ("eval", evald)):
+        if loader is None or not (root / split).is_dir():
+            if loader is not None:
+                print(f"[teacher] cache: no {root / split}: the evaluation has no teacher metrics (build the cache "
+                      "again with data.eval in the config to get them)")
+            continue
+        _dataset_of(loader, CACHE_SPLITS[split], "[teacher] cache")
+        try:
+            cache = TeacherCache(root / split)
+            out[split] = (cache, with_teacher_cache(loader, cache, check_data=True))
+        except TeacherCacheError as exc:
+            raise ConfigError(f"[teacher] cache = {folder!r} ({CACHE_SPLITS[split]}): {exc}") from None
+    return out
+
+
+def run_cache_teacher(cfg: dict, out: str, top_k: int, *, batch_size: int = 8, dtype: str = "float16",
+                      device: str | None = None) -> dict:
+    """Run the config's teacher once over data.train (and data.eval) into ``out/train`` (``out/eval``):
+    a teacher cache each, for ``[teacher] cache = "OUT"``. Resumable: the same command again finishes an
+    interrupted build and reuses a finished one."""
+    from ..data.teacher_cache import TeacherCache  # noqa: PLC0415
+
+    if "factory" not in cfg["teacher"]:
+        raise ConfigError("fastkd cache-teacher needs teacher.factory (the teacher to run) in the config")
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    _prepare_imports_and_seed(cfg)
+    teacher = _model(cfg, "teacher")
+    if device is not None:
+        teacher.to(device)
+    train, evald = _loaders(cfg)
+    datasets = {"train": _dataset_of(train, "data.train", "fastkd cache-teacher")}
+    if evald is not None:
+        datasets["eval"] = _dataset_of(evald, "data.eval", "fastkd cache-teacher")
+    caches = {}
+    for split, dataset in datasets.items():
+        caches[split] = TeacherCache.build(Path(out) / split, teacher, dataset, top_k=top_k, batch_size=batch_size,
+                                           dtype=dtype, device=device)
+        print(f"{split}: {caches[split]}")
+    print(f"teacher cache: {out} (use it with `[teacher] cache = \"{out}\"` in the config)")
+    return caches
 
 
 def _load_weights(model, path, what):

@@ -8,7 +8,7 @@ import time
 
 from .._suggest import did_you_mean
 from .config import ConfigError, load_config
-from .distill import run_distill, run_resume
+from .distill import run_cache_teacher, run_distill, run_resume
 
 __all__ = ["main"]
 
@@ -53,6 +53,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     res.add_argument("--checkpoint", default="last",
                      help="last (default), best, or the path of a checkpoint of this run")
     subs["resume"] = res
+    cache = sub.add_parser("cache-teacher", allow_abbrev=False,
+                           help="run a distill config's teacher once over its data into a top-k teacher cache")
+    cache.add_argument("--config", required=True, help="the distill config (TOML) whose teacher and data to use")
+    cache.add_argument("--top-k", type=int, required=True, help="teacher logits kept per position")
+    cache.add_argument("--out", required=True, help="the cache folder (train/ and, with data.eval, eval/ in it); "
+                       "use it as `[teacher] cache = \"OUT\"`")
+    cache.add_argument("--batch-size", type=int, default=8, help="examples per teacher call (default: 8)")
+    cache.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                       help="the stored logits' dtype (default: float16)")
+    cache.add_argument("--device", default=None, help="where the teacher runs (default: where its weights are)")
+    subs["cache-teacher"] = cache
     return p, subs
 
 
@@ -98,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             run_distill(load_config(args.config), args.out)
         elif args.command == "resume":
             run_resume(args.run_dir, args.checkpoint)
+        elif args.command == "cache-teacher":
+            run_cache_teacher(load_config(args.config), args.out, args.top_k, batch_size=args.batch_size,
+                              dtype=args.dtype, device=args.device)
     except (ConfigError, RunDirError, CheckpointError, ValueError) as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
         return 2

@@ -59,6 +59,12 @@ def one_pass_loader():
 
 def bf16_teacher():
     return teacher().to(torch.bfloat16)
+
+def other_train_loader():
+    return DataLoader(_data(5), batch_size=8, shuffle=True)
+
+def batch_list():
+    return list(train_loader())
 '''
 
 CONFIG = '''
@@ -416,3 +422,76 @@ def test_bf16_teacher_under_fp32(project, tmp_path):
     cfg.write_text(cfg.read_text().replace('teacher = "userproj:teacher"', 'teacher = "userproj:bf16_teacher"'))
     assert main(["distill", "--config", str(cfg), "--out", "r"]) == 0
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["step"] == 3
+
+
+# ---- offline distillation: cache-teacher, then [teacher] cache -------------------------------------------
+def _offline_config(project, cache="cache", train="train_loader", name="offline.toml"):
+    cfg = project(name=name, epochs=2)
+    text = cfg.read_text().replace('teacher = "userproj:teacher"\n', "")
+    text = text.replace('train = "userproj:train_loader"', f'train = "userproj:{train}"')
+    cfg.write_text(text + f'\n[teacher]\nfactory = "userproj:teacher"\ncache = "{cache}"\n')
+    return cfg
+
+
+def test_cache_teacher_then_distill_offline_and_resume(project, tmp_path, capsys, monkeypatch):
+    cfg = _offline_config(project)
+    assert main(["cache-teacher", "--config", str(cfg), "--top-k", "2", "--out", "cache"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: TeacherCache(" in printed and "40 examples" in printed and "top_k=2" in printed
+    assert "eval: TeacherCache(" in printed and '[teacher] cache = "cache"' in printed
+    mtime = (tmp_path / "cache" / "train" / "manifest.json").stat().st_mtime_ns
+    assert main(["cache-teacher", "--config", str(cfg), "--top-k", "2", "--out", "cache"]) == 0  # reused
+    assert (tmp_path / "cache" / "train" / "manifest.json").stat().st_mtime_ns == mtime
+    assert main(["distill", "--config", str(cfg), "--out", "ref"]) == 0
+    meta = json.loads((tmp_path / "ref" / "run.json").read_text())["fingerprint"]
+    assert meta["teacher"] is None and meta["teacher_cache"]["top_k"] == 2
+    rows = (tmp_path / "ref" / "eval.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    last = dict(zip(header, rows[-1].split(",")))
+    assert last["teacher_ce"] == "nan"  # the eval split's cache holds the top-k alone
+    # The teacher metrics come from the eval split's cache: those of the online run with the same teacher.
+    assert main(["distill", "--config", str(project(name="online.toml", epochs=2)), "--out", "online"]) == 0
+    rows = (tmp_path / "online" / "eval.csv").read_text().splitlines()
+    online = dict(zip(rows[0].split(","), rows[-1].split(",")))
+    assert last["teacher_acc"] == online["teacher_acc"] and last["rows"] == online["rows"]
+    # Interrupted and resumed with `fastkd resume`: the same weights as the uninterrupted run.
+    real = Distiller._run_epoch
+
+    def interrupted(self, loader, n):
+        if self.state.epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, loader, n)
+
+    monkeypatch.setattr(Distiller, "_run_epoch", interrupted)
+    assert main(["distill", "--config", str(cfg), "--out", "run"]) == 130
+    monkeypatch.setattr(Distiller, "_run_epoch", real)
+    assert main(["resume", "run"]) == 0
+    a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["student"]
+    b = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offline_config_errors(project, tmp_path, capsys):
+    cfg = _offline_config(project, cache="nowhere")
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
+    assert "[teacher] cache = 'nowhere': no teacher cache there" in _err(capsys)
+    cfg.write_text(cfg.read_text().replace("cache = ", "cahce = "))
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
+    assert "unknown key 'cahce' in [teacher] (did you mean 'cache'?)" in _err(capsys)
+    cfg.write_text(cfg.read_text().replace('factory = "userproj:teacher"\ncahce = "nowhere"\n', ""))
+    assert main(["distill", "--config", str(cfg), "--out", "r"]) == 2
+    assert "missing teacher.factory" in _err(capsys) and not Path("r").exists()
+    # A cache built from other data of the same length: refused before anything is written.
+    built = _offline_config(project, name="built.toml")
+    assert main(["cache-teacher", "--config", str(built), "--top-k", "2", "--out", "cache"]) == 0
+    other = _offline_config(project, train="other_train_loader", name="other.toml")
+    assert main(["distill", "--config", str(other), "--out", "r"]) == 2
+    err = _err(capsys)
+    assert "[teacher] cache = 'cache' (data.train)" in err and "another dataset of the same length" in err
+    assert not Path("r").exists()
+    # cache-teacher needs a DataLoader over a dataset, and a teacher to run.
+    assert main(["cache-teacher", "--config", str(_offline_config(project, train="batch_list", name="list.toml")),
+                 "--top-k", "2", "--out", "c2"]) == 2
+    assert "data.train: fastkd cache-teacher needs a torch.utils.data.DataLoader" in _err(capsys)
+    assert main(["cache-teacher", "--config", str(built), "--top-k", "9", "--out", "c3"]) == 2
+    assert "top_k=9 is more than the teacher's vocabulary (3 logits per position)" in _err(capsys)
