@@ -40,7 +40,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     subs["demo"] = demo
     lm = sub.add_parser("lm-demo", allow_abbrev=False,
                         help="token-level: distil a byte-level transformer LM (stdlib sources)")
-    from_dataclass(lm, LMDemoConfig, {})
+    from_dataclass(lm, LMDemoConfig, {"top_k": "comma-separated K, e.g. 8,32: per K a student distilled offline "
+                                      "from a cache of the teacher's top-K logits (empty: none)"})
     subs["lm-demo"] = lm
     dist = sub.add_parser("distill", allow_abbrev=False,
                           help="distil your own teacher into your student (TOML config)")

@@ -8,8 +8,13 @@ so it counts in no loss, no gradient and no row count. Vocabulary: 256 bytes + 1
 A teacher transformer is trained first on the labels; then a smaller student is trained twice with
 the same budget (same data, steps, optimizer, learning rate, initialisation): from the labels alone
 ("scratch") and distilled from the teacher ("distilled", forward KL at ``temperature`` mixed with the
-hard cross-entropy). Reported: validation perplexity (exp of the per-byte cross-entropy) and
-bits per byte. Results go to the run folder (report.json, table.txt, one Distiller run folder each).
+hard cross-entropy). With ``--top-k K1,K2,...`` the student is also distilled *offline* once per K:
+the trained teacher is run once over the training windows into a teacher cache of its top-K logits
+(``fastkd.TeacherCache``), and a student with the same init, data order and steps learns from the cache
+with ``fastkd.topk_kd_loss`` (no teacher runs). Reported: validation perplexity (exp of the per-byte
+cross-entropy) and bits per byte, each phase's training time, and per K the cache's build time and
+bytes per token. Results go to the run folder (report.json, table.txt, one Distiller run folder each,
+the caches in cache-k<K>/).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from ..data.teacher_cache import TeacherCache, with_teacher_cache
 from ..train.distiller import Distiller
 from ..train.run_dir import refuse_non_empty
 from .common import tensor_batches, write_report
@@ -55,6 +61,7 @@ class LMDemoConfig:
     soft_weight: float = 1.0
     seed: int = 0
     threads: int = 1  # torch threads: one is fastest for these small matrices on a busy machine (0: default)
+    top_k: str = ""  # comma-separated K: a student distilled offline from a top-K teacher cache per K ("": none)
 
     def __post_init__(self):
         # Checked before anything is read, built or written: a value that cannot run fails here, with its flag.
@@ -70,6 +77,20 @@ class LMDemoConfig:
                              f"{self.train_bytes}); give a shorter --seq-len or more --train-bytes")
         if self.threads < 0:
             raise ValueError(f"lm-demo: --threads must be >= 0 (0: torch's default), got {self.threads}")
+        self.top_ks  # noqa: B018 -- parsed (and checked) now
+
+    @property
+    def top_ks(self) -> tuple[int, ...]:
+        """``top_k`` as integers, each in [1, VOCAB]."""
+        try:
+            ks = tuple(int(k) for k in self.top_k.split(",") if k.strip())
+        except ValueError:
+            raise ValueError(f"lm-demo: --top-k must be comma-separated integers, e.g. 8,32, got {self.top_k!r}") from None
+        bad = [k for k in ks if not 1 <= k <= VOCAB]
+        if bad or len(set(ks)) != len(ks):
+            raise ValueError(f"lm-demo: --top-k values must be distinct and in [1, {VOCAB}] (the vocabulary: 256 bytes "
+                             f"and the padding id), got {self.top_k!r}")
+        return ks
 
 
 class ByteLM(nn.Module):
@@ -141,11 +162,15 @@ def windows(docs: list[bytes], seq_len: int) -> TensorDataset:
     return TensorDataset(torch.stack(xs), torch.stack(ys))
 
 
-def _fit(name, out, teacher, student, train, val, epochs, cfg, **loss):
+def _fit(name, out, teacher, student, train, val, epochs, cfg, cache=None, **loss):
     torch.manual_seed(cfg.seed)
-    loader = tensor_batches(train, cfg.batch_size, shuffle=True)
+    if cache is None:
+        loader = tensor_batches(train, cfg.batch_size, shuffle=True)
+    else:  # the same batches in the same order (the same sampler and random stream), with their cached top-k
+        loader = with_teacher_cache(DataLoader(train, batch_size=cfg.batch_size, shuffle=True), cache)
     steps = epochs * len(loader)
     d = Distiller(teacher, student, lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.01),
+                  teacher_cache=cache,
                   scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, cfg.lr, total_steps=steps,
                                                                           pct_start=0.1),
                   max_grad_norm=1.0, run_dir=out / name, log_every=20, best_metric="ce", tensorboard=False,
@@ -172,18 +197,32 @@ def run_lm_demo(cfg: LMDemoConfig) -> dict:
     scratch = ByteLM(cfg.student_dim, cfg.student_layers, seq_len=cfg.seq_len)
     distilled = ByteLM(cfg.student_dim, cfg.student_layers, seq_len=cfg.seq_len)
     distilled.load_state_dict(scratch.state_dict())
+    init = {k: v.clone() for k, v in scratch.state_dict().items()}  # every student starts here
     report: dict = {}
-    runs = [("teacher", None, teacher, cfg.teacher_epochs, {}),
-            ("scratch", None, scratch, cfg.student_epochs, {}),
-            ("distilled", teacher, distilled, cfg.student_epochs,
-             {"temperature": cfg.temperature, "hard_weight": cfg.hard_weight, "soft_weight": cfg.soft_weight})]
-    for name, t, s, epochs, loss in runs:
-        m, secs, steps = _fit(name, out, t, s, train, val, epochs, cfg, **loss)
+    kd = {"temperature": cfg.temperature, "hard_weight": cfg.hard_weight, "soft_weight": cfg.soft_weight}
+    runs = [("teacher", None, teacher, cfg.teacher_epochs, None),
+            ("scratch", None, scratch, cfg.student_epochs, None),
+            ("distilled", teacher, distilled, cfg.student_epochs, None)]
+    runs += [(f"offline_k{k}", None, None, cfg.student_epochs, k) for k in cfg.top_ks]
+    for name, t, s, epochs, k in runs:
+        extra = {}
+        cache = None
+        if k is not None:  # offline: the trained teacher's top-k cached once, then a student from the same init
+            t0 = time.perf_counter()
+            cache = TeacherCache.build(out / f"cache-k{k}", teacher, train, top_k=k, batch_size=64, progress=False)
+            extra = {"top_k": k, "cache_seconds": time.perf_counter() - t0,
+                     "cache_bytes_per_token": cache.bytes_per_token, "cache_bytes": cache.nbytes}
+            s = ByteLM(cfg.student_dim, cfg.student_layers, seq_len=cfg.seq_len)
+            s.load_state_dict(init)
+        m, secs, steps = _fit(name, out, t, s, train, val, epochs, cfg, cache=cache,
+                              **({} if name in ("teacher", "scratch") else kd))
         report[name] = {"val_ce": m["ce"], "val_perplexity": math.exp(m["ce"]),
                         "val_bits_per_byte": m["ce"] / math.log(2),
                         "val_accuracy": m["student_acc"], "steps": steps, "seconds": secs,
-                        "parameters": sum(p.numel() for p in s.parameters())}
-        print(f"{name}: val perplexity {math.exp(m['ce']):.3f} ({steps} steps, {secs:.0f} s)", flush=True)
+                        "parameters": sum(p.numel() for p in s.parameters()), **extra}
+        cached = (f"; cache {extra['cache_bytes_per_token']:.0f} bytes/token, built in {extra['cache_seconds']:.1f} s"
+                  if extra else "")
+        print(f"{name}: val perplexity {math.exp(m['ce']):.3f} ({steps} steps, {secs:.0f} s{cached})", flush=True)
     report["config"] = asdict(cfg)
     table = format_table(report)
     write_report(out, report, table)
@@ -192,12 +231,21 @@ def run_lm_demo(cfg: LMDemoConfig) -> dict:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'model':<10} {'params':>8} {'steps':>6} {'val ppl':>8} {'bits/byte':>9} {'val acc':>8} {'s':>6}"
+    """One row per model (offline students: their cache's bytes per token too), then the gains."""
+    head = (f"{'model':<14} {'params':>8} {'steps':>6} {'val ppl':>8} {'bits/byte':>9} {'val acc':>8} {'s':>6} "
+            f"{'cache B/token':>13}")
     lines = [head, "-" * len(head)]
-    for name in ("teacher", "scratch", "distilled"):
+    offline = [k for k in report if k.startswith("offline_k")]
+    for name in ("teacher", "scratch", "distilled", *offline):
         r = report[name]
-        lines.append(f"{name:<10} {r['parameters']:>8} {r['steps']:>6} {r['val_perplexity']:>8.3f} "
-                     f"{r['val_bits_per_byte']:>9.3f} {100 * r['val_accuracy']:>7.2f}% {r['seconds']:>6.1f}")
+        cache = f"{r['cache_bytes_per_token']:>13.0f}" if "top_k" in r else f"{'-':>13}"
+        label = "distilled" if name == "distilled" else name.replace("offline_k", "offline k=")
+        lines.append(f"{label:<14} {r['parameters']:>8} {r['steps']:>6} {r['val_perplexity']:>8.3f} "
+                     f"{r['val_bits_per_byte']:>9.3f} {100 * r['val_accuracy']:>7.2f}% {r['seconds']:>6.1f} {cache}")
     gain = report["scratch"]["val_perplexity"] - report["distilled"]["val_perplexity"]
     lines.append(f"distillation lowers the student's validation perplexity by {gain:+.3f} (same data, steps, init)")
+    for name in offline:
+        g = report["scratch"]["val_perplexity"] - report[name]["val_perplexity"]
+        lines.append(f"offline from the top-{report[name]['top_k']} cache: {g:+.3f} vs scratch, "
+                     f"{report[name]['seconds'] / report['distilled']['seconds']:.2f}x the online distilled phase's time")
     return "\n".join(lines)

@@ -59,6 +59,28 @@ def test_token_level_demo_tiny_run(tmp_path):
     assert "distillation lowers" in (tmp_path / "lm" / "table.txt").read_text()
 
 
+def test_token_level_demo_offline_students(tmp_path):
+    """--top-k 8,257: a student per K from a cache of the trained teacher. With K = 257 (the whole vocabulary)
+    the offline student sees the online teacher (rounded to float16) in the same batches from the same init:
+    its perplexity is the online distilled student's to float16 rounding. The cache's size is K x (2 + 4)
+    bytes per token plus its offsets and headers."""
+    cfg = LMDemoConfig(out=str(tmp_path / "lm"), seq_len=32, train_bytes=12_000, val_bytes=4_000, batch_size=8,
+                       teacher_dim=32, teacher_layers=1, teacher_epochs=1, student_dim=16, student_layers=1,
+                       student_epochs=1, top_k="8,257")
+    report = run_lm_demo(cfg)
+    full, k8 = report["offline_k257"], report["offline_k8"]
+    assert full["steps"] == k8["steps"] == report["distilled"]["steps"]
+    assert full["val_perplexity"] == pytest.approx(report["distilled"]["val_perplexity"], rel=2e-3)
+    assert full["val_perplexity"] != report["scratch"]["val_perplexity"]
+    assert 48 <= k8["cache_bytes_per_token"] < 56 and 257 * 6 <= full["cache_bytes_per_token"] < 257 * 6 + 8
+    assert (tmp_path / "lm" / "cache-k8" / "manifest.json").is_file()
+    assert "offline from the top-8 cache" in (tmp_path / "lm" / "table.txt").read_text()
+    with pytest.raises(ValueError, match=r"--top-k values must be distinct and in \[1, 257\]"):
+        LMDemoConfig(top_k="8,300")
+    with pytest.raises(ValueError, match="--top-k must be comma-separated integers"):
+        LMDemoConfig(top_k="8;16")
+
+
 def test_demo_report_on_a_full_disk_names_the_folder(tmp_path, monkeypatch):
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
