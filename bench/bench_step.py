@@ -15,6 +15,13 @@ Both use the same teacher, the same initial student weights (one copy each, sinc
 and the same batch. Before timing, one step of each style from the same weights must give the same
 loss and gradient norm: otherwise the run stops, since it would compare different maths.
 
+A third row, the offline teacher: the teacher's top-64 logits of the batch were cached beforehand
+(``fastkd.TeacherCache``, float16 values, int32 indices, in a temporary folder), and the step reads them
+from the memory-mapped cache, stacks them, moves them to the device and trains on
+``fastkd.topk_kd_loss`` with the same temperature and hard weight: no teacher forward. Its loss is other
+maths (the renormalised top-k teacher), so it is checked against the float64 oracle
+(``fastkd.reference.topk_kd_loss``) on the same logits instead.
+
 Size (CPU): batch 4 x 128 tokens, vocabulary 32000 (a Llama-2-sized tokenizer), student d_model 256 x
 2 layers, teacher d_model 256 x 4 layers, fp32. The vocabulary makes the logits ([512, 32000], 66 MB)
 the largest tensors of the step, as in LM distillation; the transformer bodies are small, so that a
@@ -29,12 +36,14 @@ import copy
 import dataclasses
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 import fastkd
 from fastkd import reference
+from fastkd.data import TeacherCache
 from fastkd.demos.byte_lm import ByteLM
 
 from . import common
@@ -42,6 +51,9 @@ from . import common
 TEMPERATURE = 2.0
 HARD_WEIGHT = 0.5
 MAX_NORM = 1.0
+TOP_K = 64  # the offline row's cache
+ONLINE = "online"
+OFFLINE = f"offline top-{TOP_K} cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +115,42 @@ def make_step(teacher, student, ids, labels, style):
     return step
 
 
+def make_offline_step(student, cache: TeacherCache, ids, labels):
+    """The offline style's step: the batch's cached top-k read from ``cache`` (one example per sequence),
+    then the student's forward and backward through topk_kd_loss, fastkd's clipping and the AdamW step."""
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    vocab = student.head.out_features
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        entries = [cache[i] for i in range(ids.shape[0])]
+        values = torch.stack([v for v, _ in entries]).to(ids.device, non_blocking=True)
+        indices = torch.stack([i for _, i in entries]).to(ids.device, non_blocking=True)
+        s_logits = student(ids)
+        loss = fastkd.topk_kd_loss(s_logits.reshape(-1, vocab), values.reshape(-1, TOP_K),
+                                   indices.reshape(-1, TOP_K), labels.reshape(-1), temperature=TEMPERATURE,
+                                   hard_weight=HARD_WEIGHT)
+        loss.backward()
+        norm = fastkd.clip_grad_norm_(student.parameters(), MAX_NORM)
+        opt.step()
+        return loss.detach(), norm
+
+    return step
+
+
+def check_offline_maths(student, cache: TeacherCache, ids, labels, loss: float) -> None:
+    """The offline step's first loss against the float64 oracle on the same student and cached entries."""
+    with torch.no_grad():
+        s = student(ids).double()
+    values = torch.stack([cache[i][0] for i in range(ids.shape[0])]).to(ids.device).double()
+    indices = torch.stack([cache[i][1] for i in range(ids.shape[0])]).to(ids.device)
+    want = float(reference.topk_kd_loss(s, values, indices, labels, temperature=TEMPERATURE,
+                                        hard_weight=HARD_WEIGHT))
+    if abs(loss - want) > 1e-4 * abs(want) + 1e-6:
+        raise RuntimeError(f"bench_step: the offline step's loss {loss:.7g} is not the float64 top-k oracle's "
+                           f"{want:.7g}; timing it would be meaningless")
+
+
 def check_same_maths(steps: dict) -> dict:
     """One step of each style from the same weights; the losses and gradient norms must agree."""
     got = {name: tuple(float(x) for x in step()) for name, step in steps.items()}
@@ -124,24 +172,31 @@ def run(cfg: StepConfig, device: torch.device, repeats: int, on_row=None) -> lis
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device, generator=g)
     labels = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device, generator=g)
-    students = {name: copy.deepcopy(student0) for name in STYLES}
-    del student0
-    steps = {name: make_step(teacher, students[name], ids, labels, name) for name in STYLES}
-    first = check_same_maths(steps)
+    students = {name: copy.deepcopy(student0) for name in (*STYLES, OFFLINE)}
+    steps = {(name, ONLINE): make_step(teacher, students[name], ids, labels, name) for name in STYLES}
+    first = {(name, ONLINE): got for name, got in check_same_maths({n: steps[n, ONLINE] for n in STYLES}).items()}
     tokens = cfg.batch * cfg.seq
     n_params = sum(p.numel() for p in students["fastkd"].parameters())
     rows = []
-    for name, step in steps.items():
-        med, p20, p80 = common.time_call(step, device, repeats=repeats, warmup=1)
-        mem = common.peak_memory_mb(step, device)  # above the models, optimizer state and batch
-        loss, norm = first[name]
-        rows.append({"op": "kd_train_step", "provider": name, **dataclasses.asdict(cfg), "repeats": repeats,
-                     "tokens": tokens, "student_params": n_params, "dtype": "float32", "median_ms": med,
-                     "p20_ms": p20, "p80_ms": p80, "tokens_per_s": tokens / (med * 1e-3), "peak_mem_mib": mem,
-                     "loss": loss, "grad_norm": norm})
-        if on_row is not None:
-            on_row(rows)
-    base = next(r["median_ms"] for r in rows if r["provider"] == "fastkd")
+    with tempfile.TemporaryDirectory(prefix="fastkd-bench-step-") as folder:
+        # The offline teacher: the batch's top-k cached once (the teacher in fp32, as in the online rows).
+        cache = TeacherCache.build(Path(folder) / "cache", teacher, [(ids[b], labels[b]) for b in range(cfg.batch)],
+                                   top_k=TOP_K, batch_size=cfg.batch, autocast=None, progress=False)
+        steps["fastkd", OFFLINE] = make_offline_step(students[OFFLINE], cache, ids, labels)
+        first["fastkd", OFFLINE] = tuple(float(x) for x in steps["fastkd", OFFLINE]())
+        check_offline_maths(student0, cache, ids, labels, first["fastkd", OFFLINE][0])
+        del student0
+        for (name, teacher_kind), step in steps.items():
+            med, p20, p80 = common.time_call(step, device, repeats=repeats, warmup=1)
+            mem = common.peak_memory_mb(step, device)  # above the models, optimizer state and batch
+            loss, norm = first[name, teacher_kind]
+            rows.append({"op": "kd_train_step", "provider": name, "teacher": teacher_kind, **dataclasses.asdict(cfg),
+                         "repeats": repeats, "tokens": tokens, "student_params": n_params, "dtype": "float32",
+                         "median_ms": med, "p20_ms": p20, "p80_ms": p80, "tokens_per_s": tokens / (med * 1e-3),
+                         "peak_mem_mib": mem, "loss": loss, "grad_norm": norm})
+            if on_row is not None:
+                on_row(rows)
+    base = next(r["median_ms"] for r in rows if r["provider"] == "fastkd" and r["teacher"] == ONLINE)
     for r in rows:
         r["fastkd_speedup"] = r["median_ms"] / base
     return rows
@@ -166,7 +221,7 @@ def main(argv=None) -> int:
     rows = [{**r, **info} for r in run(cfg, device, args.repeats or cfg.repeats,
                                         on_row=lambda rs: common.write_csv(out, [{**r, **info} for r in rs]))]
     common.write_csv(out, rows)
-    common.print_table(rows, ["provider", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
+    common.print_table(rows, ["provider", "teacher", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
                               "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"])
     print(f"wrote {out}")
     return 0

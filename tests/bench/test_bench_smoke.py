@@ -1,6 +1,7 @@
 """The benchmark grid runs (tiny cases, every benchmark) and writes what it claims; timings are not
 checked here: speed is shown in bench/, never in tests."""
 
+import copy
 import csv
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 import bench.__main__ as grid
 from bench import bench_step, common, registry, report
+from fastkd.data import TeacherCache
+from fastkd.demos.byte_lm import ByteLM
 
 MACHINE = ["cpu", "cores", "threads", "gpu", "torch", "cuda", "git", "date"]
 
@@ -90,8 +93,10 @@ def test_clip_rows(quick_run):
 
 def test_step_rows(quick_run):
     rows = rows_of(quick_run[1] / "step_cpu_quick.csv")
-    assert [r["provider"] for r in rows] == ["reference", "fastkd"]
-    ref, fkd = rows
+    assert [(r["provider"], r["teacher"]) for r in rows] == [("reference", "online"), ("fastkd", "online"),
+                                                             ("fastkd", "offline top-64 cache")]
+    ref, fkd, offline = rows
+    assert float(offline["loss"]) > 0 and float(offline["grad_norm"]) > 0  # (checked against the oracle in the run)
     assert float(ref["loss"]) == pytest.approx(float(fkd["loss"]), rel=1e-4)
     assert float(ref["grad_norm"]) == pytest.approx(float(fkd["grad_norm"]), rel=1e-3)
     for r in rows:
@@ -112,6 +117,18 @@ def test_cache_rows(quick_run):
         assert (f16["dtype"], bf16["dtype"]) == ("float16", "bfloat16") and f16["logit_std"] == bf16["logit_std"]
         assert 0 < float(f16["max_abs_err"]) < float(bf16["max_abs_err"]) / 4
         assert 0 < float(f16["kl_t1"]) < float(bf16["kl_t1"]) / 10
+
+
+def test_step_refuses_an_offline_loss_that_is_not_the_oracles(tmp_path):
+    torch.manual_seed(0)
+    teacher, student = ByteLM(16, 1, seq_len=8, vocab=100), ByteLM(16, 1, seq_len=8, vocab=100)
+    ids, labels = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
+    cache = TeacherCache.build(tmp_path / "c", teacher, [(ids[b], labels[b]) for b in range(2)],
+                               top_k=bench_step.TOP_K, progress=False)
+    loss, _ = bench_step.make_offline_step(copy.deepcopy(student), cache, ids, labels)()
+    bench_step.check_offline_maths(student, cache, ids, labels, float(loss))
+    with pytest.raises(RuntimeError, match="not the float64 top-k oracle's"):
+        bench_step.check_offline_maths(student, cache, ids, labels, float(loss) * 1.001)
 
 
 def test_step_refuses_different_maths():
