@@ -245,7 +245,9 @@ def format_table(report: dict) -> str:
     gain = report["scratch"]["val_perplexity"] - report["distilled"]["val_perplexity"]
     lines.append(f"distillation lowers the student's validation perplexity by {gain:+.3f} (same data, steps, init)")
     for name in offline:
-        g = report["scratch"]["val_perplexity"] - report[name]["val_perplexity"]
-        lines.append(f"offline from the top-{report[name]['top_k']} cache: {g:+.3f} vs scratch, "
-                     f"{report[name]['seconds'] / report['distilled']['seconds']:.2f}x the online distilled phase's time")
+        r = report[name]
+        g = report["scratch"]["val_perplexity"] - r["val_perplexity"]
+        lines.append(f"offline from the top-{r['top_k']} cache: val perplexity {abs(g):.3f} "
+                     f"{'lower' if g > 0 else 'higher'} than scratch, in "
+                     f"{r['seconds'] / report['distilled']['seconds']:.2f}x the online distilled phase's time")
     return "\n".join(lines)

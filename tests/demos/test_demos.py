@@ -74,7 +74,7 @@ def test_token_level_demo_offline_students(tmp_path):
     assert full["val_perplexity"] != report["scratch"]["val_perplexity"]
     assert 48 <= k8["cache_bytes_per_token"] < 56 and 257 * 6 <= full["cache_bytes_per_token"] < 257 * 6 + 8
     assert (tmp_path / "lm" / "cache-k8" / "manifest.json").is_file()
-    assert "offline from the top-8 cache" in (tmp_path / "lm" / "table.txt").read_text()
+    assert "offline from the top-8 cache: val perplexity" in (tmp_path / "lm" / "table.txt").read_text()
     with pytest.raises(ValueError, match=r"--top-k values must be distinct and in \[1, 257\]"):
         LMDemoConfig(top_k="8,300")
     with pytest.raises(ValueError, match="--top-k must be comma-separated integers"):
