@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from fastkd.data import CachedTeacherDataset, TeacherCache
 from fastkd.train.distiller import Distiller
 
 IGNORE = -100
@@ -39,15 +41,24 @@ def _opt(params):
 KW = dict(temperature=2.0, hard_weight=0.5, max_grad_norm=2.0, progress=False, log_every=1)
 
 
-def _worker(rank, port, run_dir, out):
+def _setup(cache_dir):
+    """(teacher or None, student, data, teacher_cache or None): online, or offline from the cache in cache_dir."""
+    teacher, student = _models()
+    data = _data()
+    if cache_dir is None:
+        return teacher, student, data, None
+    cache = TeacherCache(cache_dir)
+    return None, student, CachedTeacherDataset(data, cache), cache
+
+
+def _worker(rank, port, run_dir, out, cache_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        teacher, student = _models()
-        data = _data()
+        teacher, student, data, cache = _setup(cache_dir)
         sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
         # Per rank: micro-batches of 6, 2 per step -> a global window of 24 rows before masking.
-        d = Distiller(teacher, student, _opt, accumulation_steps=2, run_dir=run_dir, **KW)
+        d = Distiller(teacher, student, _opt, accumulation_steps=2, run_dir=run_dir, teacher_cache=cache, **KW)
         d.fit(DataLoader(data, batch_size=6, sampler=sampler), epochs=2,
               eval_loader=DataLoader(data, batch_size=8, sampler=sampler))
         if rank == 0:
@@ -60,20 +71,25 @@ def _worker(rank, port, run_dir, out):
 
 
 
-def test_two_process_ddp_equals_one_process_global_batch(tmp_path, free_port):
+@pytest.mark.parametrize("teacher_kind", ["online", "offline"])
+def test_two_process_ddp_equals_one_process_global_batch(tmp_path, free_port, teacher_kind):
+    """Also offline (a teacher cache, top-3 of 5 classes): DistributedSampler over CachedTeacherDataset."""
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(free_port, str(tmp_path / "run"), str(out)), nprocs=WORLD, join=True)
+    cache_dir = None
+    if teacher_kind == "offline":
+        cache_dir = str(tmp_path / "cache")
+        TeacherCache.build(cache_dir, _models()[0], _data(), top_k=3, progress=False)
+    mp.spawn(_worker, args=(free_port, str(tmp_path / "run"), str(out), cache_dir), nprocs=WORLD, join=True)
     ddp = torch.load(out)
 
     # One process, one batch of 24 = the union of the two ranks' windows (DistributedSampler interleaves).
-    teacher, student = _models()
-    data = _data()
-    ref = Distiller(teacher, student, _opt, **KW)
+    teacher, student, data, cache = _setup(cache_dir)
+    ref = Distiller(teacher, student, _opt, teacher_cache=cache, **KW)
     hist = ref.fit(DataLoader(data, batch_size=24), epochs=2, eval_loader=DataLoader(data, batch_size=8))
     for k, v in student.state_dict().items():
         torch.testing.assert_close(ddp["weights"][k], v, rtol=1e-5, atol=1e-6)
     # Evaluation sums over the ranks.
-    assert ddp["history"][-1]["rows"] == hist[-1]["rows"] == int((data.tensors[1] != IGNORE).sum())
+    assert ddp["history"][-1]["rows"] == hist[-1]["rows"] == int((_data().tensors[1] != IGNORE).sum())
     assert abs(ddp["history"][-1]["student_acc"] - hist[-1]["student_acc"]) < 1e-6
 
     # Rank 0 alone wrote the logs: each step once.
