@@ -56,7 +56,16 @@ demo: $(EXT_CPU)
 	@echo "[3/3] fastkd demo"
 	@$(PY) -m fastkd demo
 
-test: $(EXT_FULL)
+# The trainers the integrations adapt (tests/integrations; pyproject.toml's extras hf, trl, lightning): the
+# test command installs them, the demo does not.
+TEST_EXTRAS := $(VENV)/.fastkd-test-extras
+INTEGRATIONS := .[hf,trl,lightning]
+$(TEST_EXTRAS): pyproject.toml $(STAMP)
+	@echo "[test] the integrations' trainers: transformers, accelerate, trl, lightning ($(LOGS)/test-extras.log)"
+	@$(call logged,test-extras,FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e "$(INTEGRATIONS)")
+	@touch $@
+
+test: $(EXT_FULL) $(TEST_EXTRAS)
 	FASTKD_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
 	FASTKD_DISABLE_EXTENSION=1 $(PY) -m pytest -q
 

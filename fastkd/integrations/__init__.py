@@ -1,3 +1,9 @@
-"""Adapters for the trainers people already use (Hugging Face Trainer, TRL, Lightning), imported
-lazily behind their extras. Empty until their issue lands: the ops and ``fastkd.Distiller`` are the
-public API today."""
+"""Adapters for the trainers people already use, each imported only when asked for (its trainer is an
+optional dependency: the extras ``fastkd[hf]``, ``fastkd[trl]``, ``fastkd[lightning]``):
+
+    transformers.py  DistillationTrainer: a transformers.Trainer distilling with fastkd.kd_loss
+    trl.py           generalized_jsd_loss (TRL's GKD loss on fastkd's kernels), GKDLossMixin
+    lightning.py     DistillationModule: a LightningModule distilling with fastkd.kd_loss
+
+docs/integrations.md says what each does for the user and which pitfalls of hand-written versions it avoids.
+"""

@@ -7,8 +7,9 @@ autograd formula and its public wrapper. The compiled kernels (``csrc/<op>/``) r
     topk.py  fastkd::topk_kd_loss_fwd (+ kd_loss_scale_) -> fastkd.topk_kd_loss, fastkd.TopKKDLoss
     clip.py  fastkd::grad_norm, clip_grad_norm_, scale_grads_, clamp_grads_
                                                            -> fastkd.clip_grad_norm_ and friends
+    labels.py  (no op) shift_labels: a causal LM's labels shifted, so the logits are read unsliced
 """
 
-from . import clip, kd, topk
+from . import clip, kd, labels, topk
 
-__all__ = ["clip", "kd", "topk"]
+__all__ = ["clip", "kd", "labels", "topk"]

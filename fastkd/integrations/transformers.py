@@ -1,0 +1,197 @@
+"""``fastkd.integrations.transformers``: distillation inside a Hugging Face ``transformers.Trainer``.
+
+``DistillationTrainer(model=student, teacher_model=teacher, args=..., train_dataset=..., temperature=2.0,
+hard_weight=0.5)`` is a ``Trainer`` whose loss is ``fastkd.kd_loss`` of the student's and the teacher's
+logits, with what the obvious hand-written versions get wrong done right:
+
+- **Normalisation.** The loss of a micro-batch is ``kd_loss(..., reduction="sum") / num_items_in_batch``:
+  the valid targets of the whole accumulated batch (all micro-batches of the optimizer step; summed over
+  the ranks with ``average_tokens_across_devices``, and then multiplied by the number of processes, since
+  DDP averages the gradients). The Trainer counts them only for models that take loss kwargs; this
+  trainer always does, so K micro-batches give the update of one batch K times the size whatever the
+  padding, for every model. The loss is marked as already scaled for gradient accumulation.
+- **Causal shift.** For a causal LM (a class of ``AutoModelForCausalLM``) the targets are
+  ``fastkd.shift_labels(labels)``: the logits are read in place (no ``logits[:, :-1]`` copies), and the
+  last position counts nowhere. A batch with ``shift_labels`` (padding-free collators) uses them as given.
+- **The teacher** is moved to the Trainer's device, frozen (eval mode, no gradients), run under
+  ``no_grad`` and the accelerator's autocast, never wrapped for DDP and never saved: it is not the
+  Trainer's model. The student runs through the Trainer's (possibly DDP-wrapped) model.
+- **Clipping** goes through ``fastkd.clip_grad_norm_`` (no host sync in the clip itself), unscaled first
+  under fp16, for single-process and DDP runs (FSDP, DeepSpeed and mixed device meshes keep the Trainer's
+  own). A step whose gradient norm is not finite is skipped (no optimizer or LR-scheduler step) and counted
+  (``kd_skipped_steps`` in the logs); under fp16 the GradScaler does that already.
+- **Logs**: on logging steps, the soft (T²-scaled divergence) and hard (cross-entropy) terms per valid
+  target (``kd_soft``, ``kd_hard``), computed from the step's logits without gradients.
+
+The logits path distils a model with its real objective whatever its head does (softcapping, logit
+scales): the logits are the model's own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers
+
+from ..ops._args import check_loss_options
+from ..ops.clip import clip_grad_norm_
+from ..ops.kd import kd_loss
+from ..ops.labels import shift_labels
+
+__all__ = ["DistillationTrainer"]
+
+# Distributed set-ups whose gradients fastkd.clip_grad_norm_ clips as the Trainer would (whole local grads).
+_FASTKD_CLIPPED = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+def _is_causal_lm(model) -> bool:
+    """A causal LM (its loss predicts token i + 1 at position i): a model of transformers' causal-LM
+    classes or whose loss type shifts labels, and not an encoder-decoder (its labels are already aligned)."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss  # noqa: PLC0415
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: PLC0415
+
+    model = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return (type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            or LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss)
+
+
+class DistillationTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` that distils ``teacher_model`` into ``model`` with ``fastkd.kd_loss``.
+
+    Args (besides the Trainer's own):
+        teacher_model: the teacher (any module returning logits, ``.logits`` or a tuple starting with them),
+            with the student's vocabulary.
+        temperature, divergence, beta, soft_weight, hard_weight: as in ``fastkd.kd_loss``.
+        causal: shift the labels (``fastkd.shift_labels``); None: for transformers' causal LMs (the classes
+            of ``AutoModelForCausalLM``, or a loss type that shifts), not for encoder-decoders.
+        ignore_index: the label of positions that count nowhere (the Trainer's -100 by default).
+    """
+
+    loss_is_scaled_for_ga = True  # normalised by the accumulated batch's valid targets (num_items_in_batch)
+
+    def __init__(self, *args, teacher_model: torch.nn.Module, temperature: float = 1.0, divergence: str = "kl",
+                 beta: float = 0.5, soft_weight: float = 1.0, hard_weight: float = 0.0, causal: bool | None = None,
+                 ignore_index: int = -100, **kwargs):
+        if not isinstance(teacher_model, torch.nn.Module):
+            raise TypeError(f"DistillationTrainer: teacher_model must be an nn.Module, got {type(teacher_model).__name__}")
+        check_loss_options("DistillationTrainer", temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
+                           "sum")  # bad options fail here, not at the first step
+        super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError("DistillationTrainer: torch.nn.DataParallel (n_gpu > 1 in one process) is not supported: "
+                             "launch one process per GPU (torchrun / accelerate launch) for DDP")
+        self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        self.kd_options = {"temperature": temperature, "divergence": divergence, "beta": beta,
+                           "soft_weight": soft_weight, "hard_weight": hard_weight, "ignore_index": ignore_index}
+        self.causal = _is_causal_lm(self.model) if causal is None else bool(causal)
+        self.skipped_steps = 0
+        self._terms = None  # device sums [soft, hard, targets] since the last log
+
+    # ---- the loss ------------------------------------------------------------------------------------------
+    def _targets(self, inputs: dict) -> torch.Tensor:
+        if "shift_labels" in inputs:
+            return inputs["shift_labels"]
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("DistillationTrainer: the batch has no labels; give labels (for a causal LM, labels = "
+                             "input_ids with -100 on padding: DataCollatorForLanguageModeling(tokenizer, mlm=False) "
+                             "makes them)")
+        return shift_labels(labels, self.kd_options["ignore_index"]) if self.causal else labels
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """The valid targets of the accumulated batch (summed over the ranks with
+        average_tokens_across_devices), for every model (the Trainer counts them only for some)."""
+        counts = [self._targets(b).ne(self.kd_options["ignore_index"]).sum() for b in batch_samples
+                  if "labels" in b or "shift_labels" in b]
+        if not counts:
+            return None
+        n = torch.stack(counts).sum().to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            n = self.accelerator.gather(n).sum()
+        return n
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = self._targets(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
+        student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        with torch.no_grad(), self.accelerator.autocast():
+            out = self.teacher_model(**model_inputs)
+        teacher = out.logits if hasattr(out, "logits") else out[0]
+        if teacher.shape != student.shape:
+            raise ValueError(f"DistillationTrainer: teacher logits {tuple(teacher.shape)} and student logits "
+                             f"{tuple(student.shape)} differ; the models must share the vocabulary (slice a padded "
+                             "teacher head to the student's: teacher.lm_head.weight[:V])")
+        loss = kd_loss(student, teacher, targets, reduction="sum", **self.kd_options)
+        if num_items_in_batch is None:  # (no labels in the batch: refused above) the micro-batch's own targets
+            num_items_in_batch = targets.ne(self.kd_options["ignore_index"]).sum()
+        loss = loss / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the ranks
+        if model.training and self._logging_step():
+            self._add_terms(student.detach(), teacher, targets)
+        return (loss, outputs) if return_outputs else loss
+
+    def _logging_step(self) -> bool:
+        step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        steps = self.args.logging_steps
+        return self.args.logging_strategy == "steps" and (step % max(int(steps), 1) == 0 or
+                                                         (step == 1 and self.args.logging_first_step))
+
+    def _add_terms(self, s, t, targets) -> None:
+        opts = {**self.kd_options, "reduction": "sum"}
+        with torch.no_grad():
+            terms = torch.stack([kd_loss(s, t, targets, **{**opts, "soft_weight": 1.0, "hard_weight": 0.0}),
+                                 kd_loss(s, t, targets, **{**opts, "soft_weight": 0.0, "hard_weight": 1.0}),
+                                 targets.ne(self.kd_options["ignore_index"]).sum().float()]).double()
+        self._terms = terms if self._terms is None else self._terms + terms
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log row
+            logs["kd_skipped_steps"] = self.skipped_steps
+            if self._terms is not None:
+                soft, hard, n = self._terms.tolist()
+                logs["kd_soft"], logs["kd_hard"] = soft / max(n, 1.0), hard / max(n, 1.0)
+                self._terms = None
+        super().log(logs, *args, **kwargs)
+
+    # ---- clipping and non-finite steps -------------------------------------------------------------------
+    def _fastkd_clips(self, model) -> bool:
+        return (self.accelerator.distributed_type.name in _FASTKD_CLIPPED and not self._has_mixed_mesh_grads(model))
+
+    def _clip_grad_norm(self, model):
+        if not self._fastkd_clips(model):
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self._fastkd_clips(model):
+            self.accelerator.unscale_gradients()
+            grad_norm = clip_grad_norm_(model.parameters(), math.inf)  # measure only
+        if self._fastkd_clips(model):
+            self._skip_step_if_nonfinite(grad_norm)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _skip_step_if_nonfinite(self, norm) -> None:
+        """A non-finite norm (the step's one host sync): the optimizer's next step does nothing, and accelerate
+        is told it was skipped so that the LR scheduler does not step either. Under fp16 the GradScaler
+        already skips such steps."""
+        opt = self.optimizer
+        if self.accelerator.scaler is not None or not isinstance(norm, torch.Tensor):
+            return
+        if hasattr(opt, "_is_overflow"):
+            opt._is_overflow = False  # (accelerate never resets it without a scaler)
+        if bool(torch.isfinite(norm)):
+            return
+        self.skipped_steps += 1
+
+        def skipped(*args, **kwargs):
+            del opt.step  # back to the class's step
+            if hasattr(opt, "_is_overflow"):
+                opt._is_overflow = True
+
+        opt.step = skipped
