@@ -67,27 +67,46 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def memory_now(device: torch.device, *, reset_peak: bool = False) -> float | None:
+    """Memory in use now, in MiB (CUDA: allocated; CPU: resident), the peak counter reset first when
+    ``reset_peak``; None where unmeasurable."""
+    if device.type == "cuda":
+        sync(device)
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the resident-set high-water mark
+        return _rss_kib("VmRSS") / 1024
+    except OSError:
+        return None
+
+
+def memory_peak_since(device: torch.device, base: float | None) -> float | None:
+    """The peak since ``memory_now(device, reset_peak=True)`` returned ``base``, above it, in MiB."""
+    if base is None:
+        return None
+    if device.type == "cuda":
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base
+    try:
+        return max(0.0, _rss_kib("VmHWM") / 1024 - base)
+    except OSError:
+        return None
+
+
 def peak_memory_mb(fn, device: torch.device) -> float | None:
     """Memory fn() needs above what is allocated when it starts, in MiB (None where unmeasurable). On the
     CPU, fastkd's cached gradient buffers are freed first, so a buffer fn() reuses counts."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    import fastkd  # noqa: PLC0415
+    if device.type == "cpu":
+        import fastkd  # noqa: PLC0415
 
-    fastkd.empty_cache()  # fastkd's cached CPU gradient buffers count as memory the call needs
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the resident-set high-water mark
-        base = _rss_kib("VmRSS")
-        fn()
-        return max(0, _rss_kib("VmHWM") - base) / 1024
-    except OSError:
-        return None
+        fastkd.empty_cache()  # fastkd's cached CPU gradient buffers count as memory the call needs
+    base = memory_now(device, reset_peak=True)
+    fn()
+    return memory_peak_since(device, base)
 
 
 def copy_ceiling_gbps(device: torch.device, nbytes: int = 1 << 29) -> float:

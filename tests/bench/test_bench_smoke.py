@@ -38,8 +38,9 @@ def test_grid_writes_every_file(quick_run):
     rc, out = quick_run
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "kd_loss_cpu_quick.csv",
-        "kd_loss_cpu_quick.png", "report_quick.md", "step_cpu_quick.csv", "topk_kd_loss_cpu_quick.csv"]
+        "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "hf_step_cpu_quick.csv",
+        "kd_loss_cpu_quick.csv", "kd_loss_cpu_quick.png", "report_quick.md", "step_cpu_quick.csv",
+        "topk_kd_loss_cpu_quick.csv"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report_quick.md").read_text()
@@ -102,6 +103,14 @@ def test_step_rows(quick_run):
     for r in rows:
         assert float(r["tokens_per_s"]) > 0 and int(r["tokens"]) == int(r["batch"]) * int(r["seq"])
         assert all(k in r for k in MACHINE)
+
+
+def test_hf_step_rows(quick_run):
+    rows = rows_of(quick_run[1] / "hf_step_cpu_quick.csv")
+    assert [r["provider"] for r in rows] == ["textbook", "fastkd"]
+    assert float(rows[0]["first_loss"]) == pytest.approx(float(rows[1]["first_loss"]), rel=1e-3)
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["tokens_per_s"]) > 0 and all(k in r for k in MACHINE)
 
 
 def test_cache_rows(quick_run):
