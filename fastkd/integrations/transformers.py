@@ -22,6 +22,10 @@ logits, with what the obvious hand-written versions get wrong done right:
   (``kd_skipped_steps`` in the logs); under fp16 the GradScaler does that already.
 - **Logs**: on logging steps, the soft (T²-scaled divergence) and hard (cross-entropy) terms per valid
   target (``kd_soft``, ``kd_hard``), computed from the step's logits without gradients.
+- **Offline**: ``teacher_cache=fastkd.TeacherCache(...)`` (built over the same train dataset) instead of
+  ``teacher_model``: each example gets its cached top-k (two extra keys, kept through the Trainer's column
+  removal), the loss is ``fastkd.topk_kd_loss`` and no teacher runs; ``eval_teacher_cache`` does the same
+  for the evaluation set.
 
 The logits path distils a model with its real objective whatever its head does (softcapping, logit
 scales): the logits are the model's own.
@@ -38,11 +42,36 @@ from ..ops._args import check_loss_options
 from ..ops.clip import clip_grad_norm_
 from ..ops.kd import kd_loss
 from ..ops.labels import shift_labels
+from ..ops.topk import topk_kd_loss
+from ..reference.topk import check_topk_divergence
 
 __all__ = ["DistillationTrainer"]
 
 # Distributed set-ups whose gradients fastkd.clip_grad_norm_ clips as the Trainer would (whole local grads).
 _FASTKD_CLIPPED = ("NO", "MULTI_CPU", "MULTI_GPU")
+# The keys under which an example carries its cached teacher top-k (teacher_cache).
+CACHE_KEYS = ("teacher_topk_values", "teacher_topk_indices")
+
+
+class _WithCache(torch.utils.data.Dataset):
+    """A dataset of dict examples, each with its cache entry under CACHE_KEYS."""
+
+    def __init__(self, dataset, cache, what: str):
+        if len(dataset) != len(cache):
+            raise ValueError(f"DistillationTrainer: {what} has {len(dataset)} examples but its teacher cache "
+                             f"{cache.path} holds {len(cache)}: build the cache from this dataset")
+        self.dataset, self.cache = dataset, cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        if not isinstance(item, dict):
+            raise TypeError(f"DistillationTrainer: with a teacher cache the examples must be dicts (input_ids, labels, "
+                            f"...), got {type(item).__name__}")
+        values, indices = self.cache[i]
+        return {**item, CACHE_KEYS[0]: values, CACHE_KEYS[1]: indices}
 
 
 def _is_causal_lm(model) -> bool:
@@ -64,6 +93,9 @@ class DistillationTrainer(transformers.Trainer):
     Args (besides the Trainer's own):
         teacher_model: the teacher (any module returning logits, ``.logits`` or a tuple starting with them),
             with the student's vocabulary.
+        teacher_cache, eval_teacher_cache: instead of teacher_model, ``fastkd.TeacherCache``s built over
+            train_dataset and eval_dataset (offline: ``fastkd.topk_kd_loss``, no teacher runs; divergence
+            "kl", or "jsd" with beta < 1).
         temperature, divergence, beta, soft_weight, hard_weight: as in ``fastkd.kd_loss``.
         causal: shift the labels (``fastkd.shift_labels``); None: for transformers' causal LMs (the classes
             of ``AutoModelForCausalLM``, or a loss type that shifts), not for encoder-decoders.
@@ -72,18 +104,32 @@ class DistillationTrainer(transformers.Trainer):
 
     loss_is_scaled_for_ga = True  # normalised by the accumulated batch's valid targets (num_items_in_batch)
 
-    def __init__(self, *args, teacher_model: torch.nn.Module, temperature: float = 1.0, divergence: str = "kl",
-                 beta: float = 0.5, soft_weight: float = 1.0, hard_weight: float = 0.0, causal: bool | None = None,
-                 ignore_index: int = -100, **kwargs):
-        if not isinstance(teacher_model, torch.nn.Module):
+    def __init__(self, *args, teacher_model: torch.nn.Module | None = None, teacher_cache=None, eval_teacher_cache=None,
+                 temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5, soft_weight: float = 1.0,
+                 hard_weight: float = 0.0, causal: bool | None = None, ignore_index: int = -100, **kwargs):
+        if (teacher_model is None) == (teacher_cache is None):
+            raise ValueError("DistillationTrainer: give teacher_model (online) or teacher_cache (offline), not both "
+                             "and not neither")
+        if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
             raise TypeError(f"DistillationTrainer: teacher_model must be an nn.Module, got {type(teacher_model).__name__}")
         check_loss_options("DistillationTrainer", temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
                            "sum")  # bad options fail here, not at the first step
+        if teacher_cache is not None:
+            check_topk_divergence("DistillationTrainer", divergence, beta)
+            for what in ("train_dataset", "eval_dataset"):
+                cache = teacher_cache if what == "train_dataset" else eval_teacher_cache
+                if kwargs.get(what) is not None:
+                    if cache is None:
+                        raise ValueError("DistillationTrainer: with teacher_cache, an eval_dataset needs its own "
+                                         "eval_teacher_cache (built over it)")
+                    kwargs[what] = _WithCache(kwargs[what], cache, what)
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError("DistillationTrainer: torch.nn.DataParallel (n_gpu > 1 in one process) is not supported: "
                              "launch one process per GPU (torchrun / accelerate launch) for DDP")
-        self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        self.teacher_model = (teacher_model.to(self.args.device).eval().requires_grad_(False)
+                              if teacher_model is not None else None)
+        self.teacher_cache = teacher_cache
         self.kd_options = {"temperature": temperature, "divergence": divergence, "beta": beta,
                            "soft_weight": soft_weight, "hard_weight": hard_weight, "ignore_index": ignore_index}
         self.causal = _is_causal_lm(self.model) if causal is None else bool(causal)
@@ -113,11 +159,23 @@ class DistillationTrainer(transformers.Trainer):
             n = self.accelerator.gather(n).sum()
         return n
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = self._targets(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-        outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
-        student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [k for k in CACHE_KEYS if k not in self._signature_columns]  # kept for the loss
+
+    def _teacher_target(self, inputs: dict, model_inputs: dict, student: torch.Tensor):
+        """The teacher's logits (online), or the batch's cached (values, indices) shaped like the logits."""
+        if self.teacher_model is None:
+            if CACHE_KEYS[0] not in inputs:
+                raise ValueError("DistillationTrainer: a batch without its cached teacher top-k; with teacher_cache the "
+                                 "datasets are given to the Trainer at construction (train_dataset, and eval_dataset "
+                                 "with eval_teacher_cache)")
+            values, indices = inputs[CACHE_KEYS[0]], inputs[CACHE_KEYS[1]]
+            if values.numel() != student.shape[:-1].numel() * values.shape[-1]:
+                raise ValueError(f"DistillationTrainer: the cached top-k covers {values.numel() // values.shape[-1]} "
+                                 f"positions but the student's logits {tuple(student.shape)} have "
+                                 f"{student.shape[:-1].numel()}: the cache was built from other examples")
+            return values.reshape(*student.shape[:-1], -1), indices.reshape(*student.shape[:-1], -1)
         with torch.no_grad(), self.accelerator.autocast():
             out = self.teacher_model(**model_inputs)
         teacher = out.logits if hasattr(out, "logits") else out[0]
@@ -125,7 +183,21 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError(f"DistillationTrainer: teacher logits {tuple(teacher.shape)} and student logits "
                              f"{tuple(student.shape)} differ; the models must share the vocabulary (slice a padded "
                              "teacher head to the student's: teacher.lm_head.weight[:V])")
-        loss = kd_loss(student, teacher, targets, reduction="sum", **self.kd_options)
+        return teacher
+
+    def _loss(self, student, teacher, targets, **overrides) -> torch.Tensor:
+        opts = {**self.kd_options, "reduction": "sum", **overrides}
+        if isinstance(teacher, tuple):
+            return topk_kd_loss(student, teacher[0], teacher[1], targets, **opts)
+        return kd_loss(student, teacher, targets, **opts)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = self._targets(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", *CACHE_KEYS)}
+        outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
+        student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        teacher = self._teacher_target(inputs, model_inputs, student)
+        loss = self._loss(student, teacher, targets)
         if num_items_in_batch is None:  # (no labels in the batch: refused above) the micro-batch's own targets
             num_items_in_batch = targets.ne(self.kd_options["ignore_index"]).sum()
         loss = loss / num_items_in_batch
@@ -142,10 +214,9 @@ class DistillationTrainer(transformers.Trainer):
                                                          (step == 1 and self.args.logging_first_step))
 
     def _add_terms(self, s, t, targets) -> None:
-        opts = {**self.kd_options, "reduction": "sum"}
         with torch.no_grad():
-            terms = torch.stack([kd_loss(s, t, targets, **{**opts, "soft_weight": 1.0, "hard_weight": 0.0}),
-                                 kd_loss(s, t, targets, **{**opts, "soft_weight": 0.0, "hard_weight": 1.0}),
+            terms = torch.stack([self._loss(s, t, targets, soft_weight=1.0, hard_weight=0.0),
+                                 self._loss(s, t, targets, soft_weight=0.0, hard_weight=1.0),
                                  targets.ne(self.kd_options["ignore_index"]).sum().float()]).double()
         self._terms = terms if self._terms is None else self._terms + terms
 

@@ -296,3 +296,48 @@ def test_the_example_script_runs(tmp_path, capsys):
         line = next(ln for ln in printed.splitlines() if ln.startswith(name + " "))
         assert math.isfinite(float(line.split()[2]))
     assert "distilled - scratch:" in printed and "skipped steps 0" in printed
+
+
+class Fp16Logits(torch.nn.Module):
+    """A teacher whose logits are float16 numbers (in fp32): a float16 teacher cache holds them exactly."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        out.logits = out.logits.half().float()
+        return out
+
+
+def test_offline_from_a_teacher_cache_equals_online(tmp_path):
+    """teacher_cache with K = V (a float16-exact teacher): the same update as the online teacher, in 4
+    micro-batches of 2 (topk_kd_loss on the batch's cached entries; no teacher runs); eval too."""
+    teacher, student0 = Fp16Logits(llama(1, layers=2)), llama(2)
+    data = examples()
+    cache = fastkd.TeacherCache.build(tmp_path / "cache", teacher, data, top_k=V, progress=False)
+    online = copy.deepcopy(student0)
+    DistillationTrainer(model=online, teacher_model=teacher, train_dataset=data, **KD,
+                        args=args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                  max_steps=1)).train()
+    offline = copy.deepcopy(student0)
+    tr = DistillationTrainer(model=offline, teacher_cache=cache, eval_teacher_cache=cache, train_dataset=data,
+                             eval_dataset=data, **KD,
+                             args=args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                       max_steps=1))
+    tr.train()
+    for (name, a), b in zip(offline.named_parameters(), online.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    ev = DistillationTrainer(model=offline, teacher_model=teacher, eval_dataset=data, **KD, args=args(tmp_path))
+    assert tr.evaluate()["eval_loss"] == pytest.approx(ev.evaluate()["eval_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        DistillationTrainer(model=offline, teacher_model=teacher, teacher_cache=cache, args=args(tmp_path))
+    with pytest.raises(ValueError, match="eval_dataset needs its own eval_teacher_cache"):
+        DistillationTrainer(model=offline, teacher_cache=cache, train_dataset=data, eval_dataset=data,
+                            args=args(tmp_path))
+    with pytest.raises(ValueError, match="not supported with a top-k teacher"):
+        DistillationTrainer(model=offline, teacher_cache=cache, train_dataset=data, divergence="reverse_kl",
+                            args=args(tmp_path))
+    with pytest.raises(ValueError, match="has 7 examples but its teacher cache"):
+        DistillationTrainer(model=offline, teacher_cache=cache, train_dataset=data[:7], args=args(tmp_path))
