@@ -120,10 +120,12 @@ def check_schedule_values(schedules: dict[str, Schedule], total_steps: int | Non
 ScheduleSpec = float | dict | Schedule | Callable[[int], float]
 
 
-def _option(default, doc: str, *, section: str | None = None, identity: bool = False, schedule: bool = False):
+def _option(default, doc: str, *, section: str | None = None, identity: bool | str = False, schedule: bool = False):
     """A field of DistillerConfig. ``section``: the TOML section that sets it (None: Python only);
-    ``identity``: part of the run's fingerprint; ``schedule``: a number or schedule, turned into a
-    :class:`Schedule` by the trainer (its description is part of the fingerprint)."""
+    ``identity``: part of the run's fingerprint (True), or ``"unless default"``: part of it when not at its
+    default (for options added after runs were made: their run folders, whose fingerprints lack it, stay
+    resumable); ``schedule``: a number or schedule, turned into a :class:`Schedule` by the trainer (its
+    description is part of the fingerprint)."""
     return field(default=default, metadata={"doc": doc, "section": section, "identity": identity,
                                             "schedule": schedule})
 
@@ -142,6 +144,9 @@ class DistillerConfig:
                                         section="loss", schedule=True)
     ignore_index: int = _option(-100, "label of the rows that count nowhere (padding)", section="loss",
                                 identity=True)
+    shift_labels: bool = _option(False, "the labels are a causal LM's, as Hugging Face gives them (labels = "
+                                 "input_ids): position i is trained towards label i + 1 (fastkd.shift_labels; the "
+                                 "last position counts nowhere)", section="loss", identity="unless default")
     # ---- the optimizer step ([train]) ----
     accumulation_steps: int = _option(1, "micro-batches per optimizer step (normalised by the window's valid "
                                       "rows)", section="train", identity=True)
@@ -195,6 +200,8 @@ class DistillerConfig:
                               f"{did_you_mean(str(self.divergence), DIVERGENCES)}; use one of {DIVERGENCES}")
         _number("beta", self.beta, low=0.0, high=1.0, what="in [0, 1] (0 = forward KL, 1 = reverse KL)")
         _integer("ignore_index", self.ignore_index)
+        if not isinstance(self.shift_labels, bool):
+            raise OptionError("shift_labels", f"shift_labels must be true or false, got {self.shift_labels!r}")
         for name in ("accumulation_steps", "log_every", "eval_every", "checkpoint_epochs"):
             _integer(name, getattr(self, name), low=1)
         if self.checkpoint_every is not None:
@@ -226,7 +233,8 @@ class DistillerConfig:
 
     def identity(self) -> dict[str, Any]:
         """The ``identity`` fields: with the schedules, the options that a resumed run must share."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"]}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"] is True
+                or (f.metadata["identity"] == "unless default" and getattr(self, f.name) != f.default)}
 
     @property
     def effective_best_mode(self) -> str:

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..ops.clip import clip_grad_norm_, clip_grad_value_
 from ..ops.kd import kd_loss
+from ..ops.labels import shift_labels
 from .batches import CachedExample, logits_of, split_batch, to_device, valid_rows, windows
 from .checkpoint import (
     FORMAT,
@@ -315,6 +316,8 @@ class Distiller:
         if isinstance(batch, CachedExample):
             batch, cached = batch.example, (batch.values, batch.indices)
         args, kwargs, labels = split_batch(batch)
+        if labels is not None and self.options.shift_labels:
+            labels = shift_labels(labels, self.options.ignore_index)
         return args, kwargs, labels, cached
 
     def _target(self, args, kwargs, cached, like: torch.Tensor, training: bool = True):

@@ -501,3 +501,24 @@ def test_full_disk_is_one_error_naming_the_run_folder(tmp_path, monkeypatch, whe
     assert "Free space on it or choose another run folder" in str(exc.value)
     assert d.state.step == (4 if where == "checkpoint" else 0)  # the first write comes before any training
     assert not list((tmp_path / "r").rglob("*.tmp"))
+
+
+def test_shift_labels_option_trains_on_the_next_token():
+    """shift_labels=True with Hugging Face-convention labels (labels = inputs) = the labels shifted by hand
+    (position i towards label i + 1, the last position nowhere); the option joins the run's fingerprint
+    only when set (run folders made before it existed stay resumable)."""
+    x, _ = token_data().tensors
+    hf = [(x[i:i + 6], x[i:i + 6]) for i in range(0, 24, 6)]
+    shifted = [(a, fastkd.shift_labels(b)) for a, b in hf]
+    results = []
+    for batches, shift in ((hf, True), (shifted, False)):
+        student = (torch.manual_seed(0), TokenModel())[1]
+        d = Distiller((torch.manual_seed(5), TokenModel())[1], student, sgd, hard_weight=0.5, shift_labels=shift,
+                      progress=False)
+        d.fit(batches)
+        results.append(weights(student))
+        assert ("shift_labels" in d.fingerprint()) is shift
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(fastkd.train.OptionError, match="shift_labels must be true or false"):
+        Distiller(None, TokenModel(), sgd, shift_labels="yes")
