@@ -1,0 +1,248 @@
+// The fused linear + KD loss, shared by the CPU and CUDA implementations: the op's argument handling
+// and the chunked algorithm, written once against a backend that supplies the GEMMs and the row kernel
+// (fused_linear_cpu.cpp, fused_linear_cuda.cu).
+//
+// Op (schema in fastkd/ops/fused_linear.py, beside the wrapper):
+//   fastkd::fused_linear_kd_loss_fwd(student_hidden [..., Hs], student_weight [V, Hs], student_bias [V]?,
+//       teacher_hidden [..., Ht], teacher_weight [V, Ht], teacher_bias [V]?, labels [...]?, row_scale [rows]?,
+//       options, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias)
+//     -> (loss, d/d student_hidden, d/d student_weight, d/d student_bias)
+//   options: float64 CPU [temperature, beta, soft_weight, hard_weight, logit_scale, softcap (0 = none)].
+//   The loss is kd_loss_fwd's of the logits head(h) = cap(logit_scale * (h @ weight^T + bias)),
+//   cap(z) = softcap * tanh(z / softcap); the gradients are for grad_output = 1, each one only when its
+//   flag is set (else an empty [0] tensor), every row's gradient multiplied by row_scale when given.
+//
+// The algorithm, per chunk of `chunk_size` rows (no [rows, V] tensor is ever allocated):
+//   S, T [chunk, V] fp32 <- the chunk's student and teacher logits (GEMMs with fp32 output), bias,
+//                           logit_scale and softcap applied in place;
+//   kd_rows (kd_loss/kd_rows.h) on S, T -> the chunk's row losses and, when a gradient is wanted,
+//                           G [chunk, V] fp32 = d(loss)/d(head output) (the reduction's weight included);
+//   G *= row_scale, G *= d head / d z (logit_scale * (1 - (S / softcap)^2), computed in T's buffer);
+//   grad_hidden[chunk] = G @ W; grad_weight (fp32 accumulator) += G^T @ h; grad_bias (fp32) += sum_rows G.
+// Peak memory beyond the inputs and the gradients: three fp32 [chunk, V] buffers (+ a low-precision copy
+// of G on CUDA), and the fp32 accumulators of the weight and bias gradients when those are bf16/fp16.
+#pragma once
+
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/common.h"
+#include "kd_loss/kd_loss.h"
+#include "kd_loss/kd_rows.h"
+
+namespace fastkd {
+
+struct FusedLinearArgs {
+  // The fields row_weight() and reduce_rows() (kd_loss/kd_loss.h) read.
+  at::Tensor student;  // [rows, Hs] the student's hidden states, last dim contiguous
+  at::Tensor labels;   // [rows] int64, or undefined
+  std::vector<int64_t> lead;  // the hidden states' leading shape (rows = its product)
+  int64_t rows = 0;
+  Reduction reduction = Reduction::BatchMean;
+  KdParams params{};
+  // The heads.
+  at::Tensor student_weight;  // [V, Hs]
+  at::Tensor student_bias;    // [V], or undefined
+  at::Tensor teacher;         // [rows, Ht] the teacher's hidden states
+  at::Tensor teacher_weight;  // [V, Ht]
+  at::Tensor teacher_bias;    // [V], or undefined
+  at::Tensor row_scale;       // [rows] fp32, or undefined
+  int64_t vocab = 0;
+  int64_t chunk = 0;
+  double logit_scale = 1.0;
+  double softcap = 0.0;  // 0: none
+  bool grad_hidden = false, grad_weight = false, grad_bias = false;
+};
+
+namespace detail {
+
+inline bool float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_head(const char* hidden_name, const at::Tensor& hidden, const char* weight_name,
+                       const at::Tensor& weight, const char* bias_name, const std::optional<at::Tensor>& bias,
+                       const at::Device& device) {
+  FKD_CHECK_ARG(hidden.dim() >= 1, hidden_name, "expected shape [..., hidden], got a 0-d tensor");
+  FKD_CHECK_ARG(weight.dim() == 2, weight_name, "expected shape [vocab, hidden], got ", weight.sizes());
+  FKD_CHECK_ARG(hidden.size(-1) == weight.size(1), weight_name, "shape ", weight.sizes(), " does not match ",
+                hidden_name, "'s hidden size ", hidden.size(-1), " (the weight is [vocab, hidden], as nn.Linear's)");
+  FKD_CHECK_ARG(float_dtype(hidden.scalar_type()), hidden_name, "expected fp32, fp16 or bf16, got ",
+                hidden.scalar_type());
+  FKD_CHECK_ARG(weight.scalar_type() == hidden.scalar_type(), weight_name, "dtype ", weight.scalar_type(),
+                " differs from ", hidden_name, "'s ", hidden.scalar_type());
+  FKD_CHECK_ARG(hidden.device() == device && weight.device() == device, weight_name, "and ", hidden_name,
+                " must be on ", device);
+  if (bias.has_value() && bias->defined()) {
+    FKD_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0), bias_name, "expected shape [",
+                  weight.size(0), "], got ", bias->sizes());
+    FKD_CHECK_ARG(bias->scalar_type() == weight.scalar_type() && bias->device() == device, bias_name,
+                  "expected ", weight.scalar_type(), " on ", device, ", got ", bias->scalar_type(), " on ",
+                  bias->device());
+  }
+}
+
+// [..., H] -> [rows, H] with unit stride along H (a view where possible).
+inline at::Tensor hidden_rows(const at::Tensor& x) {
+  const int64_t h = x.size(-1);
+  if (x.dim() == 2 && x.stride(1) == 1) return x;
+  return x.reshape({-1, h}).contiguous();
+}
+
+}  // namespace detail
+
+inline FusedLinearArgs make_fused_linear_args(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
+    const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& row_scale, const at::Tensor& options,
+    c10::string_view divergence_, int64_t ignore_index, c10::string_view reduction_, int64_t chunk_size,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
+  const at::Device device = student_hidden.device();
+  detail::check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias,
+                     device);
+  detail::check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias,
+                     device);
+  FKD_CHECK_ARG(student_weight.size(0) == teacher_weight.size(0), "teacher_weight", "vocabulary sizes differ: student ",
+                student_weight.size(0), ", teacher ", teacher_weight.size(0));
+  FKD_CHECK_ARG(student_weight.size(0) >= 1, "student_weight", "the vocabulary (first) dimension is empty");
+  const auto lead = student_hidden.sizes().slice(0, student_hidden.dim() - 1);
+  FKD_CHECK_ARG(lead == teacher_hidden.sizes().slice(0, teacher_hidden.dim() - 1), "teacher_hidden",
+                "leading shapes differ: student ", student_hidden.sizes(), ", teacher ", teacher_hidden.sizes());
+  FKD_CHECK_ARG(chunk_size > 0, "chunk_size", "must be > 0, got ", chunk_size);
+  FKD_CHECK_ARG(options.device().is_cpu() && options.scalar_type() == at::kDouble && options.dim() == 1 &&
+                    options.size(0) == 6,
+                "options", "expected a float64 CPU tensor [temperature, beta, soft_weight, hard_weight, logit_scale, "
+                "softcap], got ", options.scalar_type(), " ", options.sizes(), " on ", options.device());
+  const at::Tensor o = options.contiguous();
+  const KdOptions k = read_kd_options(o.narrow(0, 0, 4));
+  FusedLinearArgs a;
+  a.logit_scale = o.data_ptr<double>()[4];
+  a.softcap = o.data_ptr<double>()[5];
+  FKD_CHECK_ARG(std::isfinite(a.logit_scale) && a.logit_scale > 0, "logit_scale", "must be finite and > 0, got ",
+                a.logit_scale);
+  FKD_CHECK_ARG(std::isfinite(a.softcap) && a.softcap >= 0, "softcap", "must be finite and > 0 (0: none), got ",
+                a.softcap);
+  a.lead = lead.vec();
+  a.student = detail::hidden_rows(student_hidden);
+  a.teacher = detail::hidden_rows(teacher_hidden);
+  a.rows = a.student.size(0);
+  a.student_weight = student_weight;
+  a.teacher_weight = teacher_weight;
+  if (student_bias.has_value()) a.student_bias = *student_bias;
+  if (teacher_bias.has_value()) a.teacher_bias = *teacher_bias;
+  a.vocab = student_weight.size(0);
+  a.chunk = chunk_size;
+  a.reduction = parse_reduction(std::string_view(reduction_.data(), reduction_.size()));
+  const Divergence div = parse_divergence(std::string_view(divergence_.data(), divergence_.size()));
+  a.labels = labels_arg(labels, a.lead, device, k.hard_weight);
+  a.params = make_kd_params(div, k.temperature, k.beta, k.soft_weight, k.hard_weight, ignore_index);
+  if (row_scale.has_value() && row_scale->defined()) {
+    FKD_CHECK_ARG(row_scale->numel() == a.rows && row_scale->device() == device, "row_scale", "expected ", a.rows,
+                  " factors on ", device, ", got ", row_scale->numel(), " on ", row_scale->device());
+    a.row_scale = row_scale->reshape({-1}).to(at::kFloat);
+  }
+  a.grad_hidden = grad_hidden;
+  a.grad_weight = grad_weight;
+  a.grad_bias = grad_bias && a.student_bias.defined();
+  FKD_CHECK_ARG(!grad_bias || a.student_bias.defined(), "grad_bias", "set but student_bias is None");
+  return a;
+}
+
+// In place on a chunk's fp32 logits z = h @ W^T: z = cap(logit_scale * (z + bias)).
+inline void apply_head(at::Tensor& z, const at::Tensor& bias, double logit_scale, double softcap) {
+  if (bias.defined()) z.add_(bias);
+  if (softcap > 0) {
+    z.mul_(logit_scale / softcap).tanh_().mul_(softcap);
+  } else if (logit_scale != 1.0) {
+    z.mul_(logit_scale);
+  }
+}
+
+// What a backend supplies (all fp32 results; `g` is a chunk's fp32 gradient of the logits [n, V]):
+//   at::Tensor hidden_chunk(const at::Tensor& h)               the chunk's hidden rows as the GEMMs take them
+//   void logits(at::Tensor& out, const at::Tensor& h, const at::Tensor& w)      out [n, V] fp32 = h @ w^T
+//   void grad_hidden(at::Tensor& out, const at::Tensor& g, const at::Tensor& w)   out [n, H] = g @ w
+//   void grad_weight(at::Tensor& acc, const at::Tensor& g, const at::Tensor& h)   acc [V, H] fp32 += g^T @ h
+//   void rows(const KdRowsArgs& r, const at::Tensor& weight)   the row kernel (weight: row_weight(a))
+//   void chunk_gradient(const at::Tensor& g)                   called once per chunk before the two above
+//   at::Tensor weight(const at::Tensor& w)                     the weight as the GEMMs take it (once per call)
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_forward(const FusedLinearArgs& a,
+                                                                                   const at::Tensor& weight,
+                                                                                   Backend& be) {
+  const auto f32 = a.student.options().dtype(at::kFloat);
+  const bool with_grad = a.grad_hidden || a.grad_weight || a.grad_bias;
+  const int64_t chunk = std::max<int64_t>(1, std::min(a.chunk, a.rows));
+  const at::Tensor ws = be.weight(a.student_weight), wt = be.weight(a.teacher_weight);
+  const at::Tensor bs = a.student_bias.defined() ? a.student_bias.to(at::kFloat) : at::Tensor();
+  const at::Tensor bt = a.teacher_bias.defined() ? a.teacher_bias.to(at::kFloat) : at::Tensor();
+  at::Tensor row_losses = at::empty({a.rows}, f32);
+  at::Tensor gh = a.grad_hidden ? at::empty({a.rows, a.student.size(1)}, a.student.options())
+                                : at::empty({0}, a.student.options());
+  at::Tensor gw = a.grad_weight ? at::zeros(a.student_weight.sizes(), f32) : at::Tensor();
+  at::Tensor gb = a.grad_bias ? at::zeros({a.vocab}, f32) : at::Tensor();
+  if (a.rows > 0) {
+    at::Tensor s_buf = at::empty({chunk, a.vocab}, f32), t_buf = at::empty({chunk, a.vocab}, f32);
+    at::Tensor g_buf = with_grad ? at::empty({chunk, a.vocab}, f32) : at::Tensor();
+    const int64_t* labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
+    for (int64_t r0 = 0; r0 < a.rows; r0 += chunk) {
+      const int64_t n = std::min(chunk, a.rows - r0);
+      at::Tensor s = s_buf.narrow(0, 0, n), t = t_buf.narrow(0, 0, n);
+      const at::Tensor h = be.hidden_chunk(a.student.narrow(0, r0, n));
+      be.logits(s, h, ws);
+      be.logits(t, be.hidden_chunk(a.teacher.narrow(0, r0, n)), wt);
+      apply_head(s, bs, a.logit_scale, a.softcap);
+      apply_head(t, bt, a.logit_scale, a.softcap);
+      KdRowsArgs r;
+      r.student = s.data_ptr();
+      r.student_stride = a.vocab;
+      r.teacher = t.data_ptr();
+      r.teacher_stride = a.vocab;
+      r.labels = labels == nullptr ? nullptr : labels + r0;
+      r.rows = n;
+      r.vocab = a.vocab;
+      r.row_losses = row_losses.data_ptr<float>() + r0;
+      r.grad = with_grad ? g_buf.data_ptr() : nullptr;
+      r.grad_stride = a.vocab;
+      r.params = a.params;
+      be.rows(r, weight);
+      if (!with_grad) continue;
+      at::Tensor g = g_buf.narrow(0, 0, n);
+      if (a.row_scale.defined()) g.mul_(a.row_scale.narrow(0, r0, n).unsqueeze(1));
+      if (a.softcap > 0) {  // d cap(u)/du = 1 - (cap / softcap)^2, u = logit_scale * z; in t's buffer (free now)
+        at::mul_out(t, s, s);
+        t.mul_(-a.logit_scale / (a.softcap * a.softcap)).add_(a.logit_scale);
+        g.mul_(t);
+      } else if (a.logit_scale != 1.0) {
+        g.mul_(a.logit_scale);
+      }
+      be.chunk_gradient(g);
+      if (a.grad_hidden) {
+        at::Tensor out = gh.narrow(0, r0, n);
+        be.grad_hidden(out, g, ws);
+      }
+      if (a.grad_weight) be.grad_weight(gw, g, h);
+      if (a.grad_bias) gb.add_(g.sum(0));
+    }
+  }
+  at::Tensor loss = reduce_rows(a, row_losses, weight);
+  const auto out_or_empty = [&](const at::Tensor& acc, bool wanted, at::ScalarType dtype) {
+    if (!wanted) return at::empty({0}, a.student_weight.options());
+    return acc.scalar_type() == dtype ? acc : acc.to(dtype);
+  };
+  if (a.grad_hidden) {
+    std::vector<int64_t> shape = a.lead;
+    shape.push_back(a.student.size(1));
+    gh = gh.view(shape);
+  }
+  return {loss, gh, out_or_empty(gw, a.grad_weight, a.student_weight.scalar_type()),
+          out_or_empty(gb, a.grad_bias, a.student_weight.scalar_type())};
+}
+
+}  // namespace fastkd
