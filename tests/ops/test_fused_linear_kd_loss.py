@@ -262,8 +262,7 @@ def test_module_matches_function():
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
-def test_float64_runs_the_oracle_and_gradchecks(divergence, beta):
+def test_float64_runs_the_oracle_and_gradchecks(divergence="jsd", beta=0.3):
     p, labels = make_problem(rows=5, hs=3, ht=4, vocab=7, dtype=torch.float64, bias=True, seed=17)
     hs, w, b = (p[k].clone().requires_grad_(True) for k in STUDENT)
 
