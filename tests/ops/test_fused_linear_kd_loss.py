@@ -337,3 +337,31 @@ def test_bad_input_names_the_argument(change, match):
     args = [kw.pop(k) for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "labels")]
     with pytest.raises((ValueError, TypeError), match=match):
         fastkd.fused_linear_kd_loss(*args, **kw)
+
+
+def test_torch_compile_changing_temperature_and_softcap_compile_once():
+    """A schedule that changes temperature, hard_weight and softcap every step compiles once (aot_eager:
+    the first call's static graph aside)."""
+    p, labels = make_problem(rows=8, vocab=40, seed=21)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(hs, w, ht, wt, labels, T, hw, cap):
+        return fastkd.fused_linear_kd_loss(hs, w, ht, wt, labels, temperature=T, hard_weight=hw, softcap=cap,
+                                           chunk_size=3)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counting)
+    with torch._dynamo.config.patch(recompile_limit=2):  # a recompile per value would fail here
+        for T, hw, cap in [(1.0, 0.5, 3.0), (1.5, 0.4, 3.5), (2.0, 0.3, 4.0), (2.5, 0.2, 5.0)]:
+            hs = p["student_hidden"].clone().requires_grad_(True)
+            loss = compiled(hs, p["student_weight"], p["teacher_hidden"], p["teacher_weight"], labels, T, hw, cap)
+            loss.backward()
+            ref, ref_grads = loss_and_grads(oracle, p, labels, dtype=torch.float64, temperature=T, hard_weight=hw,
+                                            softcap=cap)
+            torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(hs.grad.double(), ref_grads[0], rtol=1e-4, atol=1e-7)
+    assert len(graphs) <= 2, len(graphs)
