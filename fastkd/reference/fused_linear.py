@@ -11,6 +11,10 @@ identity when softcap is None). Two forms:
   rows in chunks, each chunk's logits in fp32, the closed-form KD gradient of the chunk
   (``fastkd.reference.kd.kd_loss_and_grad``), then the chunk's hidden gradient and an fp32 accumulation of the
   weight and bias gradients. No (rows x V) tensor.
+
+The same two forms with a sparse teacher (its top-k values and indices, the maths of ``fastkd.topk_kd_loss``; the
+student's head alone is fused, ``logit_scale`` and ``softcap`` apply to it): :func:`fused_linear_topk_kd_loss`
+and :func:`fused_linear_topk_kd_loss_fwd`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import torch
 
 from ._common import compute_dtype as _compute_dtype
 from .kd import _check_op_args, _reduce, kd_loss, kd_loss_and_grad, unpack_options
+from .topk import topk_kd_loss, topk_kd_loss_and_grad
 
-__all__ = ["head_logits", "fused_linear_kd_loss", "fused_linear_kd_loss_fwd", "unpack_fused_options"]
+__all__ = ["head_logits", "fused_linear_kd_loss", "fused_linear_kd_loss_fwd", "fused_linear_topk_kd_loss",
+           "fused_linear_topk_kd_loss_fwd", "unpack_fused_options"]
 
 
 def head_logits(hidden, weight, bias=None, logit_scale=1.0, softcap=None):
@@ -73,17 +79,34 @@ def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teach
     ``row_scale`` ([rows] or None) when given."""
     temperature, beta, soft_weight, hard_weight, logit_scale, softcap = unpack_fused_options(options)
     _check_op_args(temperature, divergence, beta, reduction)
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    dtype = torch.promote_types(_compute_dtype(ht), _compute_dtype(teacher_weight))
+    wt = teacher_weight.to(dtype)  # once per call (a copy only for low-precision weights)
+
+    def rows_fn(s, r0, r1, lab, with_grad):
+        t = head_logits(ht[r0:r1], wt, teacher_bias, logit_scale, softcap)
+        return kd_loss_and_grad(s, t, lab, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
+                                "none", with_grad)
+
+    return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ignore_index, reduction,
+                    chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)
+
+
+def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ignore_index, reduction, chunk_size,
+             flags, logit_scale, softcap, rows_fn):
+    """The chunk loop the fused ops share: per chunk, the student's logits, ``rows_fn(s, r0, r1, labels, with_grad)``
+    -> (row losses, d rows / d s with grad_output 1 per row), the chain rule through the head, the gradients'
+    GEMMs (the weight's and bias' accumulated in the maths dtype); then the reduction."""
     if chunk_size <= 0:
         raise ValueError(f"fastkd: argument 'chunk_size': must be > 0, got {chunk_size}")
+    grad_hidden, grad_weight, grad_bias = flags
     lead = student_hidden.shape[:-1]
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1)
     rows, vocab = hs.shape[0], student_weight.shape[0]
     dtype = torch.promote_types(_compute_dtype(hs), _compute_dtype(student_weight))
     with_grad = grad_hidden or grad_weight or grad_bias
-    # The weights in the maths dtype once per call (a copy only for low-precision weights).
-    ws, wt = student_weight.to(dtype), teacher_weight.to(dtype)
+    ws = student_weight.to(dtype)
     gh = torch.zeros((rows, hs.shape[1]), dtype=dtype, device=hs.device) if grad_hidden else None
     gw = torch.zeros(ws.shape, dtype=dtype, device=hs.device) if grad_weight else None
     gb = torch.zeros((vocab,), dtype=dtype, device=hs.device) if grad_bias else None
@@ -99,10 +122,8 @@ def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teach
         r1 = min(rows, r0 + chunk_size)
         h = hs[r0:r1].to(dtype)
         s = head_logits(h, ws, student_bias, logit_scale, softcap)
-        t = head_logits(ht[r0:r1], wt, teacher_bias, logit_scale, softcap)
         lab = None if flat_labels is None else flat_labels[r0:r1]
-        rl, g = kd_loss_and_grad(s, t, lab, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
-                                 "none", with_grad)
+        rl, g = rows_fn(s, r0, r1, lab, with_grad)
         row_losses.append(rl)
         if not with_grad:
             continue
@@ -131,3 +152,32 @@ def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teach
             gh.to(student_hidden.dtype).reshape(student_hidden.shape) if grad_hidden else _empty(student_hidden),
             gw.to(student_weight.dtype) if grad_weight else _empty(student_weight),
             gb.to(student_bias.dtype) if grad_bias else _empty(student_weight))
+
+
+# ---- the sparse (top-k) teacher ------------------------------------------------------------------------
+def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_values, teacher_indices, labels=None,
+                              student_bias=None, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
+                              hard_weight=0.0, ignore_index=-100, reduction="batchmean", logit_scale=1.0,
+                              softcap=None):
+    """The loss of ``fastkd.fused_linear_topk_kd_loss`` through materialised student logits, differentiable by
+    autograd (the oracle): ``topk_kd_loss(head(student_hidden), teacher_values, teacher_indices, ...)``."""
+    s = head_logits(student_hidden, student_weight, student_bias, logit_scale, softcap)
+    return topk_kd_loss(s, teacher_values, teacher_indices, labels, temperature, divergence, beta, soft_weight,
+                        hard_weight, ignore_index, reduction)
+
+
+def fused_linear_topk_kd_loss_fwd(student_hidden, student_weight, student_bias, teacher_values, teacher_indices,
+                                  labels, row_scale, options, divergence, ignore_index, reduction, chunk_size,
+                                  grad_hidden, grad_weight, grad_bias):
+    """Fallback kernel of ``fastkd::fused_linear_topk_kd_loss_fwd`` (outputs as fused_linear_kd_loss_fwd's)."""
+    temperature, beta, soft_weight, hard_weight, logit_scale, softcap = unpack_fused_options(options)
+    _check_op_args(temperature, divergence, beta, reduction)
+    k = teacher_values.shape[-1]
+    values, indices = teacher_values.reshape(-1, k), teacher_indices.reshape(-1, k)
+
+    def rows_fn(s, r0, r1, lab, with_grad):
+        return topk_kd_loss_and_grad(s, values[r0:r1], indices[r0:r1], lab, temperature, divergence, beta,
+                                     soft_weight, hard_weight, ignore_index, "none", with_grad)
+
+    return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ignore_index, reduction,
+                    chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)
