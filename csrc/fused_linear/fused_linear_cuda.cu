@@ -1,5 +1,6 @@
-// The CUDA op of the fused linear + KD loss: the algorithm of fused_linear/fused_linear.h with cuBLAS
-// GEMMs and fastkd's CUDA KD row kernel (kd_rows_cuda, kd_loss/kd_rows.h), all on the current stream,
+// The CUDA ops of the fused linear + KD losses: the algorithm of fused_linear/fused_linear.h with cuBLAS
+// GEMMs and fastkd's CUDA row kernels (kd_rows_cuda, kd_loss/kd_rows.h; topk_rows_cuda, topk_kd/topk_rows.h),
+// all on the current stream,
 // with no host synchronisation (the reduction's weight stays on the device; ignored rows are computed
 // and zeroed by the row kernel, since skipping them would need their count on the host).
 //
@@ -19,6 +20,7 @@
 
 #include "fused_linear/fused_linear.h"
 #include "kd_loss/kd_rows.h"
+#include "topk_kd/topk_rows.h"
 
 namespace fastkd {
 
@@ -65,10 +67,25 @@ struct CudaGemms {
                                       static_cast<int>(low.stride(0)), &one, acc.data_ptr(), CUDA_R_32F,
                                       static_cast<int>(acc.stride(0)), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
-  void rows(const KdRowsArgs& r, const at::Tensor& weight) const {
+  void kd_rows(const KdRowsArgs& r, const at::Tensor& weight) const {
     kd_rows_cuda(r, weight.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   }
+  void topk_rows(const TopkRowsArgs& r, const at::Tensor& weight) const {
+    topk_rows_cuda(r, weight.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  }
 };
+
+template <typename Teacher>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(const FusedLinearArgs& a) {
+  FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_weight", "vocabulary of ", a.vocab,
+                " entries is too large (at most 2^30)");
+  const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernels read it, the host never does
+  CudaGemms gemms;
+  if (a.student.scalar_type() != at::kFloat && (a.grad_hidden || a.grad_weight || a.grad_bias)) {
+    gemms.low_buf = at::empty({std::max<int64_t>(1, std::min(a.chunk, a.rows)), a.vocab}, a.student.options());
+  }
+  return fused_linear_forward<Teacher>(a, weight, gemms);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_fwd_cuda(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
@@ -79,22 +96,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_
   FKD_CHECK_ARG(student_hidden.is_cuda(), "student_hidden", "expected a CUDA tensor, got one on ",
                 student_hidden.device());
   const c10::cuda::CUDAGuard guard(student_hidden.device());
-  const FusedLinearArgs a = make_fused_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
-                                                   teacher_weight, teacher_bias, labels, row_scale, options, divergence,
-                                                   ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
-                                                   grad_bias);
-  FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_weight", "vocabulary of ", a.vocab,
-                " entries is too large (at most 2^30)");
-  const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
-  CudaGemms gemms;
-  if (a.student.scalar_type() != at::kFloat && (a.grad_hidden || a.grad_weight || a.grad_bias)) {
-    gemms.low_buf = at::empty({std::max<int64_t>(1, std::min(a.chunk, a.rows)), a.vocab}, a.student.options());
-  }
-  return fused_linear_kd_forward(a, weight, gemms);
+  return forward_cuda<DenseTeacher<CudaGemms>>(make_fused_linear_args(
+      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, row_scale,
+      options, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kd_loss_fwd_cuda(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
+    const at::Tensor& teacher_values, const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& row_scale, const at::Tensor& options, c10::string_view divergence,
+    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
+    bool grad_bias) {
+  FKD_CHECK_ARG(student_hidden.is_cuda(), "student_hidden", "expected a CUDA tensor, got one on ",
+                student_hidden.device());
+  const c10::cuda::CUDAGuard guard(student_hidden.device());
+  return forward_cuda<TopkTeacher<CudaGemms>>(make_fused_topk_args(
+      student_hidden, student_weight, student_bias, teacher_values, teacher_indices, labels, row_scale, options,
+      divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("fused_linear_kd_loss_fwd", &fused_linear_kd_loss_fwd_cuda); }
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("fused_linear_kd_loss_fwd", &fused_linear_kd_loss_fwd_cuda);
+  m.impl("fused_linear_topk_kd_loss_fwd", &fused_linear_topk_kd_loss_fwd_cuda);
+}
 
 }  // namespace fastkd
