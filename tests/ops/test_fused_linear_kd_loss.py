@@ -365,3 +365,144 @@ def test_torch_compile_changing_temperature_and_softcap_compile_once():
             torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(hs.grad.double(), ref_grads[0], rtol=1e-4, atol=1e-7)
     assert len(graphs) <= 2, len(graphs)
+
+
+# ---- the sparse (top-k) teacher: fastkd.fused_linear_topk_kd_loss ---------------------------------------------
+def make_topk_problem(k=16, dtype=torch.float32, bias=False, lead=None, seed=30, index_dtype=torch.int64):
+    """The student's head and a top-k teacher (the top-k of a dense teacher's logits)."""
+    p, labels = make_problem(bias=bias, lead=lead, seed=seed)
+    t = p["teacher_hidden"].double() @ p["teacher_weight"].double().T
+    values, indices = t.topk(k, dim=-1)
+    q = {key: p[key].to(dtype) for key in STUDENT if key in p}
+    return q, values.to(dtype), indices.to(index_dtype), labels
+
+
+def topk_loss_and_grads(fn, q, values, indices, labels, grad_out=None, dtype=None, **kw):
+    x = {k: (v if dtype is None else v.to(dtype)).detach().clone().requires_grad_(True) for k, v in q.items()}
+    extra = {"student_bias": x["student_bias"]} if "student_bias" in x else {}
+    loss = fn(x["student_hidden"], x["student_weight"], values if dtype is None else values.to(dtype), indices,
+              labels, **extra, **kw)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype))
+    return loss.detach(), [x[k].grad if k in x else None for k in STUDENT]
+
+
+def topk_oracle(hs, ws, values, indices, labels=None, student_bias=None, chunk_size=None, **kw):
+    return reference.fused_linear_topk_kd_loss(hs, ws, values, indices, labels, student_bias, **kw)
+
+
+def topk_unfused(hs, ws, values, indices, labels=None, student_bias=None, logit_scale=1.0, softcap=None,
+                 chunk_size=None, **kw):
+    z = torch.nn.functional.linear(hs, ws, student_bias) * logit_scale
+    z = z if softcap is None else softcap * torch.tanh(z / softcap)
+    return fastkd.topk_kd_loss(z, values, indices, labels, **kw)
+
+
+def check_topk(q, values, indices, labels, grad_out=None, dtype=torch.float32, floor=1e-6, **kw):
+    ref_loss, ref_grads = topk_loss_and_grads(topk_oracle, q, values, indices, labels, grad_out, torch.float64, **kw)
+    loss, grads = topk_loss_and_grads(fastkd.fused_linear_topk_kd_loss, q, values, indices, labels, grad_out, dtype,
+                                      **kw)
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+
+    def err(x, ref):
+        return (x.double() - ref).abs().max().item()
+
+    scale_loss = max(1.0, ref_loss.abs().max().item())
+    if dtype == torch.float32:
+        base_loss, base_grads = topk_loss_and_grads(topk_unfused, q, values, indices, labels, grad_out, dtype, **kw)
+        assert err(loss, ref_loss) <= 2 * err(base_loss, ref_loss) + floor * scale_loss
+        for g, b, r, name in zip(grads, base_grads, ref_grads, STUDENT, strict=True):
+            if r is not None:
+                assert err(g, r) <= 2 * err(b, r) + floor * max(1e-3, r.abs().max().item()), name
+    else:
+        assert err(loss, ref_loss) <= 1e-3 * scale_loss
+        for g, r, name in zip(grads, ref_grads, STUDENT, strict=True):
+            if r is not None:
+                assert err(g, r) / max(1e-6, r.abs().max().item()) <= 1e-2, name
+    return loss, grads
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("jsd", 0.3), ("jsd", 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_divergences_and_dtypes(divergence, beta, dtype):
+    q, v, i, labels = make_topk_problem(dtype=dtype)
+    check_topk(q, v, i, labels, dtype=dtype, temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.3,
+               chunk_size=8)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_topk_reductions_bias_softcap_grad_output(reduction):
+    q, v, i, labels = make_topk_problem(bias=True, index_dtype=torch.int32)
+    g = torch.randn(37, dtype=torch.float64) if reduction == "none" else torch.tensor(1.5, dtype=torch.float64)
+    check_topk(q, v, i, labels, grad_out=g, temperature=1.5, divergence="jsd", beta=0.4, hard_weight=0.2,
+               reduction=reduction, logit_scale=0.7, softcap=3.0, chunk_size=5)
+
+
+def test_topk_3d_and_one_row():
+    q, v, i, labels = make_topk_problem(lead=(3, 5), k=7)
+    loss, grads = check_topk(q, v, i, labels, temperature=2.0, reduction="none", chunk_size=4)
+    assert loss.shape == (3, 5) and grads[0].shape == (3, 5, 16)
+    q, v, i, labels = make_topk_problem(k=300)  # K = V: the dense loss
+    one = {k: x[:1] if k == "student_hidden" else x for k, x in q.items()}
+    check_topk(one, v[:1], i[:1], None, temperature=3.0)
+
+
+def test_topk_matches_the_dense_op_when_k_is_v():
+    """With every entry kept, the top-k teacher is the dense teacher: the two fused ops agree."""
+    p, labels = make_problem(seed=31)
+    t = p["teacher_hidden"] @ p["teacher_weight"].T
+    values, indices = t.topk(300, dim=-1)
+    kw = dict(temperature=2.0, hard_weight=0.2, chunk_size=6)
+    a, ga = loss_and_grads(fastkd.fused_linear_kd_loss, p, labels, **kw)
+    q = {k: p[k] for k in ("student_hidden", "student_weight")}
+    b, gb = topk_loss_and_grads(fastkd.fused_linear_topk_kd_loss, q, values, indices, labels, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for x, y in zip(ga[:2], gb[:2], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_module_opcheck_and_compile():
+    q, v, i, labels = make_topk_problem(bias=True)
+    mod = fastkd.FusedLinearTopKKDLoss(temperature=2.0, hard_weight=0.2, softcap=4.0, chunk_size=8)
+    a = mod(q["student_hidden"], q["student_weight"], v, i, labels, student_bias=q["student_bias"])
+    b = fastkd.fused_linear_topk_kd_loss(q["student_hidden"], q["student_weight"], v, i, labels,
+                                         student_bias=q["student_bias"], temperature=2.0, hard_weight=0.2,
+                                         softcap=4.0, chunk_size=8)
+    torch.testing.assert_close(a, b)
+    opts = _options(2.0, 0.3, 1.0, 0.2, 0.8, 3.0)
+    base = (q["student_hidden"], q["student_weight"], q["student_bias"], v, i, labels)
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_topk_kd_loss_fwd,
+                          (*base, None, opts, "jsd", -100, "sum", 6, False, False, False))
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_topk_kd_loss_fwd,
+                          (*base, torch.rand(37), opts, "kl", -100, "none", 6, True, True, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+    def step(hs, w, b, v, i, labels, T):
+        return fastkd.fused_linear_topk_kd_loss(hs, w, v, i, labels, student_bias=b, temperature=T, chunk_size=5)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        hs, w, bias = (q[k].clone().requires_grad_(True) for k in STUDENT)
+        out = fn(hs, w, bias, v, i, labels, 2.0)
+        out.backward()
+        results.append((out.detach(), hs.grad, w.grad, bias.grad))
+    for x, y in zip(*results, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(k=301), r"K must be in \[1, 300\]"),
+    (dict(divergence="reverse_kl"), "reverse_kl"),
+    (dict(indices=torch.full((37, 16), 300)), "teacher_indices"),
+    (dict(values=torch.randn(37, 15)), "must have the same shape"),
+    (dict(student_weight=torch.randn(300, 17)), "student_hidden has hidden size 16"),
+])
+def test_topk_bad_input_names_the_argument(change, match):
+    q, v, i, labels = make_topk_problem()
+    if "k" in change:
+        v, i = torch.randn(37, change.pop("k")), torch.zeros(37, 301, dtype=torch.long)
+    v, i = change.pop("values", v), change.pop("indices", i)
+    w = change.pop("student_weight", q["student_weight"])
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastkd.fused_linear_topk_kd_loss(q["student_hidden"], w, v, i, labels, **change)
