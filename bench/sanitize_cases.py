@@ -10,7 +10,7 @@ strides (the gradient's rows at another phase than the inputs'), mixed dtypes, i
 in-place scale; topk_kd_loss forward with and without gradient (KL and JSD) on both row paths with
 both duplicate-index checks (pairwise, and the shared-memory bitmap, in the opt-in window too: 400000
 entries), labels inside and outside the support, value and index dtypes, more rows than the persistent
-grid holds (bitmaps reused across rows); fused_linear_kd_loss (fp32 and bf16, both reductions' paths); the
+grid holds (bitmaps reused across rows); fused_linear_kd_loss and fused_linear_topk_kd_loss (fp32 and bf16, both reductions' paths); the
 clipping kernels, also captured in a CUDA graph and replayed.
 
 --trim: the cases racecheck gets (it tracks every shared-memory access: the KD block kernel's ~227 KiB
@@ -171,7 +171,7 @@ def clip_cases(dev, trim=False):
 
 
 def fused_linear_cases(dev, trim=False):
-    """fused_linear_kd_loss: fp32 and bf16 (the cublasGemmEx fp32 weight-gradient path), biases, softcap,
+    """fused_linear_kd_loss and fused_linear_topk_kd_loss: fp32 and bf16 (the cublasGemmEx fp32 weight-gradient path), biases, softcap,
     chunks that do not divide the rows, ignored rows, reduction "none" (the backward's second pass)."""
     g = torch.Generator(device=dev).manual_seed(0)
     calls = 0
@@ -190,7 +190,12 @@ def fused_linear_cases(dev, trim=False):
                                                    hard_weight=0.3, reduction=reduction, softcap=softcap,
                                                    chunk_size=4)
                 loss.sum().backward()
-                calls += 1
+                values, indices = (t_h.float() @ t_w.float().T).topk(min(vocab, 64), dim=-1)
+                loss = fastkd.fused_linear_topk_kd_loss(s_h, s_w, values.to(dtype), indices, labels,
+                                                        student_bias=s_b, temperature=2.0, hard_weight=0.3,
+                                                        reduction=reduction, softcap=softcap, chunk_size=4)
+                loss.sum().backward()
+                calls += 2
     return calls
 
 

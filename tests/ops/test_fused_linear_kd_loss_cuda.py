@@ -102,3 +102,30 @@ def test_frozen_head_and_no_grad():
             again = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, labels, temperature=2.0)
     assert hs.grad is not None and ws.grad is None
     torch.testing.assert_close(again, loss.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_topk_against_float64(dtype, divergence, beta, reduction):
+    (hs, ws, bs, ht, wt, _), labels = problem(37, 64, 48, 2049, dtype, seed=3)
+    values, indices = (ht.double() @ wt.double().T).topk(64, dim=-1)
+    kw = dict(temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.3, reduction=reduction, softcap=4.0)
+    grad_out = torch.randn(37, device=DEV) if reduction == "none" else None
+
+    def run(fn, dt, **extra):
+        x = [t.to(dt).clone().requires_grad_(True) for t in (hs, ws, bs)]
+        loss = fn(x[0], x[1], values.to(dt), indices, labels, student_bias=x[2], **kw, **extra)
+        loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype))
+        return loss.detach().double(), [t.grad.double() for t in x]
+
+    def oracle_topk(h, w, v, i, lab, student_bias, **kw):
+        return reference.fused_linear_topk_kd_loss(h, w, v, i, lab, student_bias, **kw)
+
+    ref_loss, ref_grads = run(oracle_topk, torch.float64)
+    with no_sync():
+        loss, got = run(fastkd.fused_linear_topk_kd_loss, dtype, chunk_size=8)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (loss - ref_loss).abs().max() <= tol * max(1.0, ref_loss.abs().max().item())
+    for g, r in zip(got, ref_grads, strict=True):
+        assert (g - r).abs().max() <= tol * r.abs().max().clamp_min(1e-6)
