@@ -173,6 +173,30 @@ def test_all_rows_ignored_gives_zero():
     assert loss.item() == 0.0 and (grads[0] == 0).all() and (grads[1] == 0).all()
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_zero_rows(reduction):
+    p, labels = make_problem(rows=0, seed=22)
+    loss, grads = loss_and_grads(fastkd.fused_linear_kd_loss, p, labels, hard_weight=0.5, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ()) and float(loss.sum()) == 0.0
+    assert grads[0].shape == (0, 16) and (grads[1] == 0).all()
+
+
+def test_non_contiguous_inputs():
+    """Hidden states with a stride along H, weights stored transposed (views): the results of contiguous inputs."""
+    p, labels = make_problem(seed=23)
+    a, ga = loss_and_grads(fastkd.fused_linear_kd_loss, p, labels, temperature=2.0, chunk_size=8)
+    wide = torch.stack([p["student_hidden"]] * 2, -1).requires_grad_(True)  # (37, 16, 2)
+    w_t = p["student_weight"].T.contiguous().requires_grad_(True)  # (16, 300): the weight is its transpose
+    hs, ws = wide[..., 0], w_t.T
+    assert not hs.is_contiguous() and not ws.is_contiguous()
+    b = fastkd.fused_linear_kd_loss(hs, ws, p["teacher_hidden"].T.contiguous().T, p["teacher_weight"], labels,
+                                    temperature=2.0, chunk_size=8)
+    b.backward()
+    torch.testing.assert_close(a, b.detach())
+    torch.testing.assert_close(ga[0], wide.grad[..., 0])
+    torch.testing.assert_close(ga[1], w_t.grad.T)
+
+
 def test_matches_kd_loss_on_materialised_logits():
     p, labels = make_problem(bias=True, seed=10)
     kw = dict(temperature=2.0, divergence="jsd", beta=0.3, hard_weight=0.2)
