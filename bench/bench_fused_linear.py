@@ -18,8 +18,9 @@ Columns: median / p20 / p80 time, peak memory above the inputs (bench.common.pea
 on the CPU, the caching allocator's peak on CUDA), the rate of the four GEMMs' work (gemm_flop) in GFLOP/s,
 and the time relative to the GEMMs alone.
 Cases: CPU fp32, Hs = 512, Ht = 1024, V = 32000, N in (1024, 4096, 16384); CUDA bf16, N = 8192,
-H = 4096, V = 128256 (Liger's benchmark shape). Memory of the largest CPU case: the unfused paths hold a few
-fp32 (N x V) tensors (2 GiB each at N = 16384), the eager one most (about 10 GiB there); fits in 24 GiB.
+H = 4096, V = 128256 (Liger's benchmark shape). Memory of the largest CPU case: at N = 2048 the unfused
+path needed 750 MiB above the inputs and the eager one 1750 MiB (3 and 7 fp32 N x V tensors), so about 6 and
+14 GiB at N = 16384: the grid fits in 24 GiB.
 """
 
 from __future__ import annotations
