@@ -1,6 +1,6 @@
-// The fused linear + KD loss, shared by the CPU and CUDA implementations: the op's argument handling
-// and the chunked algorithm, written once against a backend that supplies the GEMMs and the row kernel
-// (fused_linear_cpu.cpp, fused_linear_cuda.cu).
+// The fused linear + KD losses, shared by the CPU and CUDA implementations: the ops' argument handling
+// and the chunked algorithm, written once against a backend that supplies the GEMMs and the row kernels
+// (fused_linear_cpu.cpp, fused_linear_cuda.cu) and a teacher (DenseTeacher, TopkTeacher below).
 //
 // Op (schema in fastkd/ops/fused_linear.py, beside the wrapper):
 //   fastkd::fused_linear_kd_loss_fwd(student_hidden [..., Hs], student_weight [V, Hs], student_bias [V]?,
@@ -22,10 +22,12 @@
 //   kd_rows (kd_loss/kd_rows.h) on S, T, or topk_rows (topk_kd/topk_rows.h) on S and the chunk's top-k
 //                           -> the chunk's row losses and, when a gradient is wanted,
 //                           G [chunk, V] fp32 = d(loss)/d(head output) (the reduction's weight included);
-//   G *= row_scale, G *= d head / d z (logit_scale * (1 - (S / softcap)^2), computed in T's buffer);
+//   G *= row_scale, G *= d head / d z (logit_scale * (1 - (S / softcap)^2), computed in T's buffer, or
+//                           top-k, in a buffer of its own);
 //   grad_hidden[chunk] = G @ W; grad_weight (fp32 accumulator) += G^T @ h; grad_bias (fp32) += sum_rows G.
-// Peak memory beyond the inputs and the gradients: three fp32 [chunk, V] buffers (+ a low-precision copy
-// of G on CUDA), and the fp32 accumulators of the weight and bias gradients when those are bf16/fp16.
+// Peak memory beyond the inputs and the gradients: three fp32 [chunk, V] buffers (top-k: two, three with
+// softcap; + a low-precision copy of G on CUDA), and the fp32 accumulators of the weight and bias gradients
+// when those are bf16/fp16; on the CPU, fp32 copies of bf16/fp16 weights (fused_linear_cpu.cpp).
 #pragma once
 
 #include <ATen/ops/index_select.h>
