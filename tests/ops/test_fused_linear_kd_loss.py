@@ -197,6 +197,20 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(ga[1], w_t.grad.T)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
+def test_non_finite_hidden_states_give_non_finite_rows():
+    """A NaN student hidden state or an +inf teacher one makes its row's loss non-finite (kd_loss's rule, through
+    the GEMM); the other rows are untouched."""
+    p, _ = make_problem(rows=9, seed=24)
+    p["student_hidden"][3, 5] = float("nan")
+    p["teacher_hidden"][6, 2] = float("inf")
+    loss = fastkd.fused_linear_kd_loss(p["student_hidden"], p["student_weight"], p["teacher_hidden"],
+                                       p["teacher_weight"], temperature=2.0, reduction="none", chunk_size=4)
+    bad = torch.zeros(9, dtype=torch.bool)
+    bad[[3, 6]] = True
+    assert not torch.isfinite(loss[bad]).any() and torch.isfinite(loss[~bad]).all()
+
+
 def test_matches_kd_loss_on_materialised_logits():
     p, labels = make_problem(bias=True, seed=10)
     kw = dict(temperature=2.0, divergence="jsd", beta=0.3, hard_weight=0.2)
