@@ -1,8 +1,10 @@
-"""``fastkd.fused_linear_kd_loss`` and ``fastkd.FusedLinearKDLoss``: the output heads fused with the KD loss.
+"""``fastkd.fused_linear_kd_loss`` / ``fastkd.FusedLinearKDLoss`` and ``fastkd.fused_linear_topk_kd_loss`` /
+``fastkd.FusedLinearTopKKDLoss``: the output heads fused with the KD losses (a dense or a top-k teacher).
 
-The op's one home: its schema, the fallback registration (``fastkd.reference.fused_linear``), the fake kernel,
-the autograd and the public wrapper. The compiled kernels are in ``csrc/fused_linear/`` (ATen GEMMs + the KD
-row kernel of ``csrc/kd_loss/kd_rows.h``, CPU and CUDA). docs/fused_linear_kd_loss.md has the algorithm.
+The ops' one home: their schemas, the fallback registration (``fastkd.reference.fused_linear``), the fake
+kernels, the autograd and the public wrappers. The compiled kernels are in ``csrc/fused_linear/`` (ATen GEMMs +
+the row kernels of ``csrc/kd_loss/kd_rows.h`` and ``csrc/topk_kd/topk_rows.h``, CPU and CUDA).
+docs/fused_linear_kd_loss.md has the algorithm.
 """
 
 from __future__ import annotations
@@ -145,10 +147,9 @@ _CHUNK_BUDGET = {"cpu": 64 << 20, "cuda": 1 << 30}
 
 def default_chunk_size(vocab: int, hidden: int, device: torch.device) -> int:
     """The rows per chunk when chunk_size is None: as many as keep the chunk's fp32 buffers (about 14 bytes per
-    logit) within 64 MiB on the CPU (they stay in the last-level cache's reach of a few chunks) or 1 GiB on a GPU,
-    a multiple of 16, at least 16 and at most 4096 (beyond that the GEMMs gain nothing). ``hidden`` bounds it
-    from below: a chunk's GEMMs reread the weight, so a chunk has at least as many rows as the GEMM needs to
-    amortise that (H / 32)."""
+    logit) within 64 MiB on the CPU or 1 GiB on a GPU, a multiple of 16 in [16, 4096], and at least H / 32 (a
+    chunk's GEMMs reread the whole weight, so a chunk should be a few rows per hidden unit's worth of work). A
+    heuristic, not a tuned table: bench/bench_fused_linear.py measures the default against the GEMMs alone."""
     budget = _CHUNK_BUDGET.get(device.type, _CHUNK_BUDGET["cuda"])
     rows = budget // (14 * max(1, vocab))
     rows = max(rows, hidden // 32, 16)
