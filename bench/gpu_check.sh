@@ -11,11 +11,12 @@
 #   build         the extension for sm_90 (setuptools < 77 rejects pyproject.toml's license string:
 #                 then it builds in a copy whose license is the older table form)
 #   tests:*       pytest -m cuda, one process per file, the KD kernels' file first, then the top-k KD
-#                 kernel's (a sticky CUDA error ends that file only); SIGINT at the time limit, so pytest
+#                 kernel's, clipping's and the fused linear + KD loss's (a sticky CUDA error ends that file only); SIGINT at the time limit, so pytest
 #                 still prints its summary
 #   bench:kd      the headline: KD loss 8192 x 128256 bf16 fwd and fwd+bwd (fastkd, eager, Liger)
 #   launch        the launch configurations and cudaOccupancyMaxActiveBlocksPerMultiprocessor for them
-#   memcheck      compute-sanitizer on fastkd's kernels (KD, top-k KD, clipping), PYTORCH_NO_CUDA_MEMORY_CACHING=1
+#   memcheck      compute-sanitizer on fastkd's kernels (KD, top-k KD, clipping, fused linear + KD),
+#                 PYTORCH_NO_CUDA_MEMORY_CACHING=1
 #   racecheck     the same on the kernels' shared memory (the trimmed case list)
 #   bench:*       the rest of the KD grid (torch.compile included), the training step, clipping, the top-k
 #                 KD loss (its table in gpu_check.log only: the 8 files below are taken)
@@ -192,8 +193,10 @@ if [ "$BUILD_OK" = 1 ]; then
   step tests:kd 100 30 "$NOTES/note" pytest_file tests/ops/test_kd_loss_cuda.py
   step tests:topk 90 30 "$NOTES/note" pytest_file tests/ops/test_topk_kd_loss_cuda.py
   step tests:clip 40 15 "$NOTES/note" pytest_file tests/ops/test_clip.py
+  step tests:fused 40 15 "$NOTES/note" pytest_file tests/ops/test_fused_linear_kd_loss_cuda.py
 else
   skip tests:kd "build failed"; skip tests:topk "build failed"; skip tests:clip "build failed"
+  skip tests:fused "build failed"
 fi
 
 # ---- the headline benchmark, then the launch configurations -------------------------------------------

@@ -217,7 +217,27 @@ def plot_clip(rows: list[dict], out: Path) -> Path | None:
     return _save(plt, fig, rows, out)
 
 
-PLOTS = {"kd_loss": plot_kd, "clip": plot_clip}
+def plot_fused_linear(rows: list[dict], out: Path) -> Path | None:
+    """Time and peak memory against the number of rows N, one line per provider (the GEMMs alone included)."""
+    plt = _pyplot() if rows else None
+    if plt is None:
+        return None
+    ns = {int(r["rows"]) for r in rows}
+    fig, axes = plt.subplots(2, 1, figsize=(5.5, 7.5), squeeze=False)
+    _provider_lines(axes[0][0], axes[1][0], rows, rows, "rows", "peak_mem_mib")
+    r0 = rows[0]
+    axes[0][0].set_title(f"fused linear + KD loss fwd+bwd, H = {r0['hidden_student']}/{r0['hidden_teacher']}, "
+                         f"V = {r0['vocab']}", fontsize=9)
+    _log_axes(axes[0][0], ns, log_y=True, base=2)
+    _log_axes(axes[1][0], ns, log_y=False, base=2)
+    axes[1][0].set_xlabel("rows N")
+    axes[0][0].set_ylabel("median time (ms)")
+    axes[1][0].set_ylabel("peak memory above inputs (MiB)")
+    axes[0][0].legend(fontsize=8)
+    return _save(plt, fig, rows, out)
+
+
+PLOTS = {"kd_loss": plot_kd, "clip": plot_clip, "fused_linear": plot_fused_linear}
 
 
 def update_blocks(target: Path, blocks: dict[str, str]) -> None:

@@ -10,7 +10,8 @@ strides (the gradient's rows at another phase than the inputs'), mixed dtypes, i
 in-place scale; topk_kd_loss forward with and without gradient (KL and JSD) on both row paths with
 both duplicate-index checks (pairwise, and the shared-memory bitmap, in the opt-in window too: 400000
 entries), labels inside and outside the support, value and index dtypes, more rows than the persistent
-grid holds (bitmaps reused across rows); the clipping kernels, also captured in a CUDA graph and replayed.
+grid holds (bitmaps reused across rows); fused_linear_kd_loss and fused_linear_topk_kd_loss (fp32 and bf16, both reductions' paths); the
+clipping kernels, also captured in a CUDA graph and replayed.
 
 --trim: the cases racecheck gets (it tracks every shared-memory access: the KD block kernel's ~227 KiB
 row cache makes the full set too slow): the KD block-per-row sizes and the top-k kernel's bitmap and
@@ -169,7 +170,36 @@ def clip_cases(dev, trim=False):
     return calls
 
 
-CASES = {"kd": kd_cases, "topk": topk_cases, "clip": clip_cases}
+def fused_linear_cases(dev, trim=False):
+    """fused_linear_kd_loss and fused_linear_topk_kd_loss: fp32 and bf16 (the cublasGemmEx fp32 weight-gradient path), biases, softcap,
+    chunks that do not divide the rows, ignored rows, reduction "none" (the backward's second pass)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    calls = 0
+    for dtype in (F32, BF16):
+        for vocab in ((2049,) if trim else (7, 2049, 32000)):
+            rows, hs, ht = 11, 40, 24
+            s_h = torch.randn(rows, hs, device=dev, generator=g).to(dtype).requires_grad_(True)
+            s_w = (torch.randn(vocab, hs, device=dev, generator=g) * 0.2).to(dtype).requires_grad_(True)
+            s_b = torch.randn(vocab, device=dev, generator=g).to(dtype).requires_grad_(True)
+            t_h = torch.randn(rows, ht, device=dev, generator=g).to(dtype)
+            t_w = (torch.randn(vocab, ht, device=dev, generator=g) * 0.2).to(dtype)
+            labels = torch.randint(0, vocab, (rows,), device=dev, generator=g)
+            labels[2] = -100
+            for reduction, softcap in (("batchmean", None), ("none", 3.0)):
+                loss = fastkd.fused_linear_kd_loss(s_h, s_w, t_h, t_w, labels, student_bias=s_b, temperature=2.0,
+                                                   hard_weight=0.3, reduction=reduction, softcap=softcap,
+                                                   chunk_size=4)
+                loss.sum().backward()
+                values, indices = (t_h.float() @ t_w.float().T).topk(min(vocab, 64), dim=-1)
+                loss = fastkd.fused_linear_topk_kd_loss(s_h, s_w, values.to(dtype), indices, labels,
+                                                        student_bias=s_b, temperature=2.0, hard_weight=0.3,
+                                                        reduction=reduction, softcap=softcap, chunk_size=4)
+                loss.sum().backward()
+                calls += 2
+    return calls
+
+
+CASES = {"kd": kd_cases, "topk": topk_cases, "clip": clip_cases, "fused_linear": fused_linear_cases}
 
 
 def main(argv=None) -> int:

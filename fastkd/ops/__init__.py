@@ -5,11 +5,14 @@ autograd formula and its public wrapper. The compiled kernels (``csrc/<op>/``) r
 
     kd.py    fastkd::kd_loss_fwd, kd_loss_scale_          -> fastkd.kd_loss, fastkd.KDLoss
     topk.py  fastkd::topk_kd_loss_fwd (+ kd_loss_scale_) -> fastkd.topk_kd_loss, fastkd.TopKKDLoss
+    fused_linear.py  fastkd::fused_linear_kd_loss_fwd, fused_linear_topk_kd_loss_fwd (+ kd_loss_scale_)
+             -> fastkd.fused_linear_kd_loss, fastkd.FusedLinearKDLoss, fastkd.fused_linear_topk_kd_loss,
+                fastkd.FusedLinearTopKKDLoss
     clip.py  fastkd::grad_norm, clip_grad_norm_, scale_grads_, clamp_grads_
                                                            -> fastkd.clip_grad_norm_ and friends
     labels.py  (no op) shift_labels: a causal LM's labels shifted, so the logits are read unsliced
 """
 
-from . import clip, kd, labels, topk
+from . import clip, fused_linear, kd, labels, topk
 
-__all__ = ["clip", "kd", "labels", "topk"]
+__all__ = ["clip", "fused_linear", "kd", "labels", "topk"]

@@ -38,18 +38,26 @@ def test_grid_writes_every_file(quick_run):
     rc, out = quick_run
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "hf_step_cpu_quick.csv",
-        "kd_loss_cpu_quick.csv", "kd_loss_cpu_quick.png", "report_quick.md", "step_cpu_quick.csv",
-        "topk_kd_loss_cpu_quick.csv"]
+        "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "fused_linear_cpu_quick.csv",
+        "fused_linear_cpu_quick.png", "hf_step_cpu_quick.csv", "kd_loss_cpu_quick.csv", "kd_loss_cpu_quick.png",
+        "report_quick.md", "step_cpu_quick.csv", "topk_kd_loss_cpu_quick.csv"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report_quick.md").read_text()
     for stem in ("headline", "kd_loss_cpu_quick", "topk_kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick",
-                 "cache_cpu_quick"):
+                 "cache_cpu_quick", "fused_linear_cpu_quick"):
         assert f"## {stem}\n" in md
-    for stem in ("kd_loss_cpu_quick", "clip_cpu_quick"):
+    for stem in ("kd_loss_cpu_quick", "clip_cpu_quick", "fused_linear_cpu_quick"):
         assert f"![{stem}]({stem}.png)" in md
     assert "| provider" in md and "torch " + torch.__version__ in md
+
+
+def test_fused_linear_rows(quick_run):
+    rows = rows_of(quick_run[1] / "fused_linear_cpu_quick.csv")
+    assert {r["provider"] for r in rows} >= {"fastkd", "fastkd_unfused", "eager", "gemms"}
+    assert len({r["rows"] for r in rows}) >= 2  # memory and time against N
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert all(float(r["vs_gemms"]) == 1.0 for r in rows if r["provider"] == "gemms")
 
 
 def test_kd_rows(quick_run):

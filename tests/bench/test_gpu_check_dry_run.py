@@ -17,8 +17,8 @@ from fastkd import _extension
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ["environment", "build", "tests:kd", "tests:topk", "tests:clip", "bench:kd", "launch", "memcheck",
-         "racecheck", "bench:kd-grid", "bench:step", "bench:clip", "bench:topk"]
+STEPS = ["environment", "build", "tests:kd", "tests:topk", "tests:clip", "tests:fused", "bench:kd", "launch",
+         "memcheck", "racecheck", "bench:kd-grid", "bench:step", "bench:clip", "bench:topk"]
 
 pytestmark = [pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                  reason="needs bash and coreutils' timeout"),
