@@ -110,11 +110,15 @@ class ByteLM(nn.Module):
         self.head = nn.Linear(dim, vocab)
         self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (B, S, dim), the output head's input."""
         s = ids.shape[1]
         h = self.tok(ids) + self.pos(torch.arange(s, device=ids.device))
         h = self.blocks(h, mask=self.causal[:s, :s], is_causal=True)
-        return self.head(self.norm(h))
+        return self.norm(h)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(ids))
 
 
 def load_stdlib_text(train_bytes: int, val_bytes: int) -> tuple[list[bytes], list[bytes]]:

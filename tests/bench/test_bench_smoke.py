@@ -102,11 +102,13 @@ def test_clip_rows(quick_run):
 
 def test_step_rows(quick_run):
     rows = rows_of(quick_run[1] / "step_cpu_quick.csv")
-    assert [(r["provider"], r["teacher"]) for r in rows] == [("reference", "online"), ("fastkd", "online"),
-                                                             ("fastkd", "offline top-64 cache")]
-    ref, fkd, offline = rows
+    assert [(r["provider"], r["teacher"], r["head"]) for r in rows] == [
+        ("reference", "online", "logits"), ("fastkd", "online", "logits"), ("fastkd", "online", "fused"),
+        ("fastkd", "offline top-64 cache", "logits")]
+    ref, fkd, fused, offline = rows
     assert float(offline["loss"]) > 0 and float(offline["grad_norm"]) > 0  # (checked against the oracle in the run)
     assert float(ref["loss"]) == pytest.approx(float(fkd["loss"]), rel=1e-4)
+    assert float(fused["loss"]) == pytest.approx(float(fkd["loss"]), rel=1e-4)
     assert float(ref["grad_norm"]) == pytest.approx(float(fkd["grad_norm"]), rel=1e-3)
     for r in rows:
         assert float(r["tokens_per_s"]) > 0 and int(r["tokens"]) == int(r["batch"]) * int(r["seq"])
