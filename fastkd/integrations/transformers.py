@@ -22,6 +22,13 @@ logits, with what the obvious hand-written versions get wrong done right:
   (``kd_skipped_steps`` in the logs); under fp16 the GradScaler does that already.
 - **Logs**: on logging steps, the soft (T²-scaled divergence) and hard (cross-entropy) terms per valid
   target (``kd_soft``, ``kd_hard``), computed from the step's logits without gradients.
+- **Fused heads** (``fused_linear=True``): the loss is ``fastkd.fused_linear_kd_loss`` of both models'
+  last hidden states and output heads, so neither model's (tokens x vocabulary) logits exist; the models
+  run with ``output_hidden_states=True`` and an empty ``logits_to_keep`` (through the DDP wrapper, so that
+  the gradients are all-reduced). A head's known post-processing is applied as the model does it
+  (``final_logit_softcapping``: Gemma 2/3; ``logit_scale``: Cohere; ``logits_scaling``: Granite); the
+  first batch checks that the fused head reproduces each model's own logits, and a model whose head does
+  something else is an error there, never a silently different objective.
 - **Offline**: ``teacher_cache=fastkd.TeacherCache(...)`` (built over the same train dataset) instead of
   ``teacher_model``: each example gets its cached top-k (two extra keys, kept through the Trainer's column
   removal), the loss is ``fastkd.topk_kd_loss`` and no teacher runs; ``eval_teacher_cache`` does the same
@@ -40,6 +47,7 @@ import transformers
 
 from ..ops._args import check_loss_options
 from ..ops.clip import clip_grad_norm_
+from ..ops.fused_linear import fused_linear_kd_loss
 from ..ops.kd import kd_loss
 from ..ops.labels import shift_labels
 from ..ops.topk import topk_kd_loss
@@ -74,6 +82,19 @@ class _WithCache(torch.utils.data.Dataset):
         return {**item, CACHE_KEYS[0]: values, CACHE_KEYS[1]: indices}
 
 
+def _head_transform(model) -> dict:
+    """The logits' post-processing of a transformers model's head, as fused_linear_kd_loss's logit_scale and
+    softcap: the config attributes transformers' models apply after the LM head."""
+    cfg = getattr(model, "config", None)
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3: softcap * tanh(logits / softcap)
+    return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
+
+
 def _is_causal_lm(model) -> bool:
     """A causal LM (its loss predicts token i + 1 at position i): a model of transformers' causal-LM
     classes or whose loss type shifts labels, and not an encoder-decoder (its labels are already aligned)."""
@@ -93,6 +114,7 @@ class DistillationTrainer(transformers.Trainer):
     Args (besides the Trainer's own):
         teacher_model: the teacher (any module returning logits, ``.logits`` or a tuple starting with them),
             with the student's vocabulary.
+        fused_linear: the heads fused into the loss (``fastkd.fused_linear_kd_loss``; online teachers only).
         teacher_cache, eval_teacher_cache: instead of teacher_model, ``fastkd.TeacherCache``s built over
             train_dataset and eval_dataset (offline: ``fastkd.topk_kd_loss``, no teacher runs; divergence
             "kl", or "jsd" with beta < 1).
@@ -106,7 +128,8 @@ class DistillationTrainer(transformers.Trainer):
 
     def __init__(self, *args, teacher_model: torch.nn.Module | None = None, teacher_cache=None, eval_teacher_cache=None,
                  temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5, soft_weight: float = 1.0,
-                 hard_weight: float = 0.0, causal: bool | None = None, ignore_index: int = -100, **kwargs):
+                 hard_weight: float = 0.0, causal: bool | None = None, ignore_index: int = -100,
+                 fused_linear: bool = False, **kwargs):
         if (teacher_model is None) == (teacher_cache is None):
             raise ValueError("DistillationTrainer: give teacher_model (online) or teacher_cache (offline), not both "
                              "and not neither")
@@ -114,6 +137,9 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"DistillationTrainer: teacher_model must be an nn.Module, got {type(teacher_model).__name__}")
         check_loss_options("DistillationTrainer", temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
                            "sum")  # bad options fail here, not at the first step
+        if fused_linear and teacher_cache is not None:
+            raise ValueError("DistillationTrainer: fused_linear=True fuses the teacher's head too: it needs teacher_model "
+                             "(online), not a teacher_cache")
         if teacher_cache is not None:
             check_topk_divergence("DistillationTrainer", divergence, beta)
             for what in ("train_dataset", "eval_dataset"):
@@ -130,6 +156,8 @@ class DistillationTrainer(transformers.Trainer):
         self.teacher_model = (teacher_model.to(self.args.device).eval().requires_grad_(False)
                               if teacher_model is not None else None)
         self.teacher_cache = teacher_cache
+        self.fused_linear = bool(fused_linear)
+        self._heads_checked = False
         self.kd_options = {"temperature": temperature, "divergence": divergence, "beta": beta,
                            "soft_weight": soft_weight, "hard_weight": hard_weight, "ignore_index": ignore_index}
         self.causal = _is_causal_lm(self.model) if causal is None else bool(causal)
@@ -191,19 +219,68 @@ class DistillationTrainer(transformers.Trainer):
             return topk_kd_loss(student, teacher[0], teacher[1], targets, **opts)
         return kd_loss(student, teacher, targets, **opts)
 
+    def _heads(self, model, model_inputs: dict):
+        """The fused path's inputs: each model's last hidden states, output head and head transform."""
+        student = self.accelerator.unwrap_model(model)
+        keep = {"output_hidden_states": True, "logits_to_keep": torch.zeros(0, dtype=torch.long, device=self.args.device)}
+        try:
+            out = model(**model_inputs, **keep)  # through the (DDP-wrapped) model: its gradients are reduced
+            with torch.no_grad(), self.accelerator.autocast():
+                t_out = self.teacher_model(**model_inputs, **keep)
+        except TypeError as exc:
+            raise ValueError(f"DistillationTrainer(fused_linear=True): the models must take output_hidden_states and "
+                             f"logits_to_keep (transformers' causal LMs do): {exc}; use fused_linear=False") from exc
+        sides = []
+        for m, o in ((student, out), (self.teacher_model, t_out)):
+            head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+            if not isinstance(head, torch.nn.Linear) or not getattr(o, "hidden_states", None):
+                raise ValueError(f"DistillationTrainer(fused_linear=True): {type(m).__name__} has no nn.Linear output "
+                                 "head (get_output_embeddings) or returns no hidden states; use fused_linear=False")
+            sides.append((o.hidden_states[-1], head, _head_transform(m)))
+        if sides[0][2] != sides[1][2]:
+            raise ValueError(f"DistillationTrainer(fused_linear=True): the student's head transform {sides[0][2]} and the "
+                             f"teacher's {sides[1][2]} differ, and the fused loss applies one to both; use "
+                             "fused_linear=False")
+        if not self._heads_checked:
+            self._check_heads(((student, *sides[0][1:]), (self.teacher_model, *sides[1][1:])), model_inputs)
+        return out, sides
+
+    def _check_heads(self, sides, model_inputs: dict) -> None:
+        """Once: on the first example, each model's own logits against its fused head's, so that a head the
+        fused loss would compute differently is an error, not another objective."""
+        one = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in model_inputs.items()}
+        with torch.no_grad(), self.accelerator.autocast():
+            for m, head, transform in sides:
+                o = m(**one, output_hidden_states=True)
+                z = head(o.hidden_states[-1]).float() * transform["logit_scale"]
+                if transform["softcap"]:
+                    z = transform["softcap"] * torch.tanh(z / transform["softcap"])
+                ref = o.logits.float()
+                if not torch.allclose(z, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max().clamp_min(1.0))):
+                    raise ValueError(f"DistillationTrainer(fused_linear=True): {type(m).__name__}'s logits are not its "
+                                     f"output head's with {transform} (its head post-processes them in a way fastkd "
+                                     "does not know); use fused_linear=False")
+        self._heads_checked = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = self._targets(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", *CACHE_KEYS)}
-        outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
-        student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        teacher = self._teacher_target(inputs, model_inputs, student)
-        loss = self._loss(student, teacher, targets)
+        if self.fused_linear:
+            outputs, ((hs, head, transform), (ht, t_head, _)) = self._heads(model, model_inputs)
+            loss = fused_linear_kd_loss(hs, head.weight, ht, t_head.weight, targets, student_bias=head.bias,
+                                        teacher_bias=t_head.bias, reduction="sum", **transform, **self.kd_options)
+            student = teacher = None  # (the soft and hard terms are not logged on this path: no logits)
+        else:
+            outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
+            student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+            teacher = self._teacher_target(inputs, model_inputs, student)
+            loss = self._loss(student, teacher, targets)
         if num_items_in_batch is None:  # (no labels in the batch: refused above) the micro-batch's own targets
             num_items_in_batch = targets.ne(self.kd_options["ignore_index"]).sum()
         loss = loss / num_items_in_batch
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the ranks
-        if model.training and self._logging_step():
+        if model.training and student is not None and self._logging_step():
             self._add_terms(student.detach(), teacher, targets)
         return (loss, outputs) if return_outputs else loss
 

@@ -341,3 +341,50 @@ def test_offline_from_a_teacher_cache_equals_online(tmp_path):
                             args=args(tmp_path))
     with pytest.raises(ValueError, match="has 7 examples but its teacher cache"):
         DistillationTrainer(model=offline, teacher_cache=cache, train_dataset=data[:7], args=args(tmp_path))
+
+
+def gemma2(seed, layers=1, dim=32):
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                    final_logit_softcapping=5.0, attn_logit_softcapping=None, sliding_window=64,
+                                    layer_types=["full_attention"] * layers)
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
+def test_fused_heads_equal_the_logits_path(tmp_path, kind):
+    """fused_linear=True (fused_linear_kd_loss on the hidden states and heads; GPT-2's head tied to its
+    embedding, Gemma 2's logits softcapped) gives the logits path's update, 4 accumulated micro-batches."""
+    make = {**MODELS, "gemma2": gemma2}[kind]
+    teacher, student0 = make(1, layers=2), make(2)
+    results = []
+    for fused in (False, True):
+        student = copy.deepcopy(student0)
+        tr = DistillationTrainer(model=student, teacher_model=teacher, fused_linear=fused, train_dataset=examples(),
+                                 args=args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                           max_steps=1), **KD)
+        tr.train()
+        results.append((student, next(h["loss"] for h in tr.state.log_history if "loss" in h)))
+    (a, la), (b, lb) = results
+    assert la == pytest.approx(lb, rel=1e-5)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"{kind}: {name}")
+
+
+def test_fused_heads_refuse_a_head_they_would_compute_differently(tmp_path):
+    class Scaled(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            out.logits = out.logits * 2.0  # a post-processing no config attribute announces
+            return out
+
+    torch.manual_seed(2)
+    student = Scaled(transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=4, num_key_value_heads=2))
+    tr = DistillationTrainer(model=student, teacher_model=llama(1), fused_linear=True, train_dataset=examples(),
+                             args=args(tmp_path, max_steps=1), **KD)
+    with pytest.raises(ValueError, match="Scaled's logits are not its output head's"):
+        tr.train()
+    with pytest.raises(ValueError, match="fused_linear=True fuses the teacher's head too"):
+        DistillationTrainer(model=llama(2), teacher_cache=object(), fused_linear=True, args=args(tmp_path))
