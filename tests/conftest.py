@@ -1,11 +1,16 @@
 import contextlib
+import shutil
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 import fastkd
 from fastkd import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -137,3 +142,81 @@ def check_cuda_op(loss, grad, ref_loss, ref_grad, dtype, fp16_subnormal_floor=Fa
     scale = max(ref_grad.abs().max().item(), 1e-30)
     floor = 2.0**-24 if fp16_subnormal_floor and dtype == torch.float16 else 0.0
     torch.testing.assert_close(grad.double(), ref_grad, rtol=grad_tol[0], atol=grad_tol[1] * scale + floor)
+
+
+# ---- the launch-configuration tests' check against the CUDA toolkit's occupancy calculator ---------------
+OCCUPANCY_PROGRAM = r"""
+#include <cstdio>
+#include <cuda_occupancy.h>
+#include "@HEADER@"
+using namespace fastkd;
+static long n = 0, bad = 0;
+
+// cuda_occupancy.h's resident blocks per SM (-1: an error) of a launch of `threads` threads and `dyn_smem`
+// bytes of dynamic shared memory on d, of a kernel with these attributes.
+static int occ_blocks(const KdDeviceLimits& d, int max_threads_per_block, int regs, long static_smem, bool opt_in,
+                      long max_dyn_smem, int threads, long dyn_smem) {
+  cudaOccDeviceProp p;
+  p.computeMajor = d.major; p.computeMinor = 0; p.maxThreadsPerBlock = 1024;
+  p.maxThreadsPerMultiprocessor = d.max_threads_per_sm; p.regsPerBlock = 65536;
+  p.regsPerMultiprocessor = d.regs_per_sm; p.warpSize = 32; p.sharedMemPerBlock = d.smem_per_block;
+  p.sharedMemPerMultiprocessor = d.smem_per_sm; p.numSms = d.sm_count;
+  p.sharedMemPerBlockOptin = d.smem_per_block_optin; p.reservedSharedMemPerBlock = d.reserved_smem_per_block;
+  cudaOccFuncAttributes a;
+  a.maxThreadsPerBlock = max_threads_per_block; a.numRegs = regs; a.sharedSizeBytes = static_smem;
+  a.partitionedGCConfig = PARTITIONED_GC_OFF;
+  a.shmemLimitConfig = opt_in ? FUNC_SHMEM_LIMIT_OPTIN : FUNC_SHMEM_LIMIT_DEFAULT;
+  a.maxDynamicSharedSizeBytes = max_dyn_smem;
+  cudaOccDeviceState st;
+  cudaOccResult r;
+  if (cudaOccMaxActiveBlocksPerMultiprocessor(&r, &p, &a, &st, threads, dyn_smem) != CUDA_OCC_SUCCESS) return -1;
+  return r.activeBlocksPerMultiprocessor;
+}
+
+// Counts one configuration (k < 0: none) and prints the first five whose counts differ.
+static void tally(const KdDeviceLimits& d, int regs, long vocab, long k, int fastkd_blocks, int occ) {
+  ++n;
+  if (occ == fastkd_blocks || ++bad > 5) return;
+  printf("mismatch: major %ld regs %d vocab %ld", (long)d.major, regs, vocab);
+  if (k >= 0) printf(" k %ld", k);
+  printf(": fastkd %d, cuda_occupancy.h %d\n", fastkd_blocks, occ);
+}
+
+int main() {
+  const KdDeviceLimits devs[] = {@DEVICES@};
+  for (const KdDeviceLimits& d : devs) {
+@BODY@
+  }
+  printf("%ld configurations, %ld mismatches\n", n, bad);
+  return bad != 0;
+}
+"""
+
+
+def _cuda_include():
+    """The CUDA toolkit's include folder, where it holds cuda_occupancy.h (no GPU needed); else None."""
+    nvcc = shutil.which("nvcc")
+    cands = [Path("/usr/local/cuda/include")]
+    if nvcc:
+        cands.insert(0, Path(nvcc).resolve().parent.parent / "include")
+    return next((c for c in cands if (c / "cuda_occupancy.h").exists()), None)
+
+
+def check_occupancy(tmp_path, header, devices, body):
+    """fastkd's count of resident blocks per SM against the toolkit's occupancy calculator (the header behind
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor's rules): compiles and runs OCCUPANCY_PROGRAM, whose C++
+    `body` runs once per device d of `devices` (KdDeviceLimits as dicts, bench/launch_configs.py's) and calls
+    tally(d, regs, vocab, k, fastkd's count, occ_blocks(...)) per configuration; asserts none differs.
+    Skips without g++ or the toolkit's cuda_occupancy.h."""
+    include = _cuda_include()
+    if shutil.which("g++") is None or include is None:
+        pytest.skip("needs g++ and the CUDA toolkit's cuda_occupancy.h")
+    devs = ", ".join("{" + ", ".join(f".{k} = {v}" for k, v in d.items()) + "}" for d in devices)
+    src = tmp_path / "occ.cpp"
+    src.write_text(OCCUPANCY_PROGRAM.replace("@HEADER@", header).replace("@DEVICES@", devs).replace("@BODY@", body))
+    exe = tmp_path / "occ"
+    subprocess.run(["g++", "-std=c++17", "-O1", f"-I{include}", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " 0 mismatches" in out.stdout, out.stdout
