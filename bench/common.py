@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,6 +144,33 @@ def machine_info(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     return info
+
+
+def print_machine(info: dict, backend: str, ceiling: float) -> None:
+    """The header line of a benchmark's output: machine_info, fastkd's backend and the copy ceiling."""
+    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
+          f"git {info['git']}; fastkd backend: {backend}; copy ceiling {ceiling:.1f} GB/s", flush=True)
+
+
+def run_providers(provs: dict, run, *, what: str, quick: bool, device: torch.device, rows: list[dict], out: Path,
+                  speedup: bool = True) -> None:
+    """One benchmark case for every provider: run(name, provs[name], repeats) measures it and returns its CSV
+    row (with median_ms); a provider that cannot run the case (it raises) is reported on stderr, naming the
+    case (`what`), and left out. Every row gets fastkd_speedup, its median over fastkd's (None without a
+    fastkd row, or with speedup false: not the same work); the rows are appended to `rows` and the CSV `out`
+    is rewritten (after every case: a run cut short keeps what it measured)."""
+    results = {}
+    for name, prov in provs.items():
+        repeats = 3 if quick else (3 if name == "eager" and device.type == "cpu" else 7)
+        try:
+            results[name] = run(name, prov, repeats)
+        except Exception as exc:  # a provider that cannot run this case is reported, not hidden
+            print(f"  {name} failed on {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    base = results.get("fastkd") if speedup else None
+    for row in results.values():
+        row["fastkd_speedup"] = row["median_ms"] / base["median_ms"] if base else None
+    rows.extend(results.values())
+    write_csv(out, rows)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
