@@ -145,9 +145,7 @@ def main(argv=None) -> int:
                                          device=device, rows=rows, out=out)
     cols = ["provider", "rows", "vocab", "k", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
             "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"]
-    common.print_table(rows, cols)
-    common.write_csv(out, rows)
-    print(f"wrote {out}")
+    common.print_and_write(rows, cols, out)
     return 0
 
 

@@ -182,6 +182,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def print_and_write(rows: list[dict], cols: list[str], out: Path) -> None:
+    """The end of a benchmark run: its table (the columns cols) printed, all of its rows written to the CSV
+    out, and where."""
+    print_table(rows, cols)
+    write_csv(out, rows)
+    print(f"wrote {out}")
+
+
 def print_table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
