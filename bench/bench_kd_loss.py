@@ -138,15 +138,9 @@ def main(argv=None) -> int:
     if args.shapes:
         shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    modes = args.modes.split(",")
-    if set(modes) - set(MODES):
-        ap.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from {MODES}")
-    provs = providers(device)
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
-    info = common.machine_info(device)
-    ceiling = common.copy_ceiling_gbps(device, 1 << 26 if args.quick else 1 << 29)
-    common.print_machine(info, fastkd.backend(device), ceiling)
+    modes = common.modes_arg(ap, args.modes, MODES)
+    provs = common.providers_arg(providers(device), args.providers)
+    info, ceiling = common.machine_header(device, fastkd.backend(device), quick=args.quick)
     out = Path(args.out) if args.out else common.RESULTS / f"kd_loss_{device.type}{'_quick' if args.quick else ''}.csv"
     rows = []
     configs = [(0.0,)] + ([(0.5,)] if not args.quick else [])

@@ -109,15 +109,9 @@ def main(argv=None) -> int:
         cases = [(tuple(int(x) for x in sh.split("x")), ks) for sh in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in
               (args.dtypes or ("bfloat16" if device.type == "cuda" else "float32")).split(",")]
-    modes = args.modes.split(",")
-    if set(modes) - set(MODES):
-        ap.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from {MODES}")
-    provs = providers()
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
-    info = common.machine_info(device)
-    ceiling = common.copy_ceiling_gbps(device, 1 << 26 if args.quick else 1 << 29)
-    common.print_machine(info, fastkd.backend(device), ceiling)
+    modes = common.modes_arg(ap, args.modes, MODES)
+    provs = common.providers_arg(providers(), args.providers)
+    info, ceiling = common.machine_header(device, fastkd.backend(device), quick=args.quick)
     suffix = "_quick" if args.quick else ""
     out = Path(args.out) if args.out else common.RESULTS / f"topk_kd_loss_{device.type}{suffix}.csv"
     rows = []

@@ -146,10 +146,27 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def print_machine(info: dict, backend: str, ceiling: float) -> None:
-    """The header line of a benchmark's output: machine_info, fastkd's backend and the copy ceiling."""
+def machine_header(device: torch.device, backend: str, *, quick: bool) -> tuple[dict, float]:
+    """machine_info and the copy ceiling (measured on 64 MiB with quick, else 512 MiB) of a benchmark run, printed
+    as its output's header line with fastkd's backend."""
+    info = machine_info(device)
+    ceiling = copy_ceiling_gbps(device, 1 << 26 if quick else 1 << 29)
     print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
           f"git {info['git']}; fastkd backend: {backend}; copy ceiling {ceiling:.1f} GB/s", flush=True)
+    return info, ceiling
+
+
+def modes_arg(ap, value: str, modes: tuple[str, ...]) -> list[str]:
+    """A benchmark's --modes (comma-separated, each one of modes; else an argparse error)."""
+    chosen = value.split(",")
+    if set(chosen) - set(modes):
+        ap.error(f"--modes: unknown {sorted(set(chosen) - set(modes))}; choose from {modes}")
+    return chosen
+
+
+def providers_arg(provs: dict, value: str | None) -> dict:
+    """The providers a benchmark's --providers keeps (comma-separated names; all without it)."""
+    return provs if not value else {k: v for k, v in provs.items() if k in value.split(",")}
 
 
 def run_providers(provs: dict, run, *, what: str, quick: bool, device: torch.device, rows: list[dict], out: Path,
