@@ -150,10 +150,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     repeats = args.repeats or (7 if args.quick else 21)
     out = Path(args.out) if args.out else common.RESULTS / f"clip_{device.type}{'_quick' if args.quick else ''}.csv"
-    info = common.machine_info(device)
-    ceiling = common.copy_ceiling_gbps(device, 1 << 26 if args.quick else 1 << 29)
-    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
-          f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; copy ceiling {ceiling:.1f} GB/s", flush=True)
+    info, ceiling = common.machine_header(device, fastkd.backend(device), quick=args.quick)
     extras = cuda_extras(repeats) if device.type == "cuda" and not args.quick else {}
     rows = run(device, repeats, cases, {**info, **extras}, ceiling, out)
     common.print_table(rows, ["case", "provider", "dtype", "clipped", "median_ms", "p20_ms", "p80_ms", "gbps",

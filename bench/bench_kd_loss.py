@@ -138,17 +138,9 @@ def main(argv=None) -> int:
     if args.shapes:
         shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    modes = args.modes.split(",")
-    if set(modes) - set(MODES):
-        ap.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from {MODES}")
-    provs = providers(device)
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
-    info = common.machine_info(device)
-    ceiling = common.copy_ceiling_gbps(device, 1 << 26 if args.quick else 1 << 29)
-    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
-          f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; copy ceiling {ceiling:.1f} GB/s",
-          flush=True)
+    modes = common.modes_arg(ap, args.modes, MODES)
+    provs = common.providers_arg(providers(device), args.providers)
+    info, ceiling = common.machine_header(device, fastkd.backend(device), quick=args.quick)
     out = Path(args.out) if args.out else common.RESULTS / f"kd_loss_{device.type}{'_quick' if args.quick else ''}.csv"
     rows = []
     configs = [(0.0,)] + ([(0.5,)] if not args.quick else [])
@@ -162,32 +154,22 @@ def main(argv=None) -> int:
                 if hard_weight and (dtype != torch.float32 or (rows_, vocab) != shapes[0]):
                     continue  # the cross-entropy mix once, at the first shape in fp32
                 for mode in modes:
-                    results = {}
-                    for name, fn in provs.items():
-                        if name.startswith("liger") and hard_weight and name != "liger_kl":
-                            continue
-                        repeats = 3 if args.quick else (3 if name == "eager" and device.type == "cpu" else 7)
-                        try:
-                            r = bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats)
-                        except Exception as exc:  # a provider that cannot run this case is reported, not hidden
-                            print(f"  {name} failed on {rows_}x{vocab} {dtype} {mode}: {type(exc).__name__}: {exc}",
-                                  file=sys.stderr)
-                            continue
-                        results[name] = r
-                        rows.append({"op": "kd_loss", "loss": "kl" + ("+ce" if hard_weight else ""),
-                                     "provider": name, "rows": rows_, "vocab": vocab,
-                                     "dtype": str(dtype).replace("torch.", ""), "mode": mode, **r,
-                                     "pct_copy_ceiling": 100 * r["gbps"] / ceiling if r["gbps"] else None,
-                                     "copy_gbps": ceiling, **info})
-                    base = results.get("fastkd") if mode != "bwd" else None  # bwd: not the same work
-                    for row in rows[-len(results):]:
-                        row["fastkd_speedup"] = (row["median_ms"] / base["median_ms"]) if base else None
-                    common.write_csv(out, rows)  # after every case: a run cut short keeps what it measured
+                    def run(name, fn, repeats):
+                        r = bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats)
+                        return {"op": "kd_loss", "loss": "kl" + ("+ce" if hard_weight else ""),
+                                "provider": name, "rows": rows_, "vocab": vocab,
+                                "dtype": str(dtype).replace("torch.", ""), "mode": mode, **r,
+                                "pct_copy_ceiling": 100 * r["gbps"] / ceiling if r["gbps"] else None,
+                                "copy_gbps": ceiling, **info}
+
+                    case_provs = {name: fn for name, fn in provs.items()
+                                  if not (name.startswith("liger") and hard_weight and name != "liger_kl")}
+                    common.run_providers(case_provs, run, what=f"{rows_}x{vocab} {dtype} {mode}", quick=args.quick,
+                                         device=device, rows=rows, out=out,
+                                         speedup=mode != "bwd")  # bwd: not the same work
     cols = ["loss", "provider", "rows", "vocab", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
             "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"]
-    common.print_table(rows, cols)
-    common.write_csv(out, rows)
-    print(f"wrote {out}")
+    common.print_and_write(rows, cols, out)
     return 0
 
 

@@ -109,17 +109,9 @@ def main(argv=None) -> int:
         cases = [(tuple(int(x) for x in sh.split("x")), ks) for sh in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in
               (args.dtypes or ("bfloat16" if device.type == "cuda" else "float32")).split(",")]
-    modes = args.modes.split(",")
-    if set(modes) - set(MODES):
-        ap.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from {MODES}")
-    provs = providers()
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
-    info = common.machine_info(device)
-    ceiling = common.copy_ceiling_gbps(device, 1 << 26 if args.quick else 1 << 29)
-    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
-          f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; copy ceiling {ceiling:.1f} GB/s",
-          flush=True)
+    modes = common.modes_arg(ap, args.modes, MODES)
+    provs = common.providers_arg(providers(), args.providers)
+    info, ceiling = common.machine_header(device, fastkd.backend(device), quick=args.quick)
     suffix = "_quick" if args.quick else ""
     out = Path(args.out) if args.out else common.RESULTS / f"topk_kd_loss_{device.type}{suffix}.csv"
     rows = []
@@ -131,33 +123,23 @@ def main(argv=None) -> int:
             for k in ks:
                 v, i = t.topk(k, dim=-1)
                 for mode in modes:
-                    results = {}
-                    for name, (fn, reads_dense) in provs.items():
-                        repeats = 3 if args.quick else (3 if name == "eager" and device.type == "cpu" else 7)
-                        try:
-                            med, p20, p80, mem = bench_case(name, fn, (s, v, i, t), mode, device, repeats)
-                        except Exception as exc:  # a provider that cannot run this case is reported, not hidden
-                            print(f"  {name} failed on {rows_}x{vocab} k={k} {dtype} {mode}: {type(exc).__name__}: "
-                                  f"{exc}", file=sys.stderr)
-                            continue
+                    def run(name, prov, repeats):
+                        fn, reads_dense = prov
+                        med, p20, p80, mem = bench_case(name, fn, (s, v, i, t), mode, device, repeats)
                         nbytes = s.nbytes + (t.nbytes if reads_dense else v.nbytes + i.nbytes)
                         nbytes += s.nbytes if mode == "fwd+bwd" else 0
                         gbps = nbytes / (med * 1e-3) / 1e9
-                        results[name] = med
-                        rows.append({"op": "topk_kd_loss", "provider": name, "rows": rows_, "vocab": vocab, "k": k,
-                                     "dtype": str(dtype).replace("torch.", ""), "mode": mode, "median_ms": med,
-                                     "p20_ms": p20, "p80_ms": p80, "gbps": gbps,
-                                     "pct_copy_ceiling": 100 * gbps / ceiling, "peak_mem_mib": mem,
-                                     "copy_gbps": ceiling, **info})
-                    base = results.get("fastkd")
-                    for row in rows[len(rows) - len(results):]:
-                        row["fastkd_speedup"] = row["median_ms"] / base if base else None
-                    common.write_csv(out, rows)  # after every case: a run cut short keeps what it measured
+                        return {"op": "topk_kd_loss", "provider": name, "rows": rows_, "vocab": vocab, "k": k,
+                                "dtype": str(dtype).replace("torch.", ""), "mode": mode, "median_ms": med,
+                                "p20_ms": p20, "p80_ms": p80, "gbps": gbps,
+                                "pct_copy_ceiling": 100 * gbps / ceiling, "peak_mem_mib": mem,
+                                "copy_gbps": ceiling, **info}
+
+                    common.run_providers(provs, run, what=f"{rows_}x{vocab} k={k} {dtype} {mode}", quick=args.quick,
+                                         device=device, rows=rows, out=out)
     cols = ["provider", "rows", "vocab", "k", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
             "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"]
-    common.print_table(rows, cols)
-    common.write_csv(out, rows)
-    print(f"wrote {out}")
+    common.print_and_write(rows, cols, out)
     return 0
 
 

@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -164,6 +165,50 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def machine_header(device: torch.device, backend: str, *, quick: bool) -> tuple[dict, float]:
+    """machine_info and the copy ceiling (measured on 64 MiB with quick, else 512 MiB) of a benchmark run, printed
+    as its output's header line with fastkd's backend."""
+    info = machine_info(device)
+    ceiling = copy_ceiling_gbps(device, 1 << 26 if quick else 1 << 29)
+    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
+          f"git {info['git']}; fastkd backend: {backend}; copy ceiling {ceiling:.1f} GB/s", flush=True)
+    return info, ceiling
+
+
+def modes_arg(ap, value: str, modes: tuple[str, ...]) -> list[str]:
+    """A benchmark's --modes (comma-separated, each one of modes; else an argparse error)."""
+    chosen = value.split(",")
+    if set(chosen) - set(modes):
+        ap.error(f"--modes: unknown {sorted(set(chosen) - set(modes))}; choose from {modes}")
+    return chosen
+
+
+def providers_arg(provs: dict, value: str | None) -> dict:
+    """The providers a benchmark's --providers keeps (comma-separated names; all without it)."""
+    return provs if not value else {k: v for k, v in provs.items() if k in value.split(",")}
+
+
+def run_providers(provs: dict, run, *, what: str, quick: bool, device: torch.device, rows: list[dict], out: Path,
+                  speedup: bool = True) -> None:
+    """One benchmark case for every provider: run(name, provs[name], repeats) measures it and returns its CSV
+    row (with median_ms); a provider that cannot run the case (it raises) is reported on stderr, naming the
+    case (`what`), and left out. Every row gets fastkd_speedup, its median over fastkd's (None without a
+    fastkd row, or with speedup false: not the same work); the rows are appended to `rows` and the CSV `out`
+    is rewritten (after every case: a run cut short keeps what it measured)."""
+    results = {}
+    for name, prov in provs.items():
+        repeats = 3 if quick else (3 if name == "eager" and device.type == "cpu" else 7)
+        try:
+            results[name] = run(name, prov, repeats)
+        except Exception as exc:  # a provider that cannot run this case is reported, not hidden
+            print(f"  {name} failed on {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    base = results.get("fastkd") if speedup else None
+    for row in results.values():
+        row["fastkd_speedup"] = row["median_ms"] / base["median_ms"] if base else None
+    rows.extend(results.values())
+    write_csv(out, rows)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -171,6 +216,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+
+
+def print_and_write(rows: list[dict], cols: list[str], out: Path) -> None:
+    """The end of a benchmark run: its table (the columns cols) printed, all of its rows written to the CSV
+    out, and where."""
+    print_table(rows, cols)
+    write_csv(out, rows)
+    print(f"wrote {out}")
 
 
 def print_table(rows: list[dict], cols: list[str]) -> str:

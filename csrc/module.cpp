@@ -28,6 +28,14 @@ fastkd::KdDeviceLimits device_limits(const py::dict& limits) {
           get("max_threads_per_sm"), get("max_blocks_per_sm")};
 }
 
+// A launch configuration as a dict of its fields (for_each_field; flags as bools).
+template <typename Config>
+py::dict config_dict(const Config& c) {
+  py::dict out;
+  fastkd::for_each_field(c, [&](const char* name, auto value) { out[name] = value; });
+  return out;
+}
+
 py::dict kd_cuda_launch_config(const py::dict& limits, int64_t vocab, int64_t student_bytes, int64_t teacher_bytes,
                                int64_t static_smem, int64_t regs) {
   const fastkd::KdDeviceLimits d = device_limits(limits);
@@ -36,15 +44,7 @@ py::dict kd_cuda_launch_config(const py::dict& limits, int64_t vocab, int64_t st
   const int n = 16 / static_cast<int>(std::max(student_bytes, teacher_bytes));  // pack_elems<S, T>()
   const fastkd::KdLaunchConfig c =
       fastkd::kd_launch_config(d, {static_smem, regs}, vocab, n, n * (student_bytes + teacher_bytes));
-  py::dict out;
-  out["warp_kernel"] = c.warp_kernel;
-  out["threads"] = c.threads;
-  out["dyn_smem"] = c.dyn_smem;
-  out["cache_packs"] = c.cache_packs;
-  out["opt_in"] = c.opt_in;
-  out["max_dyn_smem"] = c.max_dyn_smem;
-  out["target_blocks_per_sm"] = c.target_blocks_per_sm;
-  out["blocks_per_sm"] = c.blocks_per_sm;
+  py::dict out = config_dict(c);
   out["pack_elems"] = n;
   return out;
 }
@@ -57,17 +57,7 @@ py::dict topk_cuda_launch_config(const py::dict& limits, int64_t vocab, int64_t 
   TORCH_CHECK(vocab >= 1 && k >= 1 && k <= vocab, "1 <= k <= vocab");
   const fastkd::TopkLaunchConfig c = fastkd::topk_launch_config(
       device_limits(limits), {static_smem, regs}, vocab, k, 16 / static_cast<int>(student_bytes));
-  py::dict out;
-  out["warp_kernel"] = c.warp_kernel;
-  out["threads"] = c.threads;
-  out["bitmap"] = c.bitmap;
-  out["bitmap_words"] = c.bitmap_words;
-  out["dyn_smem"] = c.dyn_smem;
-  out["opt_in"] = c.opt_in;
-  out["max_dyn_smem"] = c.max_dyn_smem;
-  out["blocks_per_sm"] = c.blocks_per_sm;
-  out["max_blocks"] = c.max_blocks;
-  return out;
+  return config_dict(c);
 }
 
 }  // namespace

@@ -61,16 +61,21 @@ inline KdOptions read_kd_options(const at::Tensor& options) {
   return k;
 }
 
-struct KdLossArgs {
+// The arguments every KD op has, whatever its teacher (KdLossArgs below; TopkLossArgs,
+// topk_kd/topk_kd.h): the student's side, the labels, the reduction and the row kernel's parameters.
+struct KdOpArgs {
   at::ScalarType grad_dtype;  // the student's dtype (fp64 logits are computed in fp32, see below)
   at::Tensor student;  // [rows, V], last dim contiguous
-  at::Tensor teacher;  // [rows, V], last dim contiguous
   at::Tensor labels;   // [rows] int64, or undefined
-  std::vector<int64_t> lead;  // the logits' leading shape (rows = its product)
+  std::vector<int64_t> lead;  // the student's leading shape (rows = its product)
   int64_t rows;
   int64_t vocab;
   Reduction reduction;
   KdParams params;  // the divergence included
+};
+
+struct KdLossArgs : KdOpArgs {
+  at::Tensor teacher;  // [rows, V], last dim contiguous
 };
 
 // [..., V] -> [rows, V] with unit stride along V; 2-D inputs keep any row stride (e.g. a slice of a
@@ -98,6 +103,29 @@ inline at::Tensor labels_arg(const std::optional<at::Tensor>& labels, at::IntArr
   return out;
 }
 
+// The student's side of a KD op's arguments, after the op's own checks of its tensors: the leading
+// shape, the vocabulary (checked non-empty), the gradient's dtype and the [rows, V] fp32/fp16/bf16
+// student (fp64 logits are converted to fp32: fastkd's maths is fp32 throughout; the gradient goes
+// back to grad_dtype).
+inline void set_student_args(KdOpArgs& a, const at::Tensor& student) {
+  a.lead = student.sizes().slice(0, student.dim() - 1).vec();
+  a.vocab = student.size(-1);
+  FKD_CHECK_ARG(a.vocab >= 1, "student_logits", "the vocabulary (last) dimension is empty");
+  a.grad_dtype = student.scalar_type();
+  a.student = as_rows(student.scalar_type() == at::kDouble ? student.to(at::kFloat) : student);
+  a.rows = a.student.size(0);
+}
+
+// The rest of a KD op's arguments, after set_student_args: the reduction, the labels (checked against
+// the student's leading shape and device) and the row kernel's parameters.
+inline void set_loss_args(KdOpArgs& a, const std::optional<at::Tensor>& labels, const at::Device& device,
+                          const KdOptions& o, Divergence divergence, int64_t ignore_index,
+                          std::string_view reduction) {
+  a.reduction = parse_reduction(reduction);
+  a.labels = labels_arg(labels, a.lead, device, o.hard_weight);
+  a.params = make_kd_params(divergence, o.temperature, o.beta, o.soft_weight, o.hard_weight, ignore_index);
+}
+
 // Validates the op's arguments (the Python wrapper validates first and names the user's arguments;
 // this is the op's own contract for direct callers) and normalises the layout; fp64 logits are
 // converted to fp32 like the others (fastkd's maths is fp32 throughout; the gradient goes back to
@@ -123,30 +151,22 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
   }
   const KdOptions o = read_kd_options(options);
   KdLossArgs a;
-  a.lead = student.sizes().slice(0, student.dim() - 1).vec();
-  a.vocab = student.size(-1);
-  FKD_CHECK_ARG(a.vocab >= 1, "student_logits", "the vocabulary (last) dimension is empty");
-  a.grad_dtype = student.scalar_type();
-  a.student = as_rows(student.scalar_type() == at::kDouble ? student.to(at::kFloat) : student);
+  set_student_args(a, student);
   a.teacher = as_rows(teacher.scalar_type() == at::kDouble ? teacher.to(at::kFloat) : teacher);
-  a.rows = a.student.size(0);
   const Divergence div = parse_divergence(divergence);
-  a.reduction = parse_reduction(reduction);
-  a.labels = labels_arg(labels, a.lead, student.device(), o.hard_weight);
-  a.params = make_kd_params(div, o.temperature, o.beta, o.soft_weight, o.hard_weight, ignore_index);
+  set_loss_args(a, labels, student.device(), o, div, ignore_index, reduction);
   return a;
 }
 
-// The row kernel's arguments for this call: row_losses [rows] fp32 and grad (nullptr, or a
-// contiguous [rows, vocab] buffer of a.student's dtype) are the op's outputs.
-inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* grad) {
-  KdRowsArgs r;
+// The fields every row API's arguments share (KdRowsArgs; TopkRowsArgs, topk_kd/topk_rows.h), for
+// this call: the student logits, labels, sizes and parameters; row_losses [rows] fp32 and grad
+// (nullptr, or a contiguous [rows, vocab] buffer of a.student's dtype) are the op's outputs.
+template <typename RowsArgs>
+RowsArgs student_rows_args(const KdOpArgs& a, float* row_losses, void* grad) {
+  RowsArgs r;
   r.student = a.student.data_ptr();
   r.student_dtype = a.student.scalar_type();
   r.student_stride = a.student.stride(0);
-  r.teacher = a.teacher.data_ptr();
-  r.teacher_dtype = a.teacher.scalar_type();
-  r.teacher_stride = a.teacher.stride(0);
   r.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
   r.rows = a.rows;
   r.vocab = a.vocab;
@@ -158,12 +178,19 @@ inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* gra
   return r;
 }
 
+// The row kernel's arguments for this call (student_rows_args and the teacher logits).
+inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* grad) {
+  KdRowsArgs r = student_rows_args<KdRowsArgs>(a, row_losses, grad);
+  r.teacher = a.teacher.data_ptr();
+  r.teacher_dtype = a.teacher.scalar_type();
+  r.teacher_stride = a.teacher.stride(0);
+  return r;
+}
+
 // The reduction weight of every valid row, as a 0-d fp32 tensor on the logits' device:
 // 1 / max(1, number of valid rows) for "batchmean", 1 otherwise. Computed with tensor ops so the
-// kernels read it from memory and nothing waits for the device. Args: KdLossArgs, or another KD op's
-// arguments with the same fields (student, labels, rows, reduction, params, lead; topk_kd/topk_kd.h).
-template <typename Args>
-at::Tensor row_weight(const Args& a) {
+// kernels read it from memory and nothing waits for the device.
+inline at::Tensor row_weight(const KdOpArgs& a) {
   const auto opts = a.student.options().dtype(at::kFloat);
   if (a.reduction != Reduction::BatchMean) return at::ones({}, opts);
   if (!a.labels.defined()) return at::full({}, 1.0f / static_cast<float>(std::max<int64_t>(1, a.rows)), opts);
@@ -171,8 +198,7 @@ at::Tensor row_weight(const Args& a) {
 }
 
 // The op's loss output from the per-row losses (ignored rows hold 0).
-template <typename Args>
-at::Tensor reduce_rows(const Args& a, const at::Tensor& row_losses, const at::Tensor& weight) {
+inline at::Tensor reduce_rows(const KdOpArgs& a, const at::Tensor& row_losses, const at::Tensor& weight) {
   if (a.reduction == Reduction::None) return row_losses.view(a.lead);
   at::Tensor total = row_losses.sum();
   return a.reduction == Reduction::BatchMean ? total * weight : total;

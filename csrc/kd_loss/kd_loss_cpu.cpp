@@ -139,16 +139,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
                                                    const std::optional<at::Tensor>& labels, const at::Tensor& options,
                                                    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction,
                                                    bool with_grad) {
-  KdLossArgs a = make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction);
-  const at::Tensor weight = row_weight(a);
-  const float w = weight.item<float>();  // a CPU tensor: no device to wait for
-  at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
-  at::Tensor grad = with_grad ? new_cpu_grad(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
-  // Stream the gradient past the caches when it is much larger than them (see store_from_float).
-  const bool stream = with_grad && stream_cpu_grad(grad.nbytes());
-  kd_rows_cpu(kd_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr), w, stream);
-  if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
-  return {reduce_rows(a, row_losses, weight), grad};
+  return kd_op_forward_cpu(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction),
+                           student.sizes(), with_grad, kd_rows_args, kd_rows_cpu);
 }
 
 void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {

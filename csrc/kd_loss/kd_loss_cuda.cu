@@ -382,33 +382,14 @@ template <Divergence D, typename S, typename T>
 std::vector<std::pair<std::string, int64_t>> fwd_launch_info(int64_t vocab) {
   const int device = c10::cuda::current_device();
   const KdLaunchConfig c = fwd_config<D, S, T>(device, vocab);
-  const auto fn = c.warp_kernel ? FwdKernel<D, S, T, true>::fn() : FwdKernel<D, S, T, false>::fn();
-  int occupancy = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, fn, c.threads,
-                                                               static_cast<size_t>(c.dyn_smem)));
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
-  return {{"warp_kernel", c.warp_kernel},
-          {"threads", c.threads},
-          {"dyn_smem", c.dyn_smem},
-          {"cache_packs", c.cache_packs},
-          {"opt_in", c.opt_in},
-          {"max_dyn_smem", c.max_dyn_smem},
-          {"target_blocks_per_sm", c.target_blocks_per_sm},
-          {"blocks_per_sm", c.blocks_per_sm},
-          {"static_smem", static_cast<int64_t>(attr.sharedSizeBytes)},
-          {"regs", attr.numRegs},
-          {"max_dyn_smem_attr", attr.maxDynamicSharedSizeBytes},
-          {"occupancy", occupancy}};
+  return launch_info_of(c, c.warp_kernel ? FwdKernel<D, S, T, true>::fn() : FwdKernel<D, S, T, false>::fn());
 }
 
 }  // namespace
 
 void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t stream) {
   check_kd_rows_args(a, /*in_place_ok=*/false);
-  FKD_CHECK(a.vocab <= (int64_t{1} << 30), "kd_rows_cuda: vocabulary of ", a.vocab, " entries (at most 2^30)");
-  FKD_CHECK(row_weight != nullptr, "kd_rows_cuda: null row_weight");
-  if (a.rows == 0) return;
+  if (!rows_to_launch(a, row_weight, "kd_rows_cuda")) return;
   dispatch_logits(a.student_dtype, "student_logits", [&](auto s_tag) {
     using S = decltype(s_tag);
     dispatch_logits(a.teacher_dtype, "teacher_logits", [&](auto t_tag) {
@@ -428,18 +409,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
                                                     const std::optional<at::Tensor>& labels, const at::Tensor& options,
                                                     c10::string_view divergence, int64_t ignore_index, c10::string_view reduction,
                                                     bool with_grad) {
-  KdLossArgs a = make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction);
-  FKD_CHECK_ARG(a.student.is_cuda(), "student_logits", "expected a CUDA tensor, got one on ", a.student.device());
-  FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_logits", "vocabulary of ", a.vocab,
-                " entries is too large (at most 2^30)");
-  const c10::cuda::CUDAGuard guard(a.student.device());
-  const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
-  at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
-  at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
-  kd_rows_cuda(kd_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr),
-               weight.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
-  if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
-  return {reduce_rows(a, row_losses, weight), grad};
+  return kd_op_forward_cuda(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction),
+                            student.sizes(), with_grad, kd_rows_args, kd_rows_cuda);
 }
 
 template <typename X>
@@ -465,7 +436,7 @@ void launch_kd_loss_scale(const at::Tensor& grad, const at::Tensor& factors, boo
 void kd_loss_scale_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   check_scale_args(grad, grad_output);
   FKD_CHECK_ARG(grad.is_cuda(), "grad", "expected a CUDA tensor, got one on ", grad.device());
-  FKD_CHECK_ARG(grad.size(-1) <= (int64_t{1} << 30), "grad", "vocabulary too large (at most 2^30)");
+  FKD_CHECK_ARG(grad.size(-1) <= kMaxCudaVocab, "grad", "vocabulary too large (at most 2^30)");
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
   // Factors as fp32 on the device (an async conversion when needed); the kernel reads them.
@@ -485,7 +456,7 @@ void kd_loss_scale_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
 std::vector<std::pair<std::string, int64_t>> kd_cuda_launch_info(const std::string& student_dtype,
                                                                   const std::string& teacher_dtype,
                                                                   const std::string& divergence, int64_t vocab) {
-  FKD_CHECK(vocab >= 1 && vocab <= (int64_t{1} << 30), "vocab must be in [1, 2^30], got ", vocab);
+  FKD_CHECK(vocab >= 1 && vocab <= kMaxCudaVocab, "vocab must be in [1, 2^30], got ", vocab);
   const Divergence d = parse_divergence(divergence);
   std::vector<std::pair<std::string, int64_t>> out;
   dispatch_logits(logit_dtype(student_dtype), "student_dtype", [&](auto s_tag) {

@@ -73,6 +73,20 @@ struct KdLaunchConfig {
   int blocks_per_sm;            // what fits (cuda_occupancy.h's rules for threads, registers, smem)
 };
 
+// Calls f(name, value) for every field of c, in order: the one list of them for the functions that
+// report a configuration (module.cpp's kd_cuda_launch_config, kd_loss_cuda.cu's kd_cuda_launch_info).
+template <typename F>
+void for_each_field(const KdLaunchConfig& c, F&& f) {
+  f("warp_kernel", c.warp_kernel);
+  f("threads", c.threads);
+  f("dyn_smem", c.dyn_smem);
+  f("cache_packs", c.cache_packs);
+  f("opt_in", c.opt_in);
+  f("max_dyn_smem", c.max_dyn_smem);
+  f("target_blocks_per_sm", c.target_blocks_per_sm);
+  f("blocks_per_sm", c.blocks_per_sm);
+}
+
 inline int64_t smem_granularity(int64_t major) { return major >= 8 ? 128 : 256; }
 
 // Resident blocks per SM of `threads` threads with `dyn_smem` bytes (cudaOccupancyMaxActiveBlocks-

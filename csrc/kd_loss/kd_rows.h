@@ -129,6 +129,25 @@ inline ByteSpan row_span(const void* p, int64_t rows, int64_t stride, int64_t wi
   return {first, first + static_cast<uintptr_t>(((rows - 1) * stride + width) * static_cast<int64_t>(elem_bytes))};
 }
 
+// The gradient's span, and its check against the student logits, of a row API's arguments (KdRowsArgs;
+// TopkRowsArgs, topk_kd/topk_rows.h) with a gradient: grad == student (same stride and dtype) is in
+// place, accepted where in_place_ok; any other overlap is rejected. api, header: the row API's name and
+// header, for the messages.
+template <typename RowsArgs>
+ByteSpan grad_span(const RowsArgs& a) {
+  return row_span(a.grad, a.rows, a.grad_stride, a.vocab, c10::elementSize(a.grad_dtype));
+}
+
+template <typename RowsArgs>
+void check_grad_over_student(const RowsArgs& a, bool in_place_ok, const char* api, const char* header) {
+  const bool in_place = a.grad == a.student && a.grad_stride == a.student_stride && a.grad_dtype == a.student_dtype;
+  FKD_CHECK(!in_place || in_place_ok, api, ": this backend cannot write the gradient in place over the student "
+            "logits (", header, "); pass a separate gradient buffer");
+  FKD_CHECK(in_place || !grad_span(a).overlaps(row_span(a.student, a.rows, a.student_stride, a.vocab,
+                                                        c10::elementSize(a.student_dtype))),
+            api, ": the gradient overlaps the student logits other than exactly in place");
+}
+
 // The contract above, checked on the host in O(1) (no device access). in_place_ok: the backend
 // accepts grad == student (same stride and dtype).
 inline void check_kd_rows_args(const KdRowsArgs& a, bool in_place_ok) {
@@ -149,15 +168,10 @@ inline void check_kd_rows_args(const KdRowsArgs& a, bool in_place_ok) {
             "kd_rows: row strides (", a.student_stride, ", ", a.teacher_stride, ", ", a.grad_stride,
             ") must be >= vocab (", a.vocab, ")");
   if (a.grad == nullptr) return;
-  const ByteSpan g = row_span(a.grad, a.rows, a.grad_stride, a.vocab, c10::elementSize(a.grad_dtype));
-  FKD_CHECK(!g.overlaps(row_span(a.teacher, a.rows, a.teacher_stride, a.vocab, c10::elementSize(a.teacher_dtype))),
+  FKD_CHECK(!grad_span(a).overlaps(row_span(a.teacher, a.rows, a.teacher_stride, a.vocab,
+                                            c10::elementSize(a.teacher_dtype))),
             "kd_rows: the gradient overlaps the teacher logits");
-  const bool in_place = a.grad == a.student && a.grad_stride == a.student_stride && a.grad_dtype == a.student_dtype;
-  FKD_CHECK(!in_place || in_place_ok, "kd_rows: this backend cannot write the gradient in place over the student "
-            "logits (kd_loss/kd_rows.h); pass a separate gradient buffer");
-  FKD_CHECK(in_place || !g.overlaps(row_span(a.student, a.rows, a.student_stride, a.vocab,
-                                             c10::elementSize(a.student_dtype))),
-            "kd_rows: the gradient overlaps the student logits other than exactly in place");
+  check_grad_over_student(a, in_place_ok, "kd_rows", "kd_loss/kd_rows.h");
 }
 
 }  // namespace fastkd

@@ -9,14 +9,11 @@
 //     soft_weight, hard_weight]; loss fp32 [] or [...] ("none"); grad the dense d(loss)/d(student) for
 //     grad_output = 1, student dtype and shape, contiguous, or an empty [0] tensor without with_grad.
 //     The backward is kd_loss_scale_ (the same in-place scaling of the saved gradient).
-//   An implementation for a backend reads:
-//     TopkLossArgs a = make_topk_loss_args(student, values, indices, labels, options, divergence,
-//                                          ignore_index, reduction);
-//     const at::Tensor weight = row_weight(a);            // kd_loss/kd_loss.h
-//     ... row_losses [rows] fp32, grad (contiguous [rows, V] of a.student's dtype) ...
-//     topk_rows_<backend>(topk_rows_args(a, row_losses, grad), weight, ...);
-//     if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);   // fp64 students
-//     return {reduce_rows(a, row_losses, weight), grad};  // kd_loss/kd_loss.h
+//   An implementation for a backend reads (as kd_loss_fwd's; the forward helpers kd_op_forward_cpu,
+//   kd_loss/kd_grad_cpu.h, and kd_op_forward_cuda, common/cuda_launch.cuh):
+//     return kd_op_forward_<backend>(make_topk_loss_args(student, values, indices, labels, options,
+//                                                        divergence, ignore_index, reduction),
+//                                    student.sizes(), with_grad, topk_rows_args, topk_rows_<backend>);
 #pragma once
 
 #include <optional>
@@ -31,18 +28,11 @@
 
 namespace fastkd {
 
-struct TopkLossArgs {
-  at::ScalarType grad_dtype;  // the student's dtype (fp64 logits are computed in fp32, see below)
-  at::Tensor student;  // [rows, V], last dim contiguous
+// KdOpArgs (kd_loss/kd_loss.h; its params: KL or JSD with 0 < beta < 1) and the top-k teacher.
+struct TopkLossArgs : KdOpArgs {
   at::Tensor values;   // [rows, K], last dim contiguous, fp32/fp16/bf16
   at::Tensor indices;  // [rows, K], last dim contiguous, int32 or int64
-  at::Tensor labels;   // [rows] int64, or undefined
-  std::vector<int64_t> lead;  // the student's leading shape (rows = its product)
-  int64_t rows;
-  int64_t vocab;
   int64_t k;
-  Reduction reduction;
-  KdParams params;  // KL or JSD (0 < beta < 1)
 };
 
 // Validates the op's arguments (the Python wrapper validates first and names the user's arguments;
@@ -78,30 +68,19 @@ inline TopkLossArgs make_topk_loss_args(const at::Tensor& student, const at::Ten
                 " is infinite whenever the student has mass outside the teacher's top-k support; use 'kl' or "
                 "'jsd' with beta < 1");
   TopkLossArgs a;
-  a.lead = student.sizes().slice(0, student.dim() - 1).vec();
-  a.vocab = student.size(-1);
+  set_student_args(a, student);
   a.k = values.size(-1);
-  FKD_CHECK_ARG(a.vocab >= 1, "student_logits", "the vocabulary (last) dimension is empty");
   FKD_CHECK_ARG(a.k >= 1 && a.k <= a.vocab, "teacher_values", "K = ", a.k, " entries per row; expected 1 <= K <= "
                 "vocab (", a.vocab, ")");
-  a.grad_dtype = st;
-  a.student = as_rows(st == at::kDouble ? student.to(at::kFloat) : student);
   a.values = as_rows(vt == at::kDouble ? values.to(at::kFloat) : values);
   a.indices = as_rows(it == at::kInt || it == at::kLong ? indices : indices.to(at::kLong));
-  a.rows = a.student.size(0);
-  a.reduction = parse_reduction(reduction);
-  a.labels = labels_arg(labels, a.lead, student.device(), o.hard_weight);
-  a.params = make_kd_params(div, o.temperature, o.beta, o.soft_weight, o.hard_weight, ignore_index);
+  set_loss_args(a, labels, student.device(), o, div, ignore_index, reduction);
   return a;
 }
 
-// The row kernel's arguments for this call: row_losses [rows] fp32 and grad (nullptr, or a
-// contiguous [rows, vocab] buffer of a.student's dtype) are the op's outputs.
+// The row kernel's arguments for this call (student_rows_args, kd_loss/kd_loss.h, and the top-k teacher).
 inline TopkRowsArgs topk_rows_args(const TopkLossArgs& a, float* row_losses, void* grad) {
-  TopkRowsArgs r;
-  r.student = a.student.data_ptr();
-  r.student_dtype = a.student.scalar_type();
-  r.student_stride = a.student.stride(0);
+  TopkRowsArgs r = student_rows_args<TopkRowsArgs>(a, row_losses, grad);
   r.values = a.values.data_ptr();
   r.values_dtype = a.values.scalar_type();
   r.values_stride = a.values.stride(0);
@@ -109,14 +88,6 @@ inline TopkRowsArgs topk_rows_args(const TopkLossArgs& a, float* row_losses, voi
   r.indices_int64 = a.indices.scalar_type() == at::kLong;
   r.indices_stride = a.indices.stride(0);
   r.k = a.k;
-  r.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
-  r.rows = a.rows;
-  r.vocab = a.vocab;
-  r.row_losses = row_losses;
-  r.grad = grad;
-  r.grad_dtype = a.student.scalar_type();
-  r.grad_stride = a.vocab;
-  r.params = a.params;
   return r;
 }
 

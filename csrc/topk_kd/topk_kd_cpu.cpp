@@ -25,15 +25,9 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& studen
                                                        const at::Tensor& options, c10::string_view divergence,
                                                        int64_t ignore_index, c10::string_view reduction,
                                                        bool with_grad) {
-  TopkLossArgs a = make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index, reduction);
-  const at::Tensor weight = row_weight(a);
-  const float w = weight.item<float>();  // a CPU tensor: no device to wait for
-  at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
-  at::Tensor grad = with_grad ? new_cpu_grad(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
-  const bool stream = with_grad && stream_cpu_grad(grad.nbytes());
-  topk_rows_cpu(topk_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr), w, stream);
-  if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
-  return {reduce_rows(a, row_losses, weight), grad};
+  return kd_op_forward_cpu(
+      make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index, reduction),
+      student.sizes(), with_grad, topk_rows_args, topk_rows_cpu);
 }
 
 }  // namespace

@@ -406,26 +406,8 @@ std::vector<std::pair<std::string, int64_t>> launch_info(int64_t vocab, int64_t 
   std::vector<std::pair<std::string, int64_t>> out;
   with_config<S>(device, vocab, k, [&](const TopkLaunchConfig& c, auto kernel) {
     using K = decltype(kernel);
-    const cudaFuncAttributes& attr = KernelOnDevice<K>::attributes(device);
-    int occupancy = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, K::fn(), c.threads,
-                                                                 static_cast<size_t>(c.dyn_smem)));
-    cudaFuncAttributes now;  // the opt-in as it is set now
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&now, K::fn()));
-    out = {{"warp_kernel", c.warp_kernel},
-           {"threads", c.threads},
-           {"bitmap", c.bitmap},
-           {"bitmap_words", c.bitmap_words},
-           {"dyn_smem", c.dyn_smem},
-           {"opt_in", c.opt_in},
-           {"max_dyn_smem", c.max_dyn_smem},
-           {"blocks_per_sm", c.blocks_per_sm},
-           {"max_blocks", c.max_blocks},
-           {"static_smem", static_cast<int64_t>(attr.sharedSizeBytes)},
-           {"regs", attr.numRegs},
-           {"local_bytes", static_cast<int64_t>(attr.localSizeBytes)},
-           {"max_dyn_smem_attr", now.maxDynamicSharedSizeBytes},
-           {"occupancy", occupancy}};
+    out = launch_info_of(c, K::fn());
+    out.emplace_back("local_bytes", static_cast<int64_t>(KernelOnDevice<K>::attributes(device).localSizeBytes));
   });
   return out;
 }
@@ -435,9 +417,7 @@ std::vector<std::pair<std::string, int64_t>> launch_info(int64_t vocab, int64_t 
 void topk_rows_cuda(const TopkRowsArgs& a, const float* row_weight, cudaStream_t stream) {
   // In place is not supported: pass 2 overwrites student entries that the support's correction reads.
   check_topk_rows_args(a, /*in_place_ok=*/false);
-  FKD_CHECK(a.vocab <= (int64_t{1} << 30), "topk_rows_cuda: vocabulary of ", a.vocab, " entries (at most 2^30)");
-  FKD_CHECK(row_weight != nullptr, "topk_rows_cuda: null row_weight");
-  if (a.rows == 0) return;
+  if (!rows_to_launch(a, row_weight, "topk_rows_cuda")) return;
   dispatch_logits(a.student_dtype, "student_logits", [&](auto s_tag) {
     launch_topk<decltype(s_tag)>(a, row_weight, stream);
   });
@@ -451,25 +431,16 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& stude
                                                          const at::Tensor& options, c10::string_view divergence,
                                                          int64_t ignore_index, c10::string_view reduction,
                                                          bool with_grad) {
-  TopkLossArgs a = make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index, reduction);
-  FKD_CHECK_ARG(a.student.is_cuda(), "student_logits", "expected a CUDA tensor, got one on ", a.student.device());
-  FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_logits", "vocabulary of ", a.vocab,
-                " entries is too large (at most 2^30)");
-  const c10::cuda::CUDAGuard guard(a.student.device());
-  const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
-  at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
-  at::Tensor grad = with_grad ? at::empty(student.sizes(), a.student.options()) : at::empty({0}, a.student.options());
-  topk_rows_cuda(topk_rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr),
-                 weight.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
-  if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
-  return {reduce_rows(a, row_losses, weight), grad};
+  return kd_op_forward_cuda(
+      make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index, reduction),
+      student.sizes(), with_grad, topk_rows_args, topk_rows_cuda);
 }
 
 }  // namespace
 
 std::vector<std::pair<std::string, int64_t>> topk_cuda_launch_info(const std::string& student_dtype, int64_t vocab,
                                                                     int64_t k) {
-  FKD_CHECK(vocab >= 1 && vocab <= (int64_t{1} << 30), "vocab must be in [1, 2^30], got ", vocab);
+  FKD_CHECK(vocab >= 1 && vocab <= kMaxCudaVocab, "vocab must be in [1, 2^30], got ", vocab);
   FKD_CHECK(k >= 1 && k <= vocab, "k must be in [1, vocab], got ", k);
   std::vector<std::pair<std::string, int64_t>> out;
   dispatch_logits(logit_dtype(student_dtype), "student_dtype", [&](auto s_tag) {

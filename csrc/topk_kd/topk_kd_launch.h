@@ -39,6 +39,21 @@ struct TopkLaunchConfig {
                           // a group takes rows grid-stride, so its bitmap is cleared once per block
 };
 
+// Calls f(name, value) for every field of c, in order (as kd_loss/kd_loss_launch.h's for KdLaunchConfig:
+// module.cpp's topk_cuda_launch_config, topk_kd_cuda.cu's topk_cuda_launch_info).
+template <typename F>
+void for_each_field(const TopkLaunchConfig& c, F&& f) {
+  f("warp_kernel", c.warp_kernel);
+  f("threads", c.threads);
+  f("bitmap", c.bitmap);
+  f("bitmap_words", c.bitmap_words);
+  f("dyn_smem", c.dyn_smem);
+  f("opt_in", c.opt_in);
+  f("max_dyn_smem", c.max_dyn_smem);
+  f("blocks_per_sm", c.blocks_per_sm);
+  f("max_blocks", c.max_blocks);
+}
+
 inline int64_t topk_bitmap_words(int64_t vocab) { return (vocab + 31) / 32; }
 
 // The duplicate check of a row of k indices into a vocabulary of `vocab` entries: the bitmap costs a

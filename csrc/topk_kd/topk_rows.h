@@ -141,16 +141,11 @@ inline void check_topk_rows_args(const TopkRowsArgs& a, bool in_place_ok) {
             a.indices_stride, ", grad ", a.grad_stride, ") must be >= the row widths (vocab ", a.vocab, ", k ", a.k,
             ")");
   if (a.grad == nullptr) return;
-  const ByteSpan g = row_span(a.grad, a.rows, a.grad_stride, a.vocab, c10::elementSize(a.grad_dtype));
+  const ByteSpan g = grad_span(a);
   FKD_CHECK(!g.overlaps(row_span(a.values, a.rows, a.values_stride, a.k, c10::elementSize(a.values_dtype))) &&
                 !g.overlaps(row_span(a.indices, a.rows, a.indices_stride, a.k, a.indices_int64 ? 8 : 4)),
             "topk_rows: the gradient overlaps the teacher values or indices");
-  const bool in_place = a.grad == a.student && a.grad_stride == a.student_stride && a.grad_dtype == a.student_dtype;
-  FKD_CHECK(!in_place || in_place_ok, "topk_rows: this backend cannot write the gradient in place over the student "
-            "logits (topk_kd/topk_rows.h); pass a separate gradient buffer");
-  FKD_CHECK(in_place || !g.overlaps(row_span(a.student, a.rows, a.student_stride, a.vocab,
-                                             c10::elementSize(a.student_dtype))),
-            "topk_rows: the gradient overlaps the student logits other than exactly in place");
+  check_grad_over_student(a, in_place_ok, "topk_rows", "topk_kd/topk_rows.h");
 }
 
 }  // namespace fastkd

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import no_sync
 
 import fastkd
 from fastkd import reference
@@ -642,17 +643,6 @@ def test_patch_handles_restored_in_any_order(order):
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------------
-class _NoSync:
-    """Any host<->device synchronisation inside the block raises (torch.cuda.set_sync_debug_mode)."""
-
-    def __enter__(self):
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-
-    def __exit__(self, *exc):
-        torch.cuda.set_sync_debug_mode("default")
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
@@ -663,7 +653,7 @@ def test_cuda_matches_float64_without_sync(dtype, norm_type):
     oracle_norm, _ = reference.clip_grad_norm_float64(grads0, 1.0, norm_type)
     max_norm = 0.3 * float(oracle_norm)
     _, oracle_grads = reference.clip_grad_norm_float64(grads0, max_norm, norm_type)
-    with _NoSync():
+    with no_sync():
         n = fastkd.clip_grad_norm_(ours, max_norm, norm_type)
         flag = fastkd.nonfinite_flag(n)
     assert n.device.type == "cuda" and n.dtype == torch.float32 and float(flag) == 0.0
@@ -695,12 +685,12 @@ def test_cuda_launch_count_and_determinism():
 def test_cuda_not_clipped_bit_identical_and_value():
     ps = _params(SHAPES, dtypes=(torch.float32, torch.bfloat16, torch.float16), device="cuda", scale=1e-3)
     before = [p.grad.clone() for p in ps]
-    with _NoSync():
+    with no_sync():
         fastkd.clip_grad_norm_(ps, 1e6)
         fastkd.clip_grad_value_(ps, 1e6)
     assert all(_bit_equal(p.grad, b) for p, b in zip(ps, before))
     theirs = _clone(ps)
-    with _NoSync():
+    with no_sync():
         fastkd.clip_grad_value_(ps, 1e-4)
     torch.nn.utils.clip_grad_value_(theirs, 1e-4)
     assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ps, theirs))
@@ -721,17 +711,17 @@ def test_cuda_aliased_gradients_match_torch_deterministically(case, dtype):
     torch.nn.utils.clip_grad_value_(clamped_theirs, 0.5)
     for _ in range(3):
         ours = make()
-        with _NoSync():
+        with no_sync():
             fastkd.clip_grads_with_norm_(ours, max_norm, norm)
         assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, theirs))
         ours = make()
-        with _NoSync():
+        with no_sync():
             n = fastkd.clip_grad_norm_(ours, max_norm)  # the one-call op
         with_ours = make()
         torch.nn.utils.clip_grads_with_norm_(with_ours, max_norm, n)
         assert all(_bit_equal(a.grad, b.grad) for a, b in zip(ours, with_ours))
         clamped = make()
-        with _NoSync():
+        with no_sync():
             fastkd.clip_grad_value_(clamped, 0.5)
         assert all(_bit_equal(a.grad, b.grad) for a, b in zip(clamped, clamped_theirs))
 
@@ -739,7 +729,7 @@ def test_cuda_aliased_gradients_match_torch_deterministically(case, dtype):
 @pytest.mark.cuda
 def test_cuda_clip_value_nan_and_complex_like_torch():
     ours = _params([(7,), (1271,), (3, 5)], dtypes=(torch.float32, torch.bfloat16), device="cuda")
-    with _NoSync():
+    with no_sync():
         fastkd.clip_grad_value_(ours, float("nan"))
     assert all(p.grad.isnan().all() for p in ours)
     z = [_with_grad(torch.randn(s, dtype=torch.complex64, device="cuda")) for s in [(7,), (40, 33)]]
@@ -755,7 +745,7 @@ def test_cuda_non_finite_and_opcheck():
     ps = _params([(10,), (3, 4)], device="cuda")
     ps[1].grad[0, 0] = float("nan")
     theirs = _clone(ps)
-    with _NoSync():
+    with no_sync():
         n = fastkd.clip_grad_norm_(ps, 1.0)
         flag = fastkd.nonfinite_flag(n)
     assert float(flag) == 1.0

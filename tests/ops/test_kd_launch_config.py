@@ -7,26 +7,17 @@ On a GPU, test_kd_loss_cuda.py checks the same configurations against the runtim
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
+from conftest import check_occupancy
 
+from bench.launch_configs import A100, H200
 from fastkd import _extension
 
 pytestmark = pytest.mark.skipif(_extension.EXT is None, reason="needs the compiled extension")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-# cudaDeviceProp values (sharedMemPerBlock, ...Optin, ...PerMultiprocessor, reservedSharedMemPerBlock, ...).
-H100 = dict(major=9, smem_per_block=49152, smem_per_block_optin=232448, smem_per_sm=233472,
-            reserved_smem_per_block=1024, sm_count=132, l2_bytes=50 << 20, regs_per_sm=65536,
-            max_threads_per_sm=2048, max_blocks_per_sm=32)
-H200 = dict(H100)  # the same GH100 chip: only the memory differs
-A100 = dict(major=8, smem_per_block=49152, smem_per_block_optin=166912, smem_per_sm=167936,
-            reserved_smem_per_block=1024, sm_count=108, l2_bytes=40 << 20, regs_per_sm=65536,
-            max_threads_per_sm=2048, max_blocks_per_sm=32)
+# cudaDeviceProp values (sharedMemPerBlock, ...Optin, ...PerMultiprocessor, reservedSharedMemPerBlock, ...):
+# bench/launch_configs.py's H200 and A100.
+H100 = H200  # the same GH100 chip: only the memory differs
 DEVICES = {"h100": H100, "h200": H200, "a100": A100}
 STATIC = 1056  # ptxas: the block kernel's two reduction arrays (33 x 24 + 33 x 8 bytes)
 REGS = 128  # the most __launch_bounds__(512, 1) allows; ptxas reports 103-128
@@ -142,65 +133,20 @@ def test_row_layout_phases():
     assert _extension.kd_cuda_row_layout(1 << 20 | 4, 4, 0, 0, 0, 3, 4) == (3, 0, 3, 0)
 
 
-OCC_PROGRAM = r"""
-#include <cstdio>
-#include <cuda_occupancy.h>
-#include "kd_loss/kd_loss_launch.h"
-using namespace fastkd;
-int main() {
-  const KdDeviceLimits devs[] = {{9, 49152, 232448, 233472, 1024, 132, 52428800, 65536, 2048, 32},
-                                 {8, 49152, 166912, 167936, 1024, 108, 41943040, 65536, 2048, 32}};
-  const int elems[] = {4, 8, 4};
-  const long pack_bytes[] = {32, 32, 24};
-  long n = 0, bad = 0;
-  for (const KdDeviceLimits& d : devs) {
-    cudaOccDeviceProp p;
-    p.computeMajor = d.major; p.computeMinor = 0; p.maxThreadsPerBlock = 1024;
-    p.maxThreadsPerMultiprocessor = d.max_threads_per_sm; p.regsPerBlock = 65536;
-    p.regsPerMultiprocessor = d.regs_per_sm; p.warpSize = 32; p.sharedMemPerBlock = d.smem_per_block;
-    p.sharedMemPerMultiprocessor = d.smem_per_sm; p.numSms = d.sm_count;
-    p.sharedMemPerBlockOptin = d.smem_per_block_optin; p.reservedSharedMemPerBlock = d.reserved_smem_per_block;
+OCC_BODY = r"""
+    const int elems[] = {4, 8, 4};
+    const long pack_bytes[] = {32, 32, 24};
     for (int regs : {96, 112, 128, 136}) for (int e = 0; e < 3; ++e) for (long v = 1; v < 300000; v += 13) {
       const KdLaunchConfig c = kd_launch_config(d, {1056, regs}, v, elems[e], pack_bytes[e]);
-      cudaOccFuncAttributes a;
-      a.maxThreadsPerBlock = 512; a.numRegs = regs; a.sharedSizeBytes = c.warp_kernel ? 0 : 1056;
-      a.partitionedGCConfig = PARTITIONED_GC_OFF;
-      a.shmemLimitConfig = c.opt_in ? FUNC_SHMEM_LIMIT_OPTIN : FUNC_SHMEM_LIMIT_DEFAULT;
-      a.maxDynamicSharedSizeBytes = c.opt_in ? c.max_dyn_smem : d.smem_per_block - 1056;
-      cudaOccDeviceState st;
-      cudaOccResult r;
       const KdLaunchConfig w = c.warp_kernel ? kd_launch_config(d, {0, regs}, v, elems[e], pack_bytes[e]) : c;
-      ++n;
-      if (cudaOccMaxActiveBlocksPerMultiprocessor(&r, &p, &a, &st, w.threads, w.dyn_smem) != CUDA_OCC_SUCCESS ||
-          r.activeBlocksPerMultiprocessor != w.blocks_per_sm) {
-        if (++bad <= 5) printf("mismatch: major %ld regs %d vocab %ld: fastkd %d, cuda_occupancy.h %d\n",
-                               (long)d.major, regs, v, w.blocks_per_sm, r.activeBlocksPerMultiprocessor);
-      }
+      tally(d, regs, v, -1, w.blocks_per_sm,
+            occ_blocks(d, 512, regs, c.warp_kernel ? 0 : 1056, c.opt_in,
+                       c.opt_in ? c.max_dyn_smem : d.smem_per_block - 1056, w.threads, w.dyn_smem));
     }
-  }
-  printf("%ld configurations, %ld mismatches\n", n, bad);
-  return bad != 0;
-}
 """
 
 
-def _cuda_include():
-    nvcc = shutil.which("nvcc")
-    cands = [Path("/usr/local/cuda/include")]
-    if nvcc:
-        cands.insert(0, Path(nvcc).resolve().parent.parent / "include")
-    return next((c for c in cands if (c / "cuda_occupancy.h").exists()), None)
-
-
-@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
-                    reason="needs g++ and the CUDA toolkit's cuda_occupancy.h")
 def test_blocks_per_sm_matches_cuda_occupancy_h(tmp_path):
     # fastkd's count of resident blocks against the toolkit's own occupancy calculator (the header
     # behind cudaOccupancyMaxActiveBlocksPerMultiprocessor's rules), over every configuration.
-    src = tmp_path / "occ.cpp"
-    src.write_text(OCC_PROGRAM)
-    exe = tmp_path / "occ"
-    subprocess.run(["g++", "-std=c++17", "-O1", f"-I{_cuda_include()}", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)],
-                   check=True, capture_output=True, timeout=120)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    check_occupancy(tmp_path, "kd_loss/kd_loss_launch.h", [H100, A100], OCC_BODY)

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_against_float64, loss_and_grad, random_labels
 
 import fastkd
 from fastkd import _extension, reference
@@ -33,43 +34,14 @@ def make_logits(rows, vocab, dtype=torch.float32, scale=3.0, seed=0, lead=None):
     return s, t
 
 
-def make_labels(shape, vocab, ignore_frac=0.2, seed=1, ignore_index=-100):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, shape, generator=g)
-    drop = torch.rand(shape, generator=g) < ignore_frac
-    return torch.where(drop, torch.full_like(labels, ignore_index), labels)
-
-
 def run(fn, s, t, labels, grad_out=None, **kw):
     """Loss and student gradient of fn (fastkd.kd_loss or reference.kd_loss)."""
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s, t, labels, **kw)
-    g = torch.ones_like(loss) if grad_out is None else grad_out
-    loss.backward(g)
-    return loss.detach(), s.grad
+    return loss_and_grad(fn, s, (t,), labels, grad_out, **kw)
 
 
 def check(s, t, labels=None, grad_out=None, floor=1e-6, **kw):
     """Compare fastkd with the float64 oracle under the 2x-plain-PyTorch rule."""
-    ref_loss, ref_grad = run(reference.kd_loss, s.double(), t.double(), labels,
-                             None if grad_out is None else grad_out.double(), **kw)
-    fp32_loss, fp32_grad = run(reference.kd_loss, s.float(), t.float(), labels,
-                               None if grad_out is None else grad_out.float(), **kw)
-    loss, grad = run(fastkd.kd_loss, s, t, labels, grad_out, **kw)
-    assert loss.dtype == torch.float32
-    assert grad.dtype == s.dtype and grad.shape == s.shape
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-
-    def err(x, ref):
-        return (x.double() - ref).abs().max().item()
-
-    base_loss = err(fp32_loss, ref_loss)
-    base_grad = err(fp32_grad.to(s.dtype), ref_grad)  # includes rounding to the student's dtype
-    scale_loss = max(1.0, ref_loss.abs().max().item())
-    scale_grad = max(1e-3, ref_grad.abs().max().item())
-    assert err(loss, ref_loss) <= 2 * base_loss + floor * scale_loss, (err(loss, ref_loss), base_loss)
-    assert err(grad, ref_grad) <= 2 * base_grad + floor * scale_grad, (err(grad, ref_grad), base_grad)
-    return loss, grad
+    return check_against_float64(fastkd.kd_loss, reference.kd_loss, s, (t,), labels, grad_out, floor, **kw)
 
 
 # ---- the CPU kernel's instruction sets (the fixture cpu_kernel: tests/conftest.py) -------------------------
@@ -107,7 +79,7 @@ def test_vocab_sizes_and_divergences(vocab, divergence, beta):
 @pytest.mark.parametrize("hard_weight,temperature", [(0.0, 4.0), (0.5, 1.0), (0.3, 2.5)])
 def test_dtypes_and_hard_term(dtype, divergence, beta, hard_weight, temperature):
     s, t = make_logits(19, 1271, dtype=dtype, seed=3)
-    labels = make_labels((19,), 1271)
+    labels = random_labels((19,), 1271)
     check(s, t, labels, temperature=temperature, divergence=divergence, beta=beta, soft_weight=0.7,
           hard_weight=hard_weight)
 
@@ -117,7 +89,7 @@ def test_dtypes_and_hard_term(dtype, divergence, beta, hard_weight, temperature)
 @pytest.mark.parametrize("with_labels", [False, True])
 def test_reductions_and_3d(reduction, with_labels):
     s, t = make_logits(None, 769, lead=(3, 11), seed=5)
-    labels = make_labels((3, 11), 769) if with_labels else None
+    labels = random_labels((3, 11), 769) if with_labels else None
     loss, _ = check(s, t, labels, temperature=1.5, hard_weight=0.4 if with_labels else 0.0, reduction=reduction)
     assert loss.shape == ((3, 11) if reduction == "none" else ())
     if with_labels and reduction == "none":
@@ -126,7 +98,7 @@ def test_reductions_and_3d(reduction, with_labels):
 
 def test_batchmean_is_per_valid_token():
     s, t = make_logits(None, 50, lead=(4, 6), seed=6)
-    labels = make_labels((4, 6), 50, ignore_frac=0.4)
+    labels = random_labels((4, 6), 50, ignore_frac=0.4)
     rows = fastkd.kd_loss(s, t, labels, temperature=2.0, reduction="none")
     mean = fastkd.kd_loss(s, t, labels, temperature=2.0)
     n_valid = (labels != -100).sum()
@@ -142,7 +114,7 @@ def test_all_rows_ignored_gives_zero():
 
 def test_ignored_rows_excluded_without_hard_term():
     s, t = make_logits(8, 40, seed=8)
-    labels = make_labels((8,), 40, ignore_frac=0.5, seed=9)
+    labels = random_labels((8,), 40, ignore_frac=0.5, seed=9)
     keep = labels != -100
     loss, grad = run(fastkd.kd_loss, s, t, labels, temperature=3.0)
     expected, _ = run(fastkd.kd_loss, s[keep], t[keep], None, temperature=3.0)
@@ -155,7 +127,7 @@ def test_ignored_rows_excluded_without_hard_term():
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
 def test_grad_output_not_one(reduction, divergence, beta):
     s, t = make_logits(13, 300, seed=10)
-    labels = make_labels((13,), 300)
+    labels = random_labels((13,), 300)
     g = torch.randn(13, dtype=torch.float64).float() if reduction == "none" else torch.tensor(-2.5)
     check(s, t, labels, grad_out=g, temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.2,
           reduction=reduction)
@@ -219,7 +191,7 @@ def test_extreme_logits_no_overflow(temperature, divergence, beta):
     s, t = make_logits(5, 1000, scale=3e3, seed=13)
     s, t = s.clamp(-1e4, 1e4), t.clamp(-1e4, 1e4)
     s[0, 0], t[0, 1] = 1e4, -1e4
-    labels = make_labels((5,), 1000, ignore_frac=0.0)
+    labels = random_labels((5,), 1000, ignore_frac=0.0)
     check(s, t, labels, temperature=temperature, divergence=divergence, beta=beta, hard_weight=0.1)
 
 
@@ -241,7 +213,7 @@ def test_non_contiguous_inputs():
     s_tr, t_tr = make_logits(300, 9, seed=16)
     check(s_tr.t(), t_tr.t(), temperature=2.0)  # last-dim stride != 1
     s3, t3 = make_logits(None, 64, lead=(6, 5), seed=17)
-    labels = make_labels((6, 5), 64)
+    labels = random_labels((6, 5), 64)
     check(s3.transpose(0, 1), t3.transpose(0, 1), labels.t(), hard_weight=0.5)
 
 
@@ -279,7 +251,7 @@ def test_deterministic():
 
 def test_module_matches_function():
     s, t = make_logits(6, 90, seed=22)
-    labels = make_labels((6,), 90)
+    labels = random_labels((6,), 90)
     kw = dict(temperature=3.0, divergence="jsd", beta=0.2, soft_weight=0.5, hard_weight=0.5, reduction="sum")
     mod = fastkd.KDLoss(**kw)
     assert torch.equal(mod(s, t, labels), fastkd.kd_loss(s, t, labels, **kw))
@@ -319,7 +291,7 @@ def test_reference_gradcheck_fp64(divergence, beta):
 def test_reference_closed_form_gradient(divergence, beta, reduction):
     """The fallback kernel's closed-form gradient equals autograd through the oracle (both fp64)."""
     s, t = make_logits(8, 57, dtype=torch.float64, seed=26)
-    labels = make_labels((8,), 57)
+    labels = random_labels((8,), 57)
     kw = dict(temperature=1.3, divergence=divergence, beta=beta, soft_weight=0.8, hard_weight=0.4,
               ignore_index=-100, reduction=reduction)
     _, grad = reference.kd_loss_and_grad(s, t, labels, kw["temperature"], divergence, beta, 0.8, 0.4, -100, reduction,
@@ -331,7 +303,7 @@ def test_reference_closed_form_gradient(divergence, beta, reduction):
 # ---- the op --------------------------------------------------------------------------------------------
 def _op_args(reduction, with_grad, dtype=torch.float32):
     s, t = make_logits(6, 97, dtype=dtype, seed=27)
-    labels = make_labels((6,), 97)
+    labels = random_labels((6,), 97)
     return (s.requires_grad_(with_grad), t, labels, loss_options(2.0, 0.4, 1.0, 0.5), "jsd", -100, reduction, with_grad)
 
 
@@ -360,7 +332,7 @@ def test_scale_skips_factor_one_exactly():
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_torch_compile_fullgraph(reduction):
     s, t = make_logits(None, 301, lead=(2, 5), seed=28)
-    labels = make_labels((2, 5), 301)
+    labels = random_labels((2, 5), 301)
     kw = dict(temperature=2.0, divergence="reverse_kl", hard_weight=0.3, reduction=reduction)
 
     def step(x, y, lab):
@@ -383,7 +355,7 @@ def test_torch_compile_changing_temperature_compiles_once():
     """A temperature (and weight) schedule changes the options every step: fullgraph keeps working and the
     graph is compiled once for the changing values (the first call's static graph aside)."""
     s, t = make_logits(6, 97, seed=31)
-    labels = make_labels((6,), 97)
+    labels = random_labels((6,), 97)
     graphs = []
 
     def counting(gm, example_inputs):
@@ -415,7 +387,7 @@ def test_torch_compile_changing_temperature_compiles_once():
 def test_torch_func_transforms(divergence, beta):
     """torch.func.grad, vmap(grad) and jacrev run the reference maths and agree with the fused gradient."""
     s, t = make_logits(5, 40, seed=32)
-    labels = make_labels((5,), 40)
+    labels = random_labels((5,), 40)
     kw = dict(temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.3)
     _, fused = run(fastkd.kd_loss, s, t, labels, **kw)
     g = torch.func.grad(lambda x: fastkd.kd_loss(x, t, labels, **kw))(s)
@@ -432,7 +404,7 @@ def test_torch_func_transforms(divergence, beta):
 def test_gradcheck_float64(divergence, beta):
     """float64 logits run the reference maths in float64: gradcheck and gradgradcheck hold on fastkd.kd_loss."""
     s, t = make_logits(3, 11, dtype=torch.float64, seed=33)
-    labels = make_labels((3,), 11, ignore_frac=0.0)
+    labels = random_labels((3,), 11, ignore_frac=0.0)
     x = s.clone().requires_grad_(True)
 
     def f(v):
@@ -524,7 +496,7 @@ BAD = [
 @pytest.mark.parametrize("call,exc,pattern", BAD)
 def test_bad_input(call, exc, pattern):
     s, t = make_logits(6, 50, seed=29)
-    labels = make_labels((6,), 50, ignore_frac=0.0)
+    labels = random_labels((6,), 50, ignore_frac=0.0)
     with pytest.raises(exc, match=pattern):
         call(s, t, labels)
 
@@ -548,7 +520,7 @@ def test_large_gradient_equals_row_blocks(cpu_kernel, dtype, vocab):
     if cpu_kernel == "reference":
         pytest.skip("the non-temporal store path is the compiled CPU kernel's")
     s, t = make_logits(600, vocab, dtype=dtype, seed=31)
-    labels = make_labels((600,), vocab)
+    labels = random_labels((600,), vocab)
     kw = dict(temperature=2.0, hard_weight=0.3, reduction="sum")
     loss, grad = run(fastkd.kd_loss, s, t, labels, **kw)
     parts = [run(fastkd.kd_loss, s[i:i + 100], t[i:i + 100], labels[i:i + 100], **kw) for i in range(0, 600, 100)]
@@ -566,7 +538,7 @@ def test_freed_gradient_buffers_are_reused_and_fully_rewritten():
     it: every entry is written again (ignored rows included), nothing of the old values survives."""
     fastkd.empty_cache()
     s, t = make_logits(40, 8000, seed=40)  # 1.2 MiB of fp32 gradient
-    all_valid = make_labels((40,), 8000, ignore_frac=0.0)
+    all_valid = random_labels((40,), 8000, ignore_frac=0.0)
     _, g1 = run(fastkd.kd_loss, s, t, all_valid, temperature=2.0, hard_weight=0.5)
     ptr = g1.data_ptr()
     del g1

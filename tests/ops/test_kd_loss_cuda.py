@@ -8,7 +8,6 @@ The launch configuration itself is tested without a GPU in test_kd_launch_config
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_cuda_op, cuda_labels, cuda_logits, no_sync, rows_for
 
 import fastkd
 from fastkd import _extension, reference
@@ -33,36 +33,6 @@ REDUCTIONS = ["batchmean", "sum", "none"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@contextlib.contextmanager
-def no_sync():
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
-
-
-def rows_for(vocab: int) -> int:
-    return max(3, min(40, (1 << 20) // vocab))
-
-
-def make_logits(rows, vocab, dtype, seed, offset=0, scale=3.0):
-    """[rows, vocab] logits on the GPU; offset > 0 gives a view whose rows start `offset` elements
-    into a wider buffer (misaligned rows, row stride vocab + offset)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows, vocab + offset, generator=g, dtype=torch.float32) * scale
-    return base.to(dtype).cuda()[:, offset:]
-
-
-def make_labels(rows, vocab, seed, ignore_index=-100, ignore_every=3):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, (rows,), generator=g)
-    labels[0] = vocab - 1
-    labels[1::ignore_every] = ignore_index
-    return labels.cuda()
-
-
 def run_op(s, t, labels, T, div, beta, sw, hw, ii, red, with_grad=True):
     with no_sync():
         loss, grad = torch.ops.fastkd.kd_loss_fwd(s, t, labels, loss_options(T, beta, sw, hw), div, ii, red, with_grad)
@@ -73,33 +43,17 @@ def run_ref(s, t, labels, T, div, beta, sw, hw, ii, red):
     return reference.kd_loss_and_grad(s.double(), t.double(), labels, T, div, beta, sw, hw, ii, red, True)
 
 
-def tolerances(dtype):
-    # Loss: fp32 maths. Gradient: fp32 maths, then rounded to the student's dtype.
-    if dtype == torch.float32:
-        return dict(loss=(2e-4, 1e-5), grad=(1e-3, 1e-6))
-    return dict(loss=(2e-4, 1e-5), grad=(1e-2, 1e-4))
-
-
-def check(loss, grad, ref_loss, ref_grad, dtype):
-    tol = tolerances(dtype)
-    torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=tol["loss"][0], atol=tol["loss"][1])
-    assert grad.dtype == dtype
-    ref_grad = ref_grad.double()
-    scale = max(ref_grad.abs().max().item(), 1e-30)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=tol["grad"][0], atol=tol["grad"][1] * scale)
-
-
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(vocab, divergence, dtype):
     rows = rows_for(vocab)
-    s = make_logits(rows, vocab, dtype, 1)
-    t = make_logits(rows, vocab, dtype, 2)
+    s = cuda_logits(rows, vocab, dtype, 1)
+    t = cuda_logits(rows, vocab, dtype, 2)
     for red in REDUCTIONS:
         loss, grad = run_op(s, t, None, 2.0, divergence, 0.3, 0.7, 0.0, -100, red)
         ref_loss, ref_grad = run_ref(s, t, None, 2.0, divergence, 0.3, 0.7, 0.0, -100, red)
-        check(loss, grad, ref_loss, ref_grad, dtype)
+        check_cuda_op(loss, grad, ref_loss, ref_grad, dtype)
 
 
 @pytest.mark.parametrize("vocab", [7, 1271, 2049, 32000, 128256])
@@ -107,14 +61,14 @@ def test_matches_reference(vocab, divergence, dtype):
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_labels_ignore_and_hard_term(vocab, divergence, temperature):
     rows = rows_for(vocab)
-    s = make_logits(rows, vocab, torch.bfloat16, 3)
-    t = make_logits(rows, vocab, torch.bfloat16, 4)
-    labels = make_labels(rows, vocab, 5)
+    s = cuda_logits(rows, vocab, torch.bfloat16, 3)
+    t = cuda_logits(rows, vocab, torch.bfloat16, 4)
+    labels = cuda_labels(rows, vocab, 5)
     for red in REDUCTIONS:
         args = (labels, temperature, divergence, 0.5, 0.6, 0.4, -100, red)
         loss, grad = run_op(s, t, *args)
         ref_loss, ref_grad = run_ref(s, t, *args)
-        check(loss, grad, ref_loss, ref_grad, torch.bfloat16)
+        check_cuda_op(loss, grad, ref_loss, ref_grad, torch.bfloat16)
         ignored = labels == -100
         assert torch.all(grad[ignored] == 0)
         if red == "none":
@@ -127,19 +81,19 @@ def test_labels_ignore_and_hard_term(vocab, divergence, temperature):
                                     (torch.float32, torch.float16)], ids=str)
 def test_misaligned_and_mixed_dtypes(vocab, offsets, dtypes):
     rows = rows_for(vocab)
-    s = make_logits(rows, vocab, dtypes[0], 6, offset=offsets[0])
-    t = make_logits(rows, vocab, dtypes[1], 7, offset=offsets[1])
-    labels = make_labels(rows, vocab, 8)
+    s = cuda_logits(rows, vocab, dtypes[0], 6, offset=offsets[0])
+    t = cuda_logits(rows, vocab, dtypes[1], 7, offset=offsets[1])
+    labels = cuda_labels(rows, vocab, 8)
     for div in DIVERGENCES:
         args = (labels, 1.5, div, 0.5, 1.0, 0.5, -100, "batchmean")
         loss, grad = run_op(s, t, *args)
         ref_loss, ref_grad = run_ref(s, t, *args)
-        check(loss, grad, ref_loss, ref_grad, dtypes[0])
+        check_cuda_op(loss, grad, ref_loss, ref_grad, dtypes[0])
 
 
 def test_float64_inputs():
-    s = make_logits(5, 1000, torch.float64, 9)
-    t = make_logits(5, 1000, torch.float64, 10)
+    s = cuda_logits(5, 1000, torch.float64, 9)
+    t = cuda_logits(5, 1000, torch.float64, 10)
     loss, grad = run_op(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
     ref_loss, ref_grad = run_ref(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
     assert grad.dtype == torch.float64
@@ -149,15 +103,15 @@ def test_float64_inputs():
 
 def test_masked_logits():
     # -inf entries (masked vocabulary) in the student and the teacher: 0 * log 0 = 0, no NaN.
-    s = make_logits(4, 3000, torch.float32, 11)
-    t = make_logits(4, 3000, torch.float32, 12)
+    s = cuda_logits(4, 3000, torch.float32, 11)
+    t = cuda_logits(4, 3000, torch.float32, 12)
     s[:, 150:200] = float("-inf")  # inside the teacher's mask: KL(p_t || p_s) stays finite
     t[:, 100:400] = float("-inf")
     for div in ["kl", "jsd"]:
         loss, grad = run_op(s, t, None, 1.0, div, 0.5, 1.0, 0.0, -100, "none")
         ref_loss, ref_grad = run_ref(s, t, None, 1.0, div, 0.5, 1.0, 0.0, -100, "none")
         assert torch.isfinite(grad).all()
-        check(loss, grad, ref_loss, ref_grad, torch.float32)
+        check_cuda_op(loss, grad, ref_loss, ref_grad, torch.float32)
 
 
 @pytest.mark.parametrize("vocab", [769, 32000])  # a warp per row, a block per row
@@ -165,8 +119,8 @@ def test_masked_logits():
 def test_non_finite_inputs_give_non_finite_rows(vocab, divergence):
     """NaN / +inf in the student or the teacher: that row's loss and gradient are non-finite, as the
     textbook formula's; -inf masks; other rows finite (docs/reliability.md)."""
-    s = make_logits(6, vocab, torch.float32, 13)
-    t = make_logits(6, vocab, torch.float32, 14)
+    s = cuda_logits(6, vocab, torch.float32, 13)
+    t = cuda_logits(6, vocab, torch.float32, 14)
     s[1, vocab - 5], s[2, 3] = float("nan"), float("inf")
     t[3, vocab - 5], t[4, 3] = float("nan"), float("inf")
     s[5, 0] = t[5, 0] = float("-inf")
@@ -180,9 +134,9 @@ def test_non_finite_inputs_give_non_finite_rows(vocab, divergence):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backward_with_grad_output(vocab, reduction):
     rows = 12
-    s0 = make_logits(rows, vocab, torch.float32, 13)
-    t = make_logits(rows, vocab, torch.float32, 14)
-    labels = make_labels(rows, vocab, 15)
+    s0 = cuda_logits(rows, vocab, torch.float32, 13)
+    t = cuda_logits(rows, vocab, torch.float32, 14)
+    labels = cuda_labels(rows, vocab, 15)
     kw = dict(temperature=2.0, divergence="jsd", hard_weight=0.3, reduction=reduction)
     s = s0.clone().requires_grad_()
     with no_sync():
@@ -199,7 +153,7 @@ def test_backward_with_grad_output(vocab, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("vocab", [7, 3001, 128256])
 def test_scale(dtype, vocab):
-    grad = make_logits(6, vocab, dtype, 16).contiguous()
+    grad = cuda_logits(6, vocab, dtype, 16).contiguous()
     expect = grad.cpu().clone()
     f = torch.tensor([1.0, 2.0, 0.5, 1.0, -3.0, 0.25], device="cuda")
     with no_sync():
@@ -216,9 +170,9 @@ def test_scale(dtype, vocab):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_deterministic(vocab, divergence):
     rows = 64
-    s = make_logits(rows, vocab, torch.bfloat16, 17)
-    t = make_logits(rows, vocab, torch.bfloat16, 18)
-    labels = make_labels(rows, vocab, 19)
+    s = cuda_logits(rows, vocab, torch.bfloat16, 17)
+    t = cuda_logits(rows, vocab, torch.bfloat16, 18)
+    labels = cuda_labels(rows, vocab, 19)
     args = (labels, 2.0, divergence, 0.5, 1.0, 0.5, -100, "batchmean")
     l1, g1 = run_op(s, t, *args)
     l2, g2 = run_op(s, t, *args)
@@ -227,8 +181,8 @@ def test_deterministic(vocab, divergence):
 
 def test_many_rows_and_no_grad():
     # More rows than a grid dimension of 65535 would allow, one warp per row.
-    s = make_logits(70000, 7, torch.bfloat16, 20)
-    t = make_logits(70000, 7, torch.bfloat16, 21)
+    s = cuda_logits(70000, 7, torch.bfloat16, 20)
+    t = cuda_logits(70000, 7, torch.bfloat16, 21)
     loss, grad = run_op(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "none", with_grad=False)
     assert grad.numel() == 0
     ref_loss, _ = run_ref(s, t, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "none")
@@ -267,13 +221,13 @@ def _case_id(case):
 def test_shared_memory_windows(case, divergence):
     (sd, td), vocab = case
     rows = 12
-    s = make_logits(rows, vocab, sd, 30)
-    t = make_logits(rows, vocab, td, 31)
-    labels = make_labels(rows, vocab, 32)
+    s = cuda_logits(rows, vocab, sd, 30)
+    t = cuda_logits(rows, vocab, td, 31)
+    labels = cuda_labels(rows, vocab, 32)
     args = (labels, 2.0, divergence, 0.5, 0.7, 0.3, -100, "batchmean")
     loss, grad = run_op(s, t, *args)  # the opt-in window failed with "invalid argument"
     ref_loss, ref_grad = run_ref(s, t, *args)
-    check(loss, grad, ref_loss, ref_grad, sd)
+    check_cuda_op(loss, grad, ref_loss, ref_grad, sd)
 
 
 @pytest.mark.parametrize("case", OPT_IN_WINDOW + TWO_PER_SM + [((BF16, BF16), 128256), ((F32, F32), 1271),
@@ -331,8 +285,8 @@ def test_every_thread_normalises_with_the_same_statistics(vocab, dtype, divergen
     # their gradients must be bit-identical. Different bits mean that two threads normalised with
     # different log-sum-exps (a multiply-add contracted differently on the two lanes of an exchange).
     rows = 4
-    s = make_logits(rows, vocab, dtype, 40)
-    t = make_logits(rows, vocab, dtype, 41)
+    s = cuda_logits(rows, vocab, dtype, 40)
+    t = cuda_logits(rows, vocab, dtype, 41)
     s[:, ::8] = s[:, :1]
     t[:, ::8] = t[:, :1]
     labels = torch.full((rows,), 1, dtype=torch.long, device="cuda")  # not a probe entry
@@ -348,12 +302,12 @@ def test_padded_row_stride(vocab, width, dtypes):
     # logits[..., :vocab] of a wider buffer: the inputs' rows all start at one phase, the contiguous
     # gradient's rows at every phase (16 rows: all 8 of them), stored in pieces of their alignment.
     rows = 16
-    s = make_logits(rows, width, dtypes[0], 50)[:, :vocab]
-    t = make_logits(rows, width, dtypes[1], 51)[:, :vocab]
-    labels = make_labels(rows, vocab, 52)
+    s = cuda_logits(rows, width, dtypes[0], 50)[:, :vocab]
+    t = cuda_logits(rows, width, dtypes[1], 51)[:, :vocab]
+    labels = cuda_labels(rows, vocab, 52)
     for div in DIVERGENCES:
         args = (labels, 2.0, div, 0.5, 0.8, 0.2, -100, "batchmean")
         loss, grad = run_op(s, t, *args)
         ref_loss, ref_grad = run_ref(s, t, *args)
         assert grad.is_contiguous() and grad.shape == (rows, vocab)
-        check(loss, grad, ref_loss, ref_grad, dtypes[0])
+        check_cuda_op(loss, grad, ref_loss, ref_grad, dtypes[0])

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from conftest import check_against_float64, loss_and_grad, random_labels
 
 import fastkd
 from fastkd import reference
@@ -36,13 +37,6 @@ def make_case(rows, vocab, k, dtype=torch.float32, vdtype=None, idx_dtype=torch.
     return s.to(dtype), values.to(vdtype or dtype), indices.to(idx_dtype)
 
 
-def make_labels(shape, vocab, ignore_frac=0.2, seed=1, ignore_index=-100):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, shape, generator=g)
-    drop = torch.rand(shape, generator=g) < ignore_frac
-    return torch.where(drop, torch.full_like(labels, ignore_index), labels)
-
-
 def dense_teacher(values, indices, vocab):
     full = torch.full((*values.shape[:-1], vocab), -math.inf, dtype=values.dtype)
     return full.scatter(-1, indices.long(), values)
@@ -50,33 +44,13 @@ def dense_teacher(values, indices, vocab):
 
 def run(fn, s, v, i, labels, grad_out=None, **kw):
     """Loss and student gradient of fn (fastkd.topk_kd_loss or reference.topk_kd_loss)."""
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s, v, i, labels, **kw)
-    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out)
-    return loss.detach(), s.grad
+    return loss_and_grad(fn, s, (v, i), labels, grad_out, **kw)
 
 
 def check(s, v, i, labels=None, grad_out=None, floor=1e-6, **kw):
     """Compare fastkd with the float64 sparse oracle under the 2x-plain-PyTorch rule."""
-    go64 = None if grad_out is None else grad_out.double()
-    ref_loss, ref_grad = run(reference.topk_kd_loss, s.double(), v.double(), i, labels, go64, **kw)
-    fp32_loss, fp32_grad = run(reference.topk_kd_loss, s.float(), v.float(), i, labels,
-                               None if grad_out is None else grad_out.float(), **kw)
-    loss, grad = run(fastkd.topk_kd_loss, s, v, i, labels, grad_out, **kw)
-    assert loss.dtype == torch.float32
-    assert grad.dtype == s.dtype and grad.shape == s.shape
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-
-    def err(x, ref):
-        return (x.double() - ref).abs().max().item()
-
-    base_loss = err(fp32_loss, ref_loss)
-    base_grad = err(fp32_grad.to(s.dtype), ref_grad)
-    scale_loss = max(1.0, ref_loss.abs().max().item())
-    scale_grad = max(1e-3, ref_grad.abs().max().item())
-    assert err(loss, ref_loss) <= 2 * base_loss + floor * scale_loss, (err(loss, ref_loss), base_loss)
-    assert err(grad, ref_grad) <= 2 * base_grad + floor * scale_grad, (err(grad, ref_grad), base_grad)
-    return loss, grad
+    return check_against_float64(fastkd.topk_kd_loss, reference.topk_kd_loss, s, (v, i), labels, grad_out, floor,
+                                 **kw)
 
 
 # ---- the float64 oracles agree ---------------------------------------------------------------------------
@@ -88,7 +62,7 @@ def test_sparse_oracle_equals_dense_oracle(divergence, beta, k):
     s, v, i = make_case(9, 40, k, dtype=torch.float64, seed=k)
     if k > 1:
         v[2, 0] = -math.inf  # an entry with no mass
-    labels = make_labels((9,), 40)
+    labels = random_labels((9,), 40)
     kw = dict(temperature=1.7, divergence=divergence, beta=beta, soft_weight=0.8, hard_weight=0.3, reduction="sum")
     loss, grad = run(reference.topk_kd_loss, s, v, i, labels, **kw)
     s2 = s.clone().requires_grad_(True)
@@ -104,7 +78,7 @@ def test_closed_form_gradient_equals_autograd(divergence, beta, reduction):
     """The fallback kernel's closed-form gradient equals autograd through the oracle (both fp64)."""
     s, v, i = make_case(8, 57, 9, dtype=torch.float64, seed=2)
     v[3] = -math.inf  # a row with no soft term
-    labels = make_labels((8,), 57)
+    labels = random_labels((8,), 57)
     kw = dict(temperature=1.3, divergence=divergence, beta=beta, soft_weight=0.8, hard_weight=0.4, reduction=reduction)
     loss, grad = reference.topk_kd_loss_and_grad(s, v, i, labels, 1.3, divergence, beta, 0.8, 0.4, -100, reduction,
                                                  True)
@@ -127,7 +101,7 @@ def test_textbook_baseline_is_the_same_loss():
     """The benchmarks' eager baseline (gather + log_softmax, the DistillKit/TRL way) computes the same forward KL
     where it applies (no ignored rows, no -inf values)."""
     s, v, i = make_case(None, 300, 16, dtype=torch.float64, seed=4, lead=(2, 5))
-    labels = make_labels((2, 5), 300, ignore_frac=0.0)
+    labels = random_labels((2, 5), 300, ignore_frac=0.0)
     kw = dict(temperature=2.0, hard_weight=0.5)
     torch.testing.assert_close(reference.textbook_topk_kd_loss(s, v, i, labels, **kw),
                                reference.topk_kd_loss(s, v, i, labels, **kw), rtol=1e-12, atol=1e-12)
@@ -141,7 +115,7 @@ def test_full_support_equals_kd_loss(divergence, beta, vocab):
     """K = V with the indices a permutation of the vocabulary: the result is fastkd.kd_loss's."""
     s, v, i = make_case(13, vocab, vocab, seed=5)
     t = dense_teacher(v, i, vocab)
-    labels = make_labels((13,), vocab)
+    labels = random_labels((13,), vocab)
     kw = dict(temperature=2.0, divergence=divergence, beta=beta, soft_weight=0.9, hard_weight=0.2)
     loss, grad = run(fastkd.topk_kd_loss, s, v, i, labels, **kw)
     s2 = s.clone().requires_grad_(True)
@@ -169,7 +143,7 @@ def test_vocab_sizes_and_k(vocab, k, divergence, beta):
 @pytest.mark.parametrize("hard_weight,temperature", [(0.0, 4.0), (0.5, 1.0), (0.3, 2.5)])
 def test_dtypes_and_hard_term(dtype, vdtype, divergence, beta, hard_weight, temperature):
     s, v, i = make_case(19, 1271, 50, dtype=dtype, vdtype=vdtype, seed=6)
-    labels = make_labels((19,), 1271)
+    labels = random_labels((19,), 1271)
     check(s, v, i, labels, temperature=temperature, divergence=divergence, beta=beta, soft_weight=0.7,
           hard_weight=hard_weight)
 
@@ -178,7 +152,7 @@ def test_dtypes_and_hard_term(dtype, vdtype, divergence, beta, hard_weight, temp
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64, torch.int16])
 def test_index_dtypes(idx_dtype):
     s, v, i = make_case(7, 300, 20, idx_dtype=idx_dtype, seed=7)
-    labels = make_labels((7,), 300)
+    labels = random_labels((7,), 300)
     check(s, v, i, labels, temperature=2.0, divergence="jsd", beta=0.4, hard_weight=0.2)
 
 
@@ -187,7 +161,7 @@ def test_index_dtypes(idx_dtype):
 @pytest.mark.parametrize("with_labels", [False, True])
 def test_reductions_and_3d(reduction, with_labels):
     s, v, i = make_case(None, 769, 32, seed=8, lead=(3, 11))
-    labels = make_labels((3, 11), 769) if with_labels else None
+    labels = random_labels((3, 11), 769) if with_labels else None
     loss, _ = check(s, v, i, labels, temperature=1.5, hard_weight=0.4 if with_labels else 0.0, reduction=reduction)
     assert loss.shape == ((3, 11) if reduction == "none" else ())
     if with_labels and reduction == "none":
@@ -198,7 +172,7 @@ def test_reductions_and_3d(reduction, with_labels):
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:2])
 def test_ignored_rows(divergence, beta):
     s, v, i = make_case(8, 40, 6, seed=9)
-    labels = make_labels((8,), 40, ignore_frac=0.5, seed=9)
+    labels = random_labels((8,), 40, ignore_frac=0.5, seed=9)
     keep = labels != -100
     kw = dict(temperature=3.0, divergence=divergence, beta=beta)
     loss, grad = run(fastkd.topk_kd_loss, s, v, i, labels, **kw)
@@ -224,7 +198,7 @@ def test_masked_values_and_rows_without_soft_term(divergence, beta):
     v[:, 20:] = -math.inf
     v[2] = -math.inf
     v[4, 1:] = -math.inf  # one finite value: p~ is one-hot
-    labels = make_labels((6,), 500, ignore_frac=0.0)
+    labels = random_labels((6,), 500, ignore_frac=0.0)
     kw = dict(temperature=2.0, divergence=divergence, beta=beta)
     check(s, v, i, labels, hard_weight=0.3, **kw)
     rows, grad = run(fastkd.topk_kd_loss, s, v, i, labels, hard_weight=0.3, reduction="none", **kw)
@@ -300,7 +274,7 @@ def test_index_order_within_a_row_does_not_matter():
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:2])
 def test_grad_output_not_one(reduction, divergence, beta):
     s, v, i = make_case(13, 300, 20, seed=16)
-    labels = make_labels((13,), 300)
+    labels = random_labels((13,), 300)
     g = torch.randn(13, dtype=torch.float64).float() if reduction == "none" else torch.tensor(-2.5)
     check(s, v, i, labels, grad_out=g, temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.2,
           reduction=reduction)
@@ -313,7 +287,7 @@ def test_extreme_logits(temperature, divergence, beta):
     s, v, i = make_case(5, 1000, 40, scale=3e3, seed=17)
     s, v = s.clamp(-1e4, 1e4), v.clamp(-1e4, 1e4)
     s[0, 0] = 1e4
-    labels = make_labels((5,), 1000, ignore_frac=0.0)
+    labels = random_labels((5,), 1000, ignore_frac=0.0)
     check(s, v, i, labels, temperature=temperature, divergence=divergence, beta=beta, hard_weight=0.1)
 
 
@@ -326,7 +300,7 @@ def test_non_contiguous_inputs():
     # a student row stride of 700; values and indices with a last-dimension stride of 2 (copied inside)
     check(s_wide[:, :600], v_wide[:, ::2], i_wide[:, ::2], temperature=2.0)
     s3, v3, i3 = make_case(None, 64, 5, seed=19, lead=(6, 5))
-    labels = make_labels((6, 5), 64)
+    labels = random_labels((6, 5), 64)
     check(s3.transpose(0, 1), v3.transpose(0, 1), i3.transpose(0, 1), labels.t(), hard_weight=0.5)
 
 
@@ -349,7 +323,7 @@ def test_large_gradient_equals_row_blocks(cpu_kernel, dtype):
         pytest.skip("the non-temporal store path is the compiled CPU kernel's")
     vocab = 32000 if dtype == torch.float32 else 56000
     s, v, i = make_case(600, vocab, 64, dtype=dtype, seed=21)
-    labels = make_labels((600,), vocab)
+    labels = random_labels((600,), vocab)
     kw = dict(temperature=2.0, hard_weight=0.3, reduction="sum")
     loss, grad = run(fastkd.topk_kd_loss, s, v, i, labels, **kw)
     parts = [run(fastkd.topk_kd_loss, s[r:r + 100], v[r:r + 100], i[r:r + 100], labels[r:r + 100], **kw)
@@ -360,7 +334,7 @@ def test_large_gradient_equals_row_blocks(cpu_kernel, dtype):
 
 def test_teacher_is_constant_and_module_matches_function():
     s, v, i = make_case(6, 90, 7, seed=22)
-    labels = make_labels((6,), 90)
+    labels = random_labels((6,), 90)
     v = v.clone().requires_grad_(True)
     kw = dict(temperature=3.0, divergence="jsd", beta=0.2, soft_weight=0.5, hard_weight=0.5, reduction="sum")
     mod = fastkd.TopKKDLoss(**kw)
@@ -394,7 +368,7 @@ def test_second_backward_through_same_graph_is_an_error():
 def test_gradcheck_float64(divergence, beta):
     """float64 inputs run the reference maths in float64: gradcheck and gradgradcheck hold on the public op."""
     s, v, i = make_case(3, 11, 4, dtype=torch.float64, seed=25)
-    labels = make_labels((3,), 11, ignore_frac=0.0)
+    labels = random_labels((3,), 11, ignore_frac=0.0)
     x = s.clone().requires_grad_(True)
 
     def f(u):
@@ -416,7 +390,7 @@ def test_torch_func_grad():
 
 def _op_args(reduction, with_grad, idx_dtype=torch.int64):
     s, v, i = make_case(6, 97, 9, idx_dtype=idx_dtype, seed=27)
-    labels = make_labels((6,), 97)
+    labels = random_labels((6,), 97)
     return (s.requires_grad_(with_grad), v, i, labels, loss_options(2.0, 0.4, 1.0, 0.5), "jsd", -100, reduction,
             with_grad)
 
@@ -434,7 +408,7 @@ def test_opcheck(reduction, idx_dtype):
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_torch_compile_fullgraph(reduction):
     s, v, i = make_case(None, 301, 16, seed=28, lead=(2, 5))
-    labels = make_labels((2, 5), 301)
+    labels = random_labels((2, 5), 301)
     kw = dict(temperature=2.0, divergence="jsd", beta=0.3, hard_weight=0.3, reduction=reduction)
 
     def step(x, val, idx, lab):
@@ -456,7 +430,7 @@ def test_torch_compile_changing_temperature_compiles_once():
     """A temperature and weight schedule changes the options every step: fullgraph keeps working and the graph
     is compiled once for the changing values (the first call's static graph aside), as for kd_loss."""
     s, v, i = make_case(6, 97, 8, seed=31)
-    labels = make_labels((6,), 97)
+    labels = random_labels((6,), 97)
     graphs = []
 
     def counting(gm, example_inputs):
@@ -532,7 +506,7 @@ BAD = [
 @pytest.mark.parametrize("call,exc,pattern", BAD)
 def test_bad_input(call, exc, pattern):
     s, v, i = make_case(6, 50, 5, seed=29)
-    labels = make_labels((6,), 50, ignore_frac=0.0)
+    labels = random_labels((6,), 50, ignore_frac=0.0)
     with pytest.raises(exc, match=pattern):
         call(s, v, i, labels)
 

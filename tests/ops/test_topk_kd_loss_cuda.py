@@ -10,7 +10,6 @@ leaves the process's CUDA context unusable.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_cuda_op, cuda_labels, cuda_logits, no_sync, rows_for
 
 import fastkd
 from fastkd import _extension, reference
@@ -36,28 +36,6 @@ REDUCTIONS = ["batchmean", "sum", "none"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@contextlib.contextmanager
-def no_sync():
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
-
-
-def rows_for(vocab: int) -> int:
-    return max(3, min(40, (1 << 20) // vocab))
-
-
-def make_student(rows, vocab, dtype, seed, offset=0, scale=3.0):
-    """[rows, vocab] logits on the GPU; offset > 0: a view whose rows start `offset` elements into a wider
-    buffer (misaligned rows, row stride vocab + offset)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows, vocab + offset, generator=g, dtype=torch.float32) * scale
-    return base.to(dtype).cuda()[:, offset:]
-
-
 def make_topk(rows, vocab, k, seed, values_dtype=torch.float32, index_dtype=torch.int64, scale=3.0):
     """A teacher's top-k: values [rows, k] and distinct indices [rows, k] (in a random order, not sorted)."""
     g = torch.Generator().manual_seed(seed)
@@ -66,18 +44,6 @@ def make_topk(rows, vocab, k, seed, values_dtype=torch.float32, index_dtype=torc
     order = torch.argsort(torch.rand(rows, k, generator=g), dim=-1)
     values, indices = values.gather(-1, order), indices.gather(-1, order)
     return values.to(values_dtype).cuda(), indices.to(index_dtype).cuda()
-
-
-def make_labels(rows, vocab, seed, indices=None, ignore_index=-100, ignore_every=3):
-    """Labels with every `ignore_every`-th row ignored; with `indices`, every other row's label is one of
-    its teacher indices (the label inside the support) and the rest random."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, (rows,), generator=g)
-    labels[0] = vocab - 1
-    if indices is not None:
-        labels[2::2] = indices[2::2, 0].long().cpu()
-    labels[1::ignore_every] = ignore_index
-    return labels.cuda()
 
 
 def run_op(s, v, i, labels, T, div, beta, sw, hw, ii, red, with_grad=True):
@@ -90,28 +56,10 @@ def run_ref(s, v, i, labels, T, div, beta, sw, hw, ii, red):
     return reference.topk_kd_loss_and_grad(s.double(), v.double(), i, labels, T, div, beta, sw, hw, ii, red, True)
 
 
-def tolerances(dtype):
-    # Loss: fp32 maths. Gradient: fp32 maths, then rounded to the student's dtype.
-    if dtype == torch.float32:
-        return dict(loss=(2e-4, 1e-5), grad=(1e-3, 1e-6))
-    return dict(loss=(2e-4, 1e-5), grad=(1e-2, 1e-4))
-
-
-def check(loss, grad, ref_loss, ref_grad, dtype):
-    tol = tolerances(dtype)
-    torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=tol["loss"][0], atol=tol["loss"][1])
-    assert grad.dtype == dtype
-    ref_grad = ref_grad.double()
-    scale = max(ref_grad.abs().max().item(), 1e-30)
-    # fp16 gradients below 2^-14 are subnormal, spaced 2^-24 apart: one rounding is off by up to 2^-25.
-    floor = 2.0**-24 if dtype == torch.float16 else 0.0
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=tol["grad"][0], atol=tol["grad"][1] * scale + floor)
-
-
 def compare(s, v, i, labels, *args):
     loss, grad = run_op(s, v, i, labels, *args)
     ref_loss, ref_grad = run_ref(s, v, i, labels, *args)
-    check(loss, grad, ref_loss, ref_grad, s.dtype)
+    check_cuda_op(loss, grad, ref_loss, ref_grad, s.dtype, fp16_subnormal_floor=True)
     return loss, grad
 
 
@@ -121,7 +69,7 @@ def compare(s, v, i, labels, *args):
 def test_matches_reference(vocab, k, dtype):
     k = min(k, vocab)
     rows = rows_for(vocab)
-    s = make_student(rows, vocab, dtype, 1)
+    s = cuda_logits(rows, vocab, dtype, 1)
     v, i = make_topk(rows, vocab, k, 2)
     for div in ("kl", "jsd"):
         for red in REDUCTIONS:
@@ -133,7 +81,7 @@ def test_matches_reference(vocab, k, dtype):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 def test_value_and_index_dtypes(vocab, values_dtype, index_dtype):
     rows = rows_for(vocab)
-    s = make_student(rows, vocab, torch.bfloat16, 3)
+    s = cuda_logits(rows, vocab, torch.bfloat16, 3)
     for k in (64, 256):
         v, i = make_topk(rows, vocab, k, 4, values_dtype, index_dtype)
         for div in ("kl", "jsd"):
@@ -145,13 +93,13 @@ def test_value_and_index_dtypes(vocab, values_dtype, index_dtype):
 def test_misaligned_and_strided_rows(vocab, offset):
     # Student rows at every phase of their packs; values and indices as column slices of wider buffers.
     rows = rows_for(vocab)
-    s = make_student(rows, vocab, torch.bfloat16, 5, offset=offset)
+    s = cuda_logits(rows, vocab, torch.bfloat16, 5, offset=offset)
     k = min(64, vocab)
     v, i = make_topk(rows, vocab, k, 6, torch.float16, torch.int32)
     v_wide = torch.full((rows, k + 5), float("nan"), dtype=v.dtype, device="cuda")
     i_wide = torch.full((rows, k + 5), -1, dtype=i.dtype, device="cuda")
     v_wide[:, 2:2 + k], i_wide[:, 2:2 + k] = v, i
-    labels = make_labels(rows, vocab, 7, i)
+    labels = cuda_labels(rows, vocab, 7, i)
     for div in ("kl", "jsd"):
         compare(s, v_wide[:, 2:2 + k], i_wide[:, 2:2 + k], labels, 2.0, div, 0.5, 1.0, 0.5, -100, "batchmean")
 
@@ -161,12 +109,12 @@ def test_misaligned_and_strided_rows(vocab, offset):
 def test_full_support_is_kd_loss(vocab, dtype):
     # K = V with the indices a permutation of the vocabulary: the top-k loss is fastkd.kd_loss's.
     rows = 6
-    s = make_student(rows, vocab, dtype, 8)
+    s = cuda_logits(rows, vocab, dtype, 8)
     g = torch.Generator().manual_seed(9)
     teacher = (torch.randn(rows, vocab, generator=g) * 3).to(dtype).cuda()
     perm = torch.stack([torch.randperm(vocab, generator=g) for _ in range(rows)]).cuda()
     values = teacher.gather(-1, perm)
-    labels = make_labels(rows, vocab, 10)
+    labels = cuda_labels(rows, vocab, 10)
     for div in ("kl", "jsd"):
         args = (loss_options(2.0, 0.4, 0.8, 0.3), div, -100, "none", True)
         with no_sync():
@@ -182,9 +130,9 @@ def test_full_support_is_kd_loss(vocab, dtype):
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_labels_ignore_and_hard_term(vocab, temperature):
     rows = rows_for(vocab)
-    s = make_student(rows, vocab, torch.bfloat16, 11)
+    s = cuda_logits(rows, vocab, torch.bfloat16, 11)
     v, i = make_topk(rows, vocab, min(64, vocab), 12, torch.bfloat16)
-    labels = make_labels(rows, vocab, 13, i)  # labels inside the support and outside it
+    labels = cuda_labels(rows, vocab, 13, i)  # labels inside the support and outside it
     for div in ("kl", "jsd"):
         for red in REDUCTIONS:
             loss, grad = compare(s, v, i, labels, temperature, div, 0.5, 0.6, 0.4, -100, red)
@@ -196,9 +144,9 @@ def test_labels_ignore_and_hard_term(vocab, temperature):
 
 def test_hard_term_only_and_soft_only():
     # soft_weight = 0 (the cross-entropy alone) and hard_weight = 0 with labels (ignore rows only).
-    s = make_student(9, 3001, torch.float32, 14)
+    s = cuda_logits(9, 3001, torch.float32, 14)
     v, i = make_topk(9, 3001, 64, 15)
-    labels = make_labels(9, 3001, 16, i)
+    labels = cuda_labels(9, 3001, 16, i)
     compare(s, v, i, labels, 2.0, "kl", 0.5, 0.0, 1.0, -100, "batchmean")
     compare(s, v, i, labels, 2.0, "jsd", 0.5, 1.0, 0.0, -100, "sum")
 
@@ -207,9 +155,9 @@ def test_hard_term_only_and_soft_only():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backward_with_grad_output(vocab, reduction):
     rows = 12
-    s0 = make_student(rows, vocab, torch.float32, 17)
+    s0 = cuda_logits(rows, vocab, torch.float32, 17)
     v, i = make_topk(rows, vocab, 64, 18)
-    labels = make_labels(rows, vocab, 19, i)
+    labels = cuda_labels(rows, vocab, 19, i)
     kw = dict(temperature=2.0, divergence="jsd", hard_weight=0.3, reduction=reduction)
     s = s0.clone().requires_grad_()
     with no_sync():
@@ -224,7 +172,7 @@ def test_backward_with_grad_output(vocab, reduction):
 
 
 def test_float64_inputs():
-    s = make_student(5, 1000, torch.float64, 20)
+    s = cuda_logits(5, 1000, torch.float64, 20)
     v, i = make_topk(5, 1000, 64, 21, torch.float64)
     loss, grad = run_op(s, v, i, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
     ref_loss, ref_grad = run_ref(s, v, i, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
@@ -238,9 +186,9 @@ def test_float64_inputs():
 def test_deterministic(case, divergence):
     vocab, k = case
     rows = 64
-    s = make_student(rows, vocab, torch.bfloat16, 22)
+    s = cuda_logits(rows, vocab, torch.bfloat16, 22)
     v, i = make_topk(rows, vocab, k, 23, torch.bfloat16)
-    labels = make_labels(rows, vocab, 24, i)
+    labels = cuda_labels(rows, vocab, 24, i)
     args = (labels, 2.0, divergence, 0.5, 1.0, 0.5, -100, "batchmean")
     l1, g1 = run_op(s, v, i, *args)
     l2, g2 = run_op(s, v, i, *args)
@@ -256,7 +204,7 @@ def test_non_finite_rows(vocab, divergence, dtype):
     a row whose K values are all -inf has no soft term (but NaN among -inf values is a NaN row); other rows
     finite and exact (docs/reliability.md)."""
     rows, k = 10, 64
-    s = make_student(rows, vocab, torch.float32, 25)
+    s = cuda_logits(rows, vocab, torch.float32, 25)
     v, i = make_topk(rows, vocab, k, 26)
     support = torch.zeros(rows, vocab, dtype=torch.bool, device="cuda").scatter_(1, i, True)
     off = (~support).float().argmax(-1)  # an entry off each row's support
@@ -278,7 +226,7 @@ def test_non_finite_rows(vocab, divergence, dtype):
     assert loss[7].item() == 0.0 and torch.all(grad[7] == 0)
     good = torch.tensor([not b for b in bad], device="cuda")
     ref_loss, ref_grad = run_ref(s[good], v[good], i[good], None, 2.0, divergence, 0.3, 1.0, 0.0, -100, "none")
-    check(loss[good], grad[good], ref_loss, ref_grad, dtype)
+    check_cuda_op(loss[good], grad[good], ref_loss, ref_grad, dtype, fp16_subnormal_floor=True)
     assert grad[5, off[5]].item() == 0.0
 
 
@@ -289,14 +237,14 @@ def test_many_rows_reuse_the_bitmap():
         info = _extension.topk_cuda_launch_info("bfloat16", vocab, k)
         assert info["bitmap"]
         rows = 3 * info["max_blocks"] * (8 if info["warp_kernel"] else 1)
-        s = make_student(rows, vocab, torch.bfloat16, 27)
+        s = cuda_logits(rows, vocab, torch.bfloat16, 27)
         v, i = make_topk(rows, vocab, k, 28, torch.bfloat16)
         compare(s, v, i, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "batchmean")
         torch.cuda.synchronize()
 
 
 def test_many_rows_and_no_grad():
-    s = make_student(70000, 7, torch.bfloat16, 29)
+    s = cuda_logits(70000, 7, torch.bfloat16, 29)
     v, i = make_topk(70000, 7, 3, 30, torch.bfloat16, torch.int32)
     loss, grad = run_op(s, v, i, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "none", with_grad=False)
     assert grad.numel() == 0
@@ -316,9 +264,9 @@ def test_empty_rows():
 def test_padded_row_stride(vocab, width):
     # student[..., :vocab] of a wider buffer: the contiguous gradient's rows start at every phase.
     rows = 16
-    s = make_student(rows, width, torch.bfloat16, 31)[:, :vocab]
+    s = cuda_logits(rows, width, torch.bfloat16, 31)[:, :vocab]
     v, i = make_topk(rows, vocab, 64, 32)
-    labels = make_labels(rows, vocab, 33, i)
+    labels = cuda_labels(rows, vocab, 33, i)
     loss, grad = compare(s, v, i, labels, 2.0, "kl", 0.5, 0.8, 0.2, -100, "batchmean")
     assert grad.is_contiguous() and grad.shape == (rows, vocab)
 
@@ -336,7 +284,7 @@ def test_launch_configuration_on_this_gpu(case):
     assert info["static_smem"] == (0 if info["warp_kernel"] else 1200), info
     assert info["occupancy"] >= (3 if info["warp_kernel"] else 2) or info["dyn_smem"] > 100_000, info
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[case[0]]
-    s = make_student(3, case[1], dtype, 34)
+    s = cuda_logits(3, case[1], dtype, 34)
     v, i = make_topk(3, case[1], case[2], 35)
     compare(s, v, i, None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum")
 

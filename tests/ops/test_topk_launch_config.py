@@ -7,24 +7,15 @@ On a GPU, test_topk_kd_loss_cuda.py checks the same configurations against the r
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
+from conftest import check_occupancy
 
+from bench.launch_configs import A100, H200
 from fastkd import _extension
 
 pytestmark = pytest.mark.skipif(_extension.EXT is None, reason="needs the compiled extension")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-H100 = dict(major=9, smem_per_block=49152, smem_per_block_optin=232448, smem_per_sm=233472,
-            reserved_smem_per_block=1024, sm_count=132, l2_bytes=50 << 20, regs_per_sm=65536,
-            max_threads_per_sm=2048, max_blocks_per_sm=32)
-A100 = dict(major=8, smem_per_block=49152, smem_per_block_optin=166912, smem_per_sm=167936,
-            reserved_smem_per_block=1024, sm_count=108, l2_bytes=40 << 20, regs_per_sm=65536,
-            max_threads_per_sm=2048, max_blocks_per_sm=32)
+H100 = H200  # bench/launch_configs.py's (the same GH100 chip: only the memory differs)
 DEVICES = {"h100": H100, "a100": A100}
 STATIC = 1200  # ptxas: the block kernel's two reduction arrays (33 x 28 + 33 x 8 bytes, aligned)
 REGS = {True: 79, False: 64}  # ptxas, sm_90: the warp kernel's most (bf16), the block kernel's bound
@@ -105,66 +96,20 @@ def test_resident_blocks(dev):
             assert config(d, vocab, k, regs=80)["blocks_per_sm"] == 3, (vocab, k)
 
 
-OCC_PROGRAM = r"""
-#include <cstdio>
-#include <cuda_occupancy.h>
-#include "topk_kd/topk_kd_launch.h"
-using namespace fastkd;
-int main() {
-  const KdDeviceLimits devs[] = {{9, 49152, 232448, 233472, 1024, 132, 52428800, 65536, 2048, 32},
-                                 {8, 49152, 166912, 167936, 1024, 108, 41943040, 65536, 2048, 32}};
-  long n = 0, bad = 0;
-  for (const KdDeviceLimits& d : devs) {
-    cudaOccDeviceProp p;
-    p.computeMajor = d.major; p.computeMinor = 0; p.maxThreadsPerBlock = 1024;
-    p.maxThreadsPerMultiprocessor = d.max_threads_per_sm; p.regsPerBlock = 65536;
-    p.regsPerMultiprocessor = d.regs_per_sm; p.warpSize = 32; p.sharedMemPerBlock = d.smem_per_block;
-    p.sharedMemPerMultiprocessor = d.smem_per_sm; p.numSms = d.sm_count;
-    p.sharedMemPerBlockOptin = d.smem_per_block_optin; p.reservedSharedMemPerBlock = d.reserved_smem_per_block;
+OCC_BODY = r"""
     for (int regs : {52, 64, 79, 85}) for (int bytes : {2, 4}) for (long v = 1; v < 2000000; v = v * 5 / 4 + 7)
       for (long k : {1L, 16L, 200L, 5000L, v}) {
         if (k > v) continue;
         const long stat = v <= kWarpRowMaxVocab ? 0 : 1200;
         const TopkLaunchConfig c = topk_launch_config(d, {stat, regs}, v, k, 16 / bytes);
-        cudaOccFuncAttributes a;
-        a.maxThreadsPerBlock = c.warp_kernel ? 256 : 512; a.numRegs = regs; a.sharedSizeBytes = stat;
-        a.partitionedGCConfig = PARTITIONED_GC_OFF;
-        a.shmemLimitConfig = c.opt_in ? FUNC_SHMEM_LIMIT_OPTIN : FUNC_SHMEM_LIMIT_DEFAULT;
-        a.maxDynamicSharedSizeBytes = c.opt_in ? c.max_dyn_smem : d.smem_per_block - stat;
-        cudaOccDeviceState st;
-        cudaOccResult r;
-        ++n;
-        if (cudaOccMaxActiveBlocksPerMultiprocessor(&r, &p, &a, &st, c.threads, c.dyn_smem) != CUDA_OCC_SUCCESS ||
-            r.activeBlocksPerMultiprocessor != c.blocks_per_sm) {
-          if (++bad <= 5) printf("mismatch: major %ld regs %d vocab %ld k %ld: fastkd %d, cuda_occupancy.h %d\n",
-                                 (long)d.major, regs, v, k, c.blocks_per_sm, r.activeBlocksPerMultiprocessor);
-        }
+        tally(d, regs, v, k, c.blocks_per_sm,
+              occ_blocks(d, c.warp_kernel ? 256 : 512, regs, stat, c.opt_in,
+                         c.opt_in ? c.max_dyn_smem : d.smem_per_block - stat, c.threads, c.dyn_smem));
       }
-  }
-  printf("%ld configurations, %ld mismatches\n", n, bad);
-  return bad != 0;
-}
 """
 
 
-def _cuda_include():
-    nvcc = shutil.which("nvcc")
-    cands = [Path("/usr/local/cuda/include")]
-    if nvcc:
-        cands.insert(0, Path(nvcc).resolve().parent.parent / "include")
-    return next((c for c in cands if (c / "cuda_occupancy.h").exists()), None)
-
-
-@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
-                    reason="needs g++ and the CUDA toolkit's cuda_occupancy.h")
 def test_blocks_per_sm_matches_cuda_occupancy_h(tmp_path):
     # fastkd's count of resident blocks (kd_blocks_per_sm, shared with the KD-loss kernel) against the
     # toolkit's occupancy calculator, for the top-k kernel's configurations (bitmaps up to the opt-in limit).
-    src = tmp_path / "occ.cpp"
-    src.write_text(OCC_PROGRAM)
-    exe = tmp_path / "occ"
-    subprocess.run(["g++", "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", f"-I{_cuda_include()}", str(src), "-o", str(exe)],
-                   check=True, capture_output=True, timeout=300)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout
-    assert " 0 mismatches" in out.stdout
+    check_occupancy(tmp_path, "topk_kd/topk_kd_launch.h", [H100, A100], OCC_BODY)
