@@ -23,10 +23,8 @@ first step's losses of the two styles from the same weights must agree.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import os
 import statistics
 import sys
 import tempfile
@@ -167,28 +165,9 @@ def run(cfg: HFStepConfig, device: torch.device, repeats: int, on_row=None) -> l
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="a tiny model and vocabulary (a smoke run)")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = common.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-    cfg = CONFIGS["quick" if args.quick else device.type]
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out) if args.out else common.RESULTS / f"hf_step_{device.type}{suffix}.csv"
-    info = common.machine_info(device)
-    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
-          f"git {info['git']}; {cfg}", flush=True)
-    rows = [{**r, **info} for r in run(cfg, device, args.repeats or cfg.repeats,
-                                        on_row=lambda rs: common.write_csv(out, [{**r, **info} for r in rs]))]
-    common.write_csv(out, rows)
-    common.print_table(rows, ["provider", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
-                              "peak_mem_mib", "first_loss", "fastkd_speedup"])
-    print(f"wrote {out}")
-    return 0
+    return common.scenario_main(argv, __doc__.split("\n\n")[0], CONFIGS, "hf_step", run,
+                                ["provider", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
+                                 "peak_mem_mib", "first_loss", "fastkd_speedup"])
 
 
 if __name__ == "__main__":

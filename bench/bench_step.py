@@ -35,10 +35,8 @@ a large model.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -97,43 +95,14 @@ STYLES = {
 FUSED = "fastkd_fused"  # the fastkd style with both heads fused into the loss
 
 
-def make_fused_step(teacher, student, ids, labels):
-    """The fastkd step with the heads fused: the loss from the last hidden states and the heads' weights."""
+def _optimizer_step(student, loss_fn, clip=fastkd.clip_grad_norm_):
+    """A training step as a closure: zero the gradients, loss_fn() forward, backward, clip to MAX_NORM, an
+    AdamW step; returns the loss and the pre-clip gradient norm (0-d tensors, never read inside the step)."""
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    dim = student.head.in_features
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            ht = teacher.hidden(ids)
-        hs = student.hidden(ids)
-        loss = fastkd.fused_linear_kd_loss(hs.reshape(-1, dim), student.head.weight, ht.reshape(-1, ht.shape[-1]),
-                                           teacher.head.weight, labels.reshape(-1), student_bias=student.head.bias,
-                                           teacher_bias=teacher.head.bias, temperature=TEMPERATURE,
-                                           hard_weight=HARD_WEIGHT)
-        loss.backward()
-        norm = fastkd.clip_grad_norm_(student.parameters(), MAX_NORM)
-        opt.step()
-        return loss.detach(), norm
-
-    return step
-
-
-def make_step(teacher, student, ids, labels, style):
-    """The training step of one style, as a closure: returns the loss and the pre-clip gradient norm
-    (0-d tensors, never read inside the timed step)."""
-    loss_fn, clip = STYLES[style]
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    vocab = student.head.out_features
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            t_logits = teacher(ids)
-        s_logits = student(ids)
-        # (tokens, vocab): "batchmean" of F.kl_div divides by the first dimension, so the textbook loss
-        # is per token only on 2-D logits; fastkd's batchmean is per token for any leading shape.
-        loss = loss_fn(s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab), labels.reshape(-1))
+        loss = loss_fn()
         loss.backward()
         norm = clip(student.parameters(), MAX_NORM)
         opt.step()
@@ -142,27 +111,52 @@ def make_step(teacher, student, ids, labels, style):
     return step
 
 
+def make_step(teacher, student, ids, labels, style):
+    """The training step of one style (STYLES)."""
+    loss_fn, clip = STYLES[style]
+    vocab = student.head.out_features
+
+    def loss():
+        with torch.no_grad():
+            t_logits = teacher(ids)
+        s_logits = student(ids)
+        # (tokens, vocab): "batchmean" of F.kl_div divides by the first dimension, so the textbook loss
+        # is per token only on 2-D logits; fastkd's batchmean is per token for any leading shape.
+        return loss_fn(s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab), labels.reshape(-1))
+
+    return _optimizer_step(student, loss, clip)
+
+
+def make_fused_step(teacher, student, ids, labels):
+    """The fastkd step with the heads fused: the loss from the last hidden states and the heads' weights."""
+    dim = student.head.in_features
+
+    def loss():
+        with torch.no_grad():
+            ht = teacher.hidden(ids)
+        hs = student.hidden(ids)
+        return fastkd.fused_linear_kd_loss(hs.reshape(-1, dim), student.head.weight, ht.reshape(-1, ht.shape[-1]),
+                                           teacher.head.weight, labels.reshape(-1), student_bias=student.head.bias,
+                                           teacher_bias=teacher.head.bias, temperature=TEMPERATURE,
+                                           hard_weight=HARD_WEIGHT)
+
+    return _optimizer_step(student, loss)
+
+
 def make_offline_step(student, cache: TeacherCache, ids, labels):
     """The offline style's step: the batch's cached top-k read from ``cache`` (one example per sequence),
     then the student's forward and backward through topk_kd_loss, fastkd's clipping and the AdamW step."""
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     vocab = student.head.out_features
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss():
         entries = [cache[i] for i in range(ids.shape[0])]
         values = torch.stack([v for v, _ in entries]).to(ids.device, non_blocking=True)
         indices = torch.stack([i for _, i in entries]).to(ids.device, non_blocking=True)
         s_logits = student(ids)
-        loss = fastkd.topk_kd_loss(s_logits.reshape(-1, vocab), values.reshape(-1, TOP_K),
-                                   indices.reshape(-1, TOP_K), labels.reshape(-1), temperature=TEMPERATURE,
-                                   hard_weight=HARD_WEIGHT)
-        loss.backward()
-        norm = fastkd.clip_grad_norm_(student.parameters(), MAX_NORM)
-        opt.step()
-        return loss.detach(), norm
+        return fastkd.topk_kd_loss(s_logits.reshape(-1, vocab), values.reshape(-1, TOP_K), indices.reshape(-1, TOP_K),
+                                   labels.reshape(-1), temperature=TEMPERATURE, hard_weight=HARD_WEIGHT)
 
-    return step
+    return _optimizer_step(student, loss)
 
 
 def check_offline_maths(student, cache: TeacherCache, ids, labels, loss: float) -> None:
@@ -234,28 +228,9 @@ def run(cfg: StepConfig, device: torch.device, repeats: int, on_row=None) -> lis
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="a tiny model and vocabulary (a smoke run)")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = common.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-    cfg = CONFIGS["quick" if args.quick else device.type]
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out) if args.out else common.RESULTS / f"step_{device.type}{suffix}.csv"
-    info = common.machine_info(device)
-    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
-          f"git {info['git']}; fastkd backend: {fastkd.backend(device)}; {cfg}", flush=True)
-    rows = [{**r, **info} for r in run(cfg, device, args.repeats or cfg.repeats,
-                                        on_row=lambda rs: common.write_csv(out, [{**r, **info} for r in rs]))]
-    common.write_csv(out, rows)
-    common.print_table(rows, ["provider", "teacher", "head", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
-                              "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"])
-    print(f"wrote {out}")
-    return 0
+    return common.scenario_main(argv, __doc__.split("\n\n")[0], CONFIGS, "step", run,
+                                ["provider", "teacher", "head", "tokens", "vocab", "median_ms", "p20_ms", "p80_ms",
+                                 "tokens_per_s", "peak_mem_mib", "loss", "grad_norm", "fastkd_speedup"])
 
 
 if __name__ == "__main__":

@@ -209,6 +209,35 @@ def run_providers(provs: dict, run, *, what: str, quick: bool, device: torch.dev
     write_csv(out, rows)
 
 
+def scenario_main(argv, description: str, configs: dict, stem: str, run, cols: list[str]) -> int:
+    """main() of a whole-step benchmark (bench_step, bench_hf_step): --device, --quick (configs["quick"], else
+    configs[device type]), --repeats, --out (default RESULTS/<stem>_<device>[_quick].csv); prints the header,
+    runs run(cfg, device, repeats, on_row) (on_row(rows) rewrites the CSV after each row: a run cut short
+    keeps what it measured), then the table of cols and the CSV."""
+    import argparse  # noqa: PLC0415
+
+    import fastkd  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="a tiny model and vocabulary (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev = device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    cfg = configs["quick" if args.quick else dev.type]
+    out = Path(args.out) if args.out else RESULTS / f"{stem}_{dev.type}{'_quick' if args.quick else ''}.csv"
+    info = machine_info(dev)
+    print(f"# {info['cpu']} x{info['cores']} ({info['threads']} threads) {info['gpu']} torch {info['torch']} "
+          f"git {info['git']}; fastkd backend: {fastkd.backend(dev)}; {cfg}", flush=True)
+    rows = [{**r, **info} for r in run(cfg, dev, args.repeats or cfg.repeats,
+                                       on_row=lambda rs: write_csv(out, [{**r, **info} for r in rs]))]
+    print_and_write(rows, cols, out)
+    return 0
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))

@@ -189,16 +189,19 @@ inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* gra
 
 // The reduction weight of every valid row, as a 0-d fp32 tensor on the logits' device:
 // 1 / max(1, number of valid rows) for "batchmean", 1 otherwise. Computed with tensor ops so the
-// kernels read it from memory and nothing waits for the device.
-inline at::Tensor row_weight(const KdOpArgs& a) {
+// kernels read it from memory and nothing waits for the device. Args: KdOpArgs, or any arguments with
+// its student, labels, rows, reduction and params fields (fused_linear/fused_linear.h's FusedLinearArgs).
+template <typename Args>
+at::Tensor row_weight(const Args& a) {
   const auto opts = a.student.options().dtype(at::kFloat);
   if (a.reduction != Reduction::BatchMean) return at::ones({}, opts);
   if (!a.labels.defined()) return at::full({}, 1.0f / static_cast<float>(std::max<int64_t>(1, a.rows)), opts);
   return a.labels.ne(a.params.ignore_index).sum().clamp_min(1).to(at::kFloat).reciprocal();
 }
 
-// The op's loss output from the per-row losses (ignored rows hold 0).
-inline at::Tensor reduce_rows(const KdOpArgs& a, const at::Tensor& row_losses, const at::Tensor& weight) {
+// The op's loss output from the per-row losses (ignored rows hold 0); Args as for row_weight.
+template <typename Args>
+at::Tensor reduce_rows(const Args& a, const at::Tensor& row_losses, const at::Tensor& weight) {
   if (a.reduction == Reduction::None) return row_losses.view(a.lead);
   at::Tensor total = row_losses.sum();
   return a.reduction == Reduction::BatchMean ? total * weight : total;

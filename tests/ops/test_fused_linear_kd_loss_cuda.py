@@ -9,10 +9,9 @@ test_fused_linear_kd_loss.py: fp32 within 1e-5 relative of float64, bf16 gradien
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from conftest import no_sync
 
 import fastkd
 from fastkd import reference
@@ -23,16 +22,6 @@ pytestmark = [
 ]
 
 DEV = torch.device("cuda")
-
-
-@contextlib.contextmanager
-def no_sync():
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
 
 
 def problem(rows, hs, ht, vocab, dtype, seed=0):
