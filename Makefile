@@ -67,7 +67,7 @@ $(TEST_EXTRAS): pyproject.toml $(STAMP)
 
 test: $(EXT_FULL) $(TEST_EXTRAS)
 	FASTKD_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
-	FASTKD_DISABLE_EXTENSION=1 $(PY) -m pytest -q
+	FASTKD_DISABLE_EXTENSION=1 $(PY) -m pytest -q -m "not backend_independent"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -19,7 +19,8 @@
 #                 PYTORCH_NO_CUDA_MEMORY_CACHING=1
 #   racecheck     the same on the kernels' shared memory (the trimmed case list)
 #   bench:*       the rest of the KD grid (torch.compile included), the training step, clipping, the top-k
-#                 KD loss (its table in gpu_check.log only: the 8 files below are taken)
+#                 KD loss and the fused linear + KD loss (their tables in gpu_check.log only: the 8 files
+#                 below are taken)
 # The files under $OUT (the device tool brings back 8): gpu_check.log (the summary on top, then all
 # that was printed), summary.txt, cuda_tests.log, sanitizer.log, kd_headline_cuda.csv,
 # kd_loss_cuda.csv, step_cuda.csv, clip_cuda.csv. Plots are made elsewhere from the CSVs:
@@ -264,8 +265,12 @@ if [ "$BUILD_OK" = 1 ]; then
   # The top-k KD loss: its CSV stays in the scratch folder; the table it prints is in gpu_check.log.
   TOPK=(); [ "$DRY" = 1 ] && TOPK=(--quick --providers fastkd,fastkd_dense,eager)
   step bench:topk 90 40 - $PY -m bench.bench_topk --device $DEV ${TOPK[@]+"${TOPK[@]}"} --out "$NOTES/topk_kd_loss_$DEV.csv"
+  # The fused linear + KD loss at Liger's shape (8192 x 4096 -> 128256, bf16): its table in gpu_check.log only.
+  FUSED=(); [ "$DRY" = 1 ] && FUSED=(--quick --providers fastkd,fastkd_unfused,gemms)
+  step bench:fused 90 40 - $PY -m bench.bench_fused_linear --device $DEV ${FUSED[@]+"${FUSED[@]}"} \
+    --out "$NOTES/fused_linear_$DEV.csv"
 else
   skip bench:kd-grid "build failed"; skip bench:step "build failed"; skip bench:clip "build failed"
-  skip bench:topk "build failed"
+  skip bench:topk "build failed"; skip bench:fused "build failed"
 fi
 rm -rf "$NOTES"

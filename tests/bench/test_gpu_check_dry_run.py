@@ -18,7 +18,7 @@ from fastkd import _extension
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STEPS = ["environment", "build", "tests:kd", "tests:topk", "tests:clip", "tests:fused", "bench:kd", "launch",
-         "memcheck", "racecheck", "bench:kd-grid", "bench:step", "bench:clip", "bench:topk"]
+         "memcheck", "racecheck", "bench:kd-grid", "bench:step", "bench:clip", "bench:topk", "bench:fused"]
 
 pytestmark = [pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                  reason="needs bash and coreutils' timeout"),

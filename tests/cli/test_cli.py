@@ -139,6 +139,7 @@ def test_short_demo_run_writes_its_report(tmp_path, capsys):
     assert (out / "report.json").read_bytes() == before
 
 
+@pytest.mark.backend_independent
 def test_python_dash_m_fastkd_runs():
     r = subprocess.run([sys.executable, "-m", "fastkd", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)

@@ -38,6 +38,7 @@ def test_tensor_batches_are_dataloaders_batches():
 TINY = DemoConfig(seeds=2, teacher_epochs=2, student_epochs=3, teacher_hidden=32)
 
 
+@pytest.mark.backend_independent
 def test_seeds_in_worker_processes_give_the_one_process_results(tmp_path):
     one = run_demo(replace(TINY, out=str(tmp_path / "one"), workers=1))
     two = run_demo(replace(TINY, out=str(tmp_path / "two"), workers=2))

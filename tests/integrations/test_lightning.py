@@ -140,6 +140,7 @@ def test_causal_shift_and_bad_input():
         m.configure_gradient_clipping(None, 1.0, "value")
 
 
+@pytest.mark.backend_independent
 def test_two_process_ddp_equals_the_global_batch():
     """2 ranks (ddp_spawn, gloo) x micro-batches of 2 x accumulate 2: one window of 8 examples; the valid
     targets are summed over the ranks, the gradients (averaged by DDP) rescaled by world x accumulation / N."""

@@ -269,6 +269,7 @@ def _ddp_worker(rank, port, out_dir, result):
     torch.distributed.barrier()
 
 
+@pytest.mark.backend_independent
 def test_two_process_ddp_equals_the_single_process_batch(tmp_path, free_port):
     """2 ranks x 2 micro-batches of 2 (gloo, DistributedSampler) = one batch of 8 in one process: the count
     of valid targets is summed over the ranks and the loss multiplied by the world size (DDP averages)."""
@@ -282,6 +283,7 @@ def test_two_process_ddp_equals_the_single_process_batch(tmp_path, free_port):
         torch.testing.assert_close(got[name], b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.backend_independent
 def test_the_example_script_runs(tmp_path, capsys):
     """examples/hf_distill.py on a sliver of its text: three models trained, their perplexities printed."""
     import importlib.util  # noqa: PLC0415
