@@ -56,6 +56,7 @@ struct FusedLinearArgs {
   int64_t rows = 0;
   Reduction reduction = Reduction::BatchMean;
   KdParams params{};
+  at::Tensor normalizer;  // (not an argument of the fused ops yet: always undefined)
   // The heads.
   at::Tensor student_weight;  // [V, Hs]
   at::Tensor student_bias;    // [V], or undefined

@@ -72,6 +72,7 @@ struct KdOpArgs {
   int64_t vocab;
   Reduction reduction;
   KdParams params;  // the divergence included
+  at::Tensor normalizer;  // [] one real number, or undefined: "batchmean"'s divisor instead of the valid rows
 };
 
 struct KdLossArgs : KdOpArgs {
@@ -158,6 +159,23 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
   return a;
 }
 
+// The op's `normalizer` (optional: one real number on the logits' device or the CPU; "batchmean" divides the
+// sum by it instead of the number of valid rows) into a's normalizer; Args: KdOpArgs or alike. Returns a.
+template <typename Args>
+Args with_normalizer(Args a, const std::optional<at::Tensor>& normalizer) {
+  if (!normalizer.has_value() || !normalizer->defined()) return a;
+  const at::Tensor& n = *normalizer;
+  FKD_CHECK_ARG(a.reduction == Reduction::BatchMean, "normalizer",
+                "divides the batch mean's sum: it needs reduction=\"batchmean\"");
+  FKD_CHECK_ARG(n.numel() == 1, "normalizer", "expected one number, got ", n.numel());
+  FKD_CHECK_ARG(!n.is_complex() && n.scalar_type() != at::kBool, "normalizer", "expected a real number, got ",
+                n.scalar_type());
+  FKD_CHECK_ARG(n.device() == a.student.device() || n.device().is_cpu(), "normalizer", "on ", n.device(),
+                " but the student on ", a.student.device());
+  a.normalizer = n.reshape({});
+  return a;
+}
+
 // The fields every row API's arguments share (KdRowsArgs; TopkRowsArgs, topk_kd/topk_rows.h), for
 // this call: the student logits, labels, sizes and parameters; row_losses [rows] fp32 and grad
 // (nullptr, or a contiguous [rows, vocab] buffer of a.student's dtype) are the op's outputs.
@@ -188,13 +206,19 @@ inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* gra
 }
 
 // The reduction weight of every valid row, as a 0-d fp32 tensor on the logits' device:
-// 1 / max(1, number of valid rows) for "batchmean", 1 otherwise. Computed with tensor ops so the
-// kernels read it from memory and nothing waits for the device. Args: KdOpArgs, or any arguments with
-// its student, labels, rows, reduction and params fields (fused_linear/fused_linear.h's FusedLinearArgs).
+// 1 / max(1, number of valid rows) for "batchmean" (1 / normalizer when the op has one), 1 otherwise.
+// Computed with tensor ops so the kernels read it from memory and nothing waits for the device (a CPU
+// normalizer of device logits is read on the host: no device sync). Args: KdOpArgs, or any arguments
+// with its student, labels, rows, reduction, params and normalizer fields (fused_linear.h's FusedLinearArgs).
 template <typename Args>
 at::Tensor row_weight(const Args& a) {
   const auto opts = a.student.options().dtype(at::kFloat);
   if (a.reduction != Reduction::BatchMean) return at::ones({}, opts);
+  if (a.normalizer.defined()) {
+    if (a.normalizer.device() != a.student.device())
+      return at::full({}, static_cast<float>(1.0 / a.normalizer.template item<double>()), opts);
+    return a.normalizer.to(at::kFloat).reciprocal();
+  }
   if (!a.labels.defined()) return at::full({}, 1.0f / static_cast<float>(std::max<int64_t>(1, a.rows)), opts);
   return a.labels.ne(a.params.ignore_index).sum().clamp_min(1).to(at::kFloat).reciprocal();
 }

@@ -135,12 +135,14 @@ std::atomic<bool> g_grad_cache_enabled{true};
 bool grad_cache_enabled() { return g_grad_cache_enabled.load(std::memory_order_relaxed); }
 
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& labels, const at::Tensor& options,
-                                                   c10::string_view divergence, int64_t ignore_index, c10::string_view reduction,
-                                                   bool with_grad) {
-  return kd_op_forward_cpu(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction),
-                           student.sizes(), with_grad, kd_rows_args, kd_rows_cpu);
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
+    int64_t ignore_index, c10::string_view reduction, bool with_grad) {
+  return kd_op_forward_cpu(
+      with_normalizer(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index,
+                                        reduction), normalizer),
+      student.sizes(), with_grad, kd_rows_args, kd_rows_cpu);
 }
 
 void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {

@@ -405,12 +405,14 @@ void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t str
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                    const std::optional<at::Tensor>& labels, const at::Tensor& options,
-                                                    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction,
-                                                    bool with_grad) {
-  return kd_op_forward_cuda(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index, reduction),
-                            student.sizes(), with_grad, kd_rows_args, kd_rows_cuda);
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
+    int64_t ignore_index, c10::string_view reduction, bool with_grad) {
+  return kd_op_forward_cuda(
+      with_normalizer(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index,
+                                        reduction), normalizer),
+      student.sizes(), with_grad, kd_rows_args, kd_rows_cuda);
 }
 
 template <typename X>

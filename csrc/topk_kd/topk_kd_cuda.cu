@@ -425,14 +425,14 @@ void topk_rows_cuda(const TopkRowsArgs& a, const float* row_weight, cudaStream_t
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& values,
-                                                         const at::Tensor& indices,
-                                                         const std::optional<at::Tensor>& labels,
-                                                         const at::Tensor& options, c10::string_view divergence,
-                                                         int64_t ignore_index, c10::string_view reduction,
-                                                         bool with_grad) {
+std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(
+    const at::Tensor& student, const at::Tensor& values,
+    const at::Tensor& indices, const std::optional<at::Tensor>& labels,
+    const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
+    int64_t ignore_index, c10::string_view reduction, bool with_grad) {
   return kd_op_forward_cuda(
-      make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index, reduction),
+      with_normalizer(make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index,
+                                        reduction), normalizer),
       student.sizes(), with_grad, topk_rows_args, topk_rows_cuda);
 }
 

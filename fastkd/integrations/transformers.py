@@ -4,7 +4,8 @@
 hard_weight=0.5)`` is a ``Trainer`` whose loss is ``fastkd.kd_loss`` of the student's and the teacher's
 logits, with what the obvious hand-written versions get wrong done right:
 
-- **Normalisation.** The loss of a micro-batch is ``kd_loss(..., reduction="sum") / num_items_in_batch``:
+- **Normalisation.** The loss of a micro-batch is ``kd_loss(..., normalizer=num_items_in_batch)`` (the
+  sum divided by it, the division inside the fused gradient: no extra pass in the backward):
   the valid targets of the whole accumulated batch (all micro-batches of the optimizer step; summed over
   the ranks with ``average_tokens_across_devices``, and then multiplied by the number of processes, since
   DDP averages the gradients). The Trainer counts them only for models that take loss kwargs; this
@@ -265,21 +266,23 @@ class DistillationTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = self._targets(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", *CACHE_KEYS)}
+        if num_items_in_batch is None:  # (no labels in the batch: refused above) the micro-batch's own targets
+            num_items_in_batch = targets.ne(self.kd_options["ignore_index"]).sum()
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # The count is over all ranks and DDP averages the gradients: the per-rank divisor is count / ranks.
+            num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
         if self.fused_linear:
             outputs, ((hs, head, transform), (ht, t_head, _)) = self._heads(model, model_inputs)
             loss = fused_linear_kd_loss(hs, head.weight, ht, t_head.weight, targets, student_bias=head.bias,
-                                        teacher_bias=t_head.bias, reduction="sum", **transform, **self.kd_options)
+                                        teacher_bias=t_head.bias, reduction="sum", **transform,
+                                        **self.kd_options) / num_items_in_batch  # (no normalizer argument yet)
             student = teacher = None  # (the soft and hard terms are not logged on this path: no logits)
         else:
             outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
             student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
             teacher = self._teacher_target(inputs, model_inputs, student)
-            loss = self._loss(student, teacher, targets)
-        if num_items_in_batch is None:  # (no labels in the batch: refused above) the micro-batch's own targets
-            num_items_in_batch = targets.ne(self.kd_options["ignore_index"]).sum()
-        loss = loss / num_items_in_batch
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the ranks
+            # The division is part of the fused gradient (no scaling pass in the backward).
+            loss = self._loss(student, teacher, targets, reduction="batchmean", normalizer=num_items_in_batch)
         if model.training and student is not None and self._logging_step():
             self._add_terms(student.detach(), teacher, targets)
         return (loss, outputs) if return_outputs else loss

@@ -16,6 +16,7 @@ The rules, written once (docs/reliability.md lists them with their tests):
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -142,6 +143,35 @@ def loss_options(temperature, beta, soft_weight, hard_weight) -> torch.Tensor:
         one = torch.ones((), dtype=torch.float64)
         return torch.stack([one * temperature, one * beta, one * soft_weight, one * hard_weight])
     return torch.tensor([float(temperature), float(beta), float(soft_weight), float(hard_weight)], dtype=torch.float64)
+
+
+def normalizer_arg(op: str, normalizer, reduction: str, student: torch.Tensor) -> torch.Tensor | None:
+    """The op's ``normalizer`` argument: None, or a one-number tensor (on the logits' device, or a CPU one)
+    that "batchmean" divides the loss's sum by instead of the valid rows: a positive finite number (kept in a
+    float64 CPU tensor, built as ``ones * x`` under compile, so a changing value compiles once), or a tensor
+    of one real number (e.g. Hugging Face's ``num_items_in_batch``: its value is not read, no sync)."""
+    if normalizer is None:
+        return None
+    if reduction != "batchmean":
+        raise ValueError(f"{op}: normalizer divides the loss's sum in place of the number of valid rows: it needs "
+                         f"reduction='batchmean', got reduction={reduction!r}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise ValueError(f"{op}: normalizer must hold one real number (e.g. the accumulated batch's count of "
+                             f"valid targets), got a {normalizer.dtype} tensor of shape {tuple(normalizer.shape)}")
+        if normalizer.requires_grad:
+            raise ValueError(f"{op}: normalizer requires grad, but the loss is not differentiated with respect to it; "
+                             "pass normalizer.detach()")
+        if normalizer.device != student.device and normalizer.device.type != "cpu":
+            raise ValueError(f"{op}: normalizer is on {normalizer.device} but student_logits on {student.device}; "
+                             "move it there (or pass a number)")
+        return normalizer.reshape(())
+    symbolic = isinstance(normalizer, (torch.SymInt, torch.SymFloat))  # (its value is checked when it is known)
+    if not is_real(normalizer) or not (symbolic or (normalizer > 0 and math.isfinite(normalizer))):
+        raise ValueError(f"{op}: normalizer must be a finite number > 0 or a one-number tensor, got {normalizer!r}")
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.float64) * normalizer
+    return torch.tensor(float(normalizer), dtype=torch.float64)
 
 
 def as_int(x):

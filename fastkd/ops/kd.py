@@ -12,7 +12,15 @@ from torch import nn
 
 from ..reference import kd as reference
 from ..reference._common import DIVERGENCES, REDUCTIONS
-from ._args import as_int, check_labels, check_logits, check_loss_options, loss_options, use_reference_maths
+from ._args import (
+    as_int,
+    check_labels,
+    check_logits,
+    check_loss_options,
+    loss_options,
+    normalizer_arg,
+    use_reference_maths,
+)
 from ._autograd import register_fused_gradient
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS"]
@@ -21,9 +29,10 @@ _LIB = torch.library.Library("fastkd", "FRAGMENT")
 
 # ---- schemas ----------------------------------------------------------------------------------------
 _LIB.define(
-    "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, Tensor options, str divergence, int ignore_index, "
-    "str reduction, bool with_grad) -> (Tensor, Tensor)"
-)  # options: float64 CPU [temperature, beta, soft_weight, hard_weight] (fastkd.ops._args.loss_options)
+    "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, Tensor options, Tensor? normalizer, str divergence, "
+    "int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor)"
+)  # options: float64 CPU [temperature, beta, soft_weight, hard_weight] (fastkd.ops._args.loss_options);
+#   normalizer: None or one number (the logits' device or the CPU), "batchmean"'s divisor (normalizer_arg)
 _LIB.define("kd_loss_scale_(Tensor(a!) grad, Tensor grad_output) -> ()")
 
 # ---- fallback (reference) kernels --------------------------------------------------------------------
@@ -33,7 +42,7 @@ _LIB.impl("kd_loss_scale_", reference.kd_loss_scale_, "CompositeExplicitAutograd
 
 # ---- fake kernels (torch.compile, meta tensors) ------------------------------------------------------
 @torch.library.register_fake("fastkd::kd_loss_fwd")
-def _kd_loss_fwd_fake(student, teacher, labels, options, divergence, ignore_index, reduction, with_grad):
+def _kd_loss_fwd_fake(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction, with_grad):
     loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=torch.float32)
     grad = student.new_empty(student.shape if with_grad else (0,))
     return loss, grad
@@ -76,7 +85,8 @@ def _check_args(student, teacher, labels, temperature, divergence, beta, soft_we
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
             temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5, soft_weight: float = 1.0,
-            hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "batchmean") -> torch.Tensor:
+            hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "batchmean",
+            normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Fused knowledge-distillation loss from raw logits.
 
     Row loss = soft_weight * T^2 * D(p_teacher, p_student) + hard_weight * CE(student, labels), with
@@ -92,15 +102,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     ``temperature`` in [0.05, 100] (``fastkd.ops._args.TEMPERATURE_RANGE``).
     ``reduction``: ``"batchmean"`` (sum over valid rows / number of valid rows, per token for (B, S, V)),
     ``"sum"``, or ``"none"`` (per-row losses with the leading shape, 0 on ignored rows).
+    ``normalizer`` (with "batchmean"): divide the sum by it instead of the number of valid rows, e.g. the
+    valid targets of a whole accumulated batch (Hugging Face's ``num_items_in_batch``); a number, or a
+    one-number tensor on the logits' device whose value is never read on the host. The division is part of
+    the fused gradient: ``loss.backward()`` then costs no extra pass over the gradient, where
+    ``kd_loss(..., reduction="sum") / n`` costs one.
     """
     _check_args(student_logits, teacher_logits, labels, temperature, divergence, beta, soft_weight, hard_weight,
                 ignore_index, reduction)
+    norm = normalizer_arg(_OP, normalizer, reduction, student_logits)
     if use_reference_maths(student_logits, teacher_logits):
         return reference.kd_loss(student_logits, teacher_logits, labels, temperature, divergence, beta, soft_weight,
-                                 hard_weight, ignore_index, reduction)
+                                 hard_weight, ignore_index, reduction, norm)
     loss, _ = torch.ops.fastkd.kd_loss_fwd(
-        student_logits, teacher_logits, labels, loss_options(temperature, beta, soft_weight, hard_weight), divergence,
-        as_int(ignore_index), reduction, torch.is_grad_enabled() and student_logits.requires_grad,
+        student_logits, teacher_logits, labels, loss_options(temperature, beta, soft_weight, hard_weight), norm,
+        divergence, as_int(ignore_index), reduction, torch.is_grad_enabled() and student_logits.requires_grad,
     )
     return loss
 
@@ -137,5 +153,5 @@ class KDLoss(KDLossOptions):
     """Module form of :func:`fastkd.kd_loss` with the same keywords: ``KDLoss(temperature=2.0)(s, t, labels)``."""
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, labels, **self.options())
+                labels: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, normalizer=normalizer, **self.options())

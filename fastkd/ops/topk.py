@@ -17,6 +17,7 @@ from ._args import (
     check_logits,
     check_loss_options,
     loss_options,
+    normalizer_arg,
     use_reference_maths,
     values_on_host,
 )
@@ -30,8 +31,8 @@ _LIB = torch.library.Library("fastkd", "FRAGMENT")
 # ---- schema ------------------------------------------------------------------------------------------
 _LIB.define(
     "topk_kd_loss_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, Tensor options, "
-    "str divergence, int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor)"
-)  # options: float64 CPU [temperature, beta, soft_weight, hard_weight] (fastkd.ops._args.loss_options)
+    "Tensor? normalizer, str divergence, int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor)"
+)  # options and normalizer: as fastkd::kd_loss_fwd's (fastkd/ops/kd.py)
 
 # ---- fallback (reference) kernel ---------------------------------------------------------------------
 _LIB.impl("topk_kd_loss_fwd", reference.topk_kd_loss_fwd, "CompositeExplicitAutograd")
@@ -39,7 +40,7 @@ _LIB.impl("topk_kd_loss_fwd", reference.topk_kd_loss_fwd, "CompositeExplicitAuto
 
 # ---- fake kernel (torch.compile, meta tensors) -------------------------------------------------------
 @torch.library.register_fake("fastkd::topk_kd_loss_fwd")
-def _topk_kd_loss_fwd_fake(student, values, indices, labels, options, divergence, ignore_index, reduction,
+def _topk_kd_loss_fwd_fake(student, values, indices, labels, options, normalizer, divergence, ignore_index, reduction,
                            with_grad):
     loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=torch.float32)
     grad = student.new_empty(student.shape if with_grad else (0,))
@@ -90,7 +91,7 @@ def _check_args(student, values, indices, labels, temperature, divergence, beta,
 def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
                  labels: torch.Tensor | None = None, *, temperature: float = 1.0, divergence: str = "kl",
                  beta: float = 0.5, soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "batchmean") -> torch.Tensor:
+                 reduction: str = "batchmean", normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Knowledge-distillation loss from a sparse teacher: its top-k logits (or log-probabilities).
 
     ``teacher_values`` (..., K) are the teacher's values at ``teacher_indices`` (..., K) (int32 or int64, in
@@ -102,20 +103,21 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
     vocabulary, beta = 0 is "kl"). ``"reverse_kl"`` and beta = 1 are refused: they are infinite whenever the
     student has mass outside the support. A row whose K values are all -inf has no soft term.
 
-    Everything else is as :func:`fastkd.kd_loss`: ignore_index rows, reductions, fp32 maths and loss, the
+    Everything else is as :func:`fastkd.kd_loss`: ignore_index rows, reductions and ``normalizer``, fp32 maths and loss, the
     gradient (dense over V, w.r.t. ``student_logits`` only) in the student's dtype, float64 and torch.func
     calls through the reference maths (``fastkd.reference.topk_kd_loss``).
     """
     _check_args(student_logits, teacher_values, teacher_indices, labels, temperature, divergence, beta, soft_weight,
                 hard_weight, ignore_index, reduction)
+    norm = normalizer_arg(_OP, normalizer, reduction, student_logits)
     if use_reference_maths(student_logits, teacher_values):
         if values_on_host(teacher_indices):  # the op's kernels check them on the other paths
             reference.check_topk_indices(teacher_indices, student_logits.shape[-1])
         return reference.topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, temperature, divergence,
-                                      beta, soft_weight, hard_weight, ignore_index, reduction)
+                                      beta, soft_weight, hard_weight, ignore_index, reduction, norm)
     loss, _ = torch.ops.fastkd.topk_kd_loss_fwd(
         student_logits, teacher_values, teacher_indices, labels,
-        loss_options(temperature, beta, soft_weight, hard_weight), divergence, as_int(ignore_index), reduction,
+        loss_options(temperature, beta, soft_weight, hard_weight), norm, divergence, as_int(ignore_index), reduction,
         torch.is_grad_enabled() and student_logits.requires_grad,
     )
     return loss
@@ -126,5 +128,6 @@ class TopKKDLoss(KDLossOptions):
     ``TopKKDLoss(temperature=2.0)(student_logits, teacher_values, teacher_indices, labels)``."""
 
     def forward(self, student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        return topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, **self.options())
+                labels: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+        return topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, normalizer=normalizer,
+                            **self.options())

@@ -76,22 +76,41 @@ def add_hard_term(rows, s, labels, hard_weight, ignore_index):
     return rows, valid
 
 
-def _reduce(rows: torch.Tensor, valid, reduction: str) -> torch.Tensor:
+def _batchmean_divisor(like: torch.Tensor, valid, normalizer) -> torch.Tensor:
+    """"batchmean"'s divisor: the caller's normalizer, else the valid rows (at least 1); like: rows [...]."""
+    if normalizer is not None:
+        return normalizer.reshape(()).to(device=like.device, dtype=like.dtype)
+    count = like.new_tensor(like.numel()) if valid is None else valid.sum().to(like.dtype)
+    return count.clamp_min(1)
+
+
+def _reduce(rows: torch.Tensor, valid, reduction: str, normalizer=None) -> torch.Tensor:
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    count = rows.new_tensor(rows.numel()) if valid is None else valid.sum().to(rows.dtype)
-    return total / count.clamp_min(1)
+    return total / _batchmean_divisor(rows, valid, normalizer)
 
 
 def kd_loss(student, teacher, labels=None, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
-            hard_weight=0.0, ignore_index=-100, reduction="batchmean"):
+            hard_weight=0.0, ignore_index=-100, reduction="batchmean", normalizer=None):
     """The loss of ``fastkd.kd_loss``, differentiable by autograd (the oracle)."""
     rows, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight,
                                hard_weight, ignore_index)
-    return _reduce(rows, valid, reduction)
+    return _reduce(rows, valid, reduction, _normalizer_tensor(normalizer))
+
+
+def _normalizer_tensor(normalizer):
+    return None if normalizer is None or isinstance(normalizer, torch.Tensor) else torch.tensor(float(normalizer))
+
+
+def check_op_normalizer(normalizer, reduction: str) -> None:
+    # The op's own contract for `normalizer` (fastkd.kd_loss checks it before and names the user's argument).
+    if normalizer is not None and reduction != "batchmean":
+        raise ValueError("fastkd: argument 'normalizer': divides the batch mean's sum; it needs reduction='batchmean'")
+    if normalizer is not None and normalizer.numel() != 1:
+        raise ValueError(f"fastkd: argument 'normalizer': expected one number, got {normalizer.numel()}")
 
 
 def _check_op_args(temperature, divergence, beta, reduction):
@@ -116,21 +135,23 @@ def unpack_options(options: torch.Tensor) -> tuple[float, float, float, float]:
     return temperature, beta, soft_weight, hard_weight
 
 
-def kd_loss_fwd(student, teacher, labels, options, divergence, ignore_index, reduction, with_grad):
-    """Fallback kernel of ``fastkd::kd_loss_fwd`` (options: see ``unpack_options``)."""
+def kd_loss_fwd(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction, with_grad):
+    """Fallback kernel of ``fastkd::kd_loss_fwd`` (options: see ``unpack_options``; normalizer: None or a
+    one-number tensor, "batchmean"'s divisor instead of the valid rows)."""
     temperature, beta, soft_weight, hard_weight = unpack_options(options)
     return kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight,
-                            ignore_index, reduction, with_grad)
+                            ignore_index, reduction, with_grad, normalizer)
 
 
 def kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
-                     reduction, with_grad):
+                     reduction, with_grad, normalizer=None):
     """The fp32 loss and, when asked, its gradient with respect to ``student`` (in the student's dtype)
     from the closed-form formulas."""
     _check_op_args(temperature, divergence, beta, reduction)
+    check_op_normalizer(normalizer, reduction)
     rows, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, soft_weight,
                                hard_weight, ignore_index)
-    loss = _reduce(rows, valid, reduction).float()  # the op's loss is fp32 whatever the logits
+    loss = _reduce(rows, valid, reduction, normalizer).float()  # the op's loss is fp32 whatever the logits
     if not with_grad:
         return loss, student.new_empty((0,))
     dtype = rows.dtype
@@ -149,12 +170,13 @@ def kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, so
         lm = _log_mixture(ps, pt, beta)
         ksm = _plogr(ps, lps, lm).sum(-1, keepdim=True)
         ddiv = (1.0 - beta) * _if_pos(ps, ps * (lps - lm - ksm))
-    return loss, finish_grad(soft_weight * T * ddiv, s, labels, valid, hard_weight, reduction).to(student.dtype)
+    return loss, finish_grad(soft_weight * T * ddiv, s, labels, valid, hard_weight, reduction,
+                             normalizer).to(student.dtype)
 
 
-def finish_grad(grad, s, labels, valid, hard_weight, reduction):
+def finish_grad(grad, s, labels, valid, hard_weight, reduction, normalizer=None):
     """The soft term's gradient (soft_weight * T * dD/da, [..., V]) plus the cross-entropy's, zero on
-    ignored rows, divided by the valid-row count for "batchmean". Shared by the KD losses."""
+    ignored rows, divided by "batchmean"'s divisor (the valid rows or the normalizer). Shared by the KD losses."""
     if labels is not None and hard_weight != 0:
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         onehot = F.one_hot(safe, s.shape[-1]).to(grad.dtype)
@@ -162,9 +184,7 @@ def finish_grad(grad, s, labels, valid, hard_weight, reduction):
     if valid is not None:
         grad = grad * valid.unsqueeze(-1).to(grad.dtype)
     if reduction == "batchmean":
-        rows = grad[..., 0].numel()
-        count = grad.new_tensor(rows) if valid is None else valid.sum().to(grad.dtype)
-        grad = grad / count.clamp_min(1)
+        grad = grad / _batchmean_divisor(grad[..., 0], valid, normalizer)
     return grad
 
 

@@ -28,9 +28,11 @@ from .kd import (
     _check_op_args,
     _if_pos,
     _log_mixture,
+    _normalizer_tensor,
     _plogr,
     _reduce,
     add_hard_term,
+    check_op_normalizer,
     finish_grad,
     unpack_options,
 )
@@ -135,12 +137,12 @@ def topk_kd_loss_rows(student, values, indices, labels, temperature, divergence,
 
 
 def topk_kd_loss(student, values, indices, labels=None, temperature=1.0, divergence="kl", beta=0.5,
-                 soft_weight=1.0, hard_weight=0.0, ignore_index=-100, reduction="batchmean"):
+                 soft_weight=1.0, hard_weight=0.0, ignore_index=-100, reduction="batchmean", normalizer=None):
     """The loss of ``fastkd.topk_kd_loss``, differentiable by autograd (the oracle)."""
     check_topk_divergence("fastkd.reference.topk_kd_loss", divergence, beta)
     rows, valid = topk_kd_loss_rows(student, values, indices, labels, temperature, divergence, beta, soft_weight,
                                     hard_weight, ignore_index)
-    return _reduce(rows, valid, reduction)
+    return _reduce(rows, valid, reduction, _normalizer_tensor(normalizer))
 
 
 def _check_op_tensors(student, values, indices):
@@ -159,18 +161,20 @@ def _check_op_tensors(student, values, indices):
         check_topk_indices(indices, student.shape[-1])
 
 
-def topk_kd_loss_fwd(student, values, indices, labels, options, divergence, ignore_index, reduction, with_grad):
-    """Fallback kernel of ``fastkd::topk_kd_loss_fwd`` (options: see ``fastkd.reference.kd.unpack_options``)."""
+def topk_kd_loss_fwd(student, values, indices, labels, options, normalizer, divergence, ignore_index, reduction,
+                     with_grad):
+    """Fallback kernel of ``fastkd::topk_kd_loss_fwd`` (options and normalizer: as ``fastkd.reference.kd_loss_fwd``)."""
     temperature, beta, soft_weight, hard_weight = unpack_options(options)
     return topk_kd_loss_and_grad(student, values, indices, labels, temperature, divergence, beta, soft_weight,
-                                 hard_weight, ignore_index, reduction, with_grad)
+                                 hard_weight, ignore_index, reduction, with_grad, normalizer)
 
 
 def topk_kd_loss_and_grad(student, values, indices, labels, temperature, divergence, beta, soft_weight, hard_weight,
-                          ignore_index, reduction, with_grad):
+                          ignore_index, reduction, with_grad, normalizer=None):
     """The fp32 loss and, when asked, its gradient with respect to ``student`` (dense over V, in the
     student's dtype) from the closed-form formulas the kernels use (JSD: ``_jsd_fused_parts``)."""
     _check_op_args(temperature, divergence, beta, reduction)
+    check_op_normalizer(normalizer, reduction)
     check_topk_divergence("fastkd: argument 'divergence'", divergence, beta)
     _check_op_tensors(student, values, indices)
     s, lps, lps_k, lpt, pt, empty = _sparse_terms(student, values, indices, temperature)
@@ -182,7 +186,7 @@ def topk_kd_loss_and_grad(student, values, indices, labels, temperature, diverge
         d, r, sp = _jsd_fused_parts(lps_k, lpt, pt, beta)
     d = torch.where(empty, zero, d).squeeze(-1)
     rows, valid = add_hard_term(soft_weight * temperature * temperature * d, s, labels, hard_weight, ignore_index)
-    loss = _reduce(rows, valid, reduction).float()  # the op's loss is fp32 whatever the logits
+    loss = _reduce(rows, valid, reduction, normalizer).float()  # the op's loss is fp32 whatever the logits
     if not with_grad:
         return loss, student.new_empty((0,))
     idx = indices.long()
@@ -193,7 +197,7 @@ def topk_kd_loss_and_grad(student, values, indices, labels, temperature, diverge
         ps_k = lps_k.exp()
         ddiv = ((1.0 - beta) * r * ps).scatter(-1, idx, (1.0 - beta) * _if_pos(ps_k, ps_k * (r - sp)))
     ddiv = torch.where(empty, zero, ddiv)
-    grad = finish_grad(soft_weight * temperature * ddiv, s, labels, valid, hard_weight, reduction)
+    grad = finish_grad(soft_weight * temperature * ddiv, s, labels, valid, hard_weight, reduction, normalizer)
     return loss, grad.to(student.dtype)
 
 

@@ -304,7 +304,7 @@ def test_reference_closed_form_gradient(divergence, beta, reduction):
 def _op_args(reduction, with_grad, dtype=torch.float32):
     s, t = make_logits(6, 97, dtype=dtype, seed=27)
     labels = random_labels((6,), 97)
-    return (s.requires_grad_(with_grad), t, labels, loss_options(2.0, 0.4, 1.0, 0.5), "jsd", -100, reduction, with_grad)
+    return (s.requires_grad_(with_grad), t, labels, loss_options(2.0, 0.4, 1.0, 0.5), None, "jsd", -100, reduction, with_grad)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
@@ -505,11 +505,11 @@ def test_op_checks_its_own_arguments():
     """Direct callers of torch.ops.fastkd.kd_loss_fwd get errors that name the argument too."""
     s, t = make_logits(4, 30, seed=30)
     with pytest.raises((ValueError, RuntimeError), match="beta|must be in"):
-        torch.ops.fastkd.kd_loss_fwd(s, t, None, loss_options(1.0, 2.0, 1.0, 0.0), "jsd", -100, "sum", False)
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, loss_options(1.0, 2.0, 1.0, 0.0), None, "jsd", -100, "sum", False)
     with pytest.raises((ValueError, RuntimeError), match="divergence|reduction"):
-        torch.ops.fastkd.kd_loss_fwd(s, t, None, loss_options(1.0, 0.5, 1.0, 0.0), "kl", -100, "avg", False)
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, loss_options(1.0, 0.5, 1.0, 0.0), None, "kl", -100, "avg", False)
     with pytest.raises((ValueError, RuntimeError), match="options"):
-        torch.ops.fastkd.kd_loss_fwd(s, t, None, torch.tensor([1.0, 0.5, 1.0, 0.0]), "kl", -100, "sum", False)
+        torch.ops.fastkd.kd_loss_fwd(s, t, None, torch.tensor([1.0, 0.5, 1.0, 0.0]), None, "kl", -100, "sum", False)
 
 
 @pytest.mark.parametrize("dtype,vocab", [(torch.float32, 32000), (torch.bfloat16, 56000)])
@@ -570,3 +570,50 @@ def test_gradient_cache_keeps_two_buffers_and_can_be_turned_off(off):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "0"
+
+
+# ---- normalizer: "batchmean" over a divisor the caller gives (e.g. an accumulated batch's valid targets) -------
+@pytest.mark.parametrize("kind", ["number", "tensor", "int_tensor"])
+def test_normalizer_divides_the_sum_and_its_gradient(cpu_kernel, kind):
+    """kd_loss(..., normalizer=n) = kd_loss(..., reduction="sum") / n, loss and gradient (float64 oracle), with
+    the division in the fused gradient: backward with grad_output 1 needs no scaling pass."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 5, 33, generator=g).requires_grad_()
+    t = torch.randn(6, 5, 33, generator=g)
+    labels = random_labels((6, 5), 33)
+    n = {"number": 41.5, "tensor": torch.tensor(41.5), "int_tensor": torch.tensor(41)}[kind]
+    loss = fastkd.kd_loss(s, t, labels, temperature=2.0, hard_weight=0.5, normalizer=n)
+    loss.backward()
+    s64 = s.detach().double().requires_grad_()
+    want = fastkd.reference.kd_loss(s64, t.double(), labels, 2.0, "kl", 0.5, 1.0, 0.5, -100, "sum") / float(n)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_normalizer_saves_the_scaling_pass(monkeypatch):
+    """The gradient comes out of the forward already divided: loss.backward() calls kd_loss_scale_ with a
+    grad_output of 1 (free), where sum / n calls it with 1 / n (a pass over the gradient)."""
+    seen = []
+    real = torch.ops.fastkd.kd_loss_scale_
+
+    def spy(grad, grad_output):
+        seen.append(float(grad_output))
+        return real(grad, grad_output)
+
+    monkeypatch.setattr(torch.ops.fastkd, "kd_loss_scale_", spy)
+    s, t = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16)
+    fastkd.kd_loss(s, t, normalizer=8.0).backward()
+    (fastkd.kd_loss(s, t, reduction="sum") / 8.0).backward()
+    assert seen == [1.0, 0.125]
+
+
+def test_normalizer_errors():
+    s, t = torch.randn(4, 16), torch.randn(4, 16)
+    for bad, match in ((0.0, "finite number > 0"), (float("nan"), "finite number > 0"), ("8", "finite number > 0"),
+                       (torch.ones(2), "one real number"), (torch.tensor(True), "one real number"),
+                       (torch.tensor(2.0, requires_grad=True), "normalizer.detach")):
+        with pytest.raises(ValueError, match=match):
+            fastkd.kd_loss(s, t, normalizer=bad)
+    with pytest.raises(ValueError, match="it needs reduction='batchmean'"):
+        fastkd.kd_loss(s, t, reduction="sum", normalizer=4.0)

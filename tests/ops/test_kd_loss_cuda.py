@@ -35,7 +35,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def run_op(s, t, labels, T, div, beta, sw, hw, ii, red, with_grad=True):
     with no_sync():
-        loss, grad = torch.ops.fastkd.kd_loss_fwd(s, t, labels, loss_options(T, beta, sw, hw), div, ii, red, with_grad)
+        loss, grad = torch.ops.fastkd.kd_loss_fwd(s, t, labels, loss_options(T, beta, sw, hw), None, div, ii, red, with_grad)
     return loss, grad
 
 
@@ -250,9 +250,11 @@ def test_threads_launching_different_sizes():
     # A fresh process, so that no earlier test has raised the attribute already.
     script = textwrap.dedent("""
         import threading, torch, fastkd
+        from fastkd.ops._args import loss_options
         sizes = [6100, 12000, 30000, 60000, 100000]  # fp32: one kernel, each size its own shared memory
         data = {v: (torch.randn(4, v, device="cuda"), torch.randn(4, v, device="cuda")) for v in sizes}
-        args = (None, 1.0, "kl", 0.5, 1.0, 0.0, -100, "sum", True)
+        # labels, options [temperature, beta, soft_weight, hard_weight], normalizer, divergence, ...
+        args = (None, loss_options(1.0, 0.5, 1.0, 0.0), None, "kl", -100, "sum", True)
         got, errors = {}, []
         def work(k):
             try:

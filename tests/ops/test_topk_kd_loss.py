@@ -391,7 +391,7 @@ def test_torch_func_grad():
 def _op_args(reduction, with_grad, idx_dtype=torch.int64):
     s, v, i = make_case(6, 97, 9, idx_dtype=idx_dtype, seed=27)
     labels = random_labels((6,), 97)
-    return (s.requires_grad_(with_grad), v, i, labels, loss_options(2.0, 0.4, 1.0, 0.5), "jsd", -100, reduction,
+    return (s.requires_grad_(with_grad), v, i, labels, loss_options(2.0, 0.4, 1.0, 0.5), None, "jsd", -100, reduction,
             with_grad)
 
 
@@ -517,15 +517,31 @@ def test_op_checks_its_own_arguments():
     s, v, i = make_case(4, 30, 5, seed=30)
     op = torch.ops.fastkd.topk_kd_loss_fwd
     with pytest.raises(ValueError, match="divergence.*infinite"):
-        op(s, v, i, None, loss_options(1.0, 0.5, 1.0, 0.0), "reverse_kl", -100, "sum", False)
+        op(s, v, i, None, loss_options(1.0, 0.5, 1.0, 0.0), None, "reverse_kl", -100, "sum", False)
     with pytest.raises(ValueError, match="divergence.*infinite"):
-        op(s, v, i, None, loss_options(1.0, 1.0, 1.0, 0.0), "jsd", -100, "sum", False)
+        op(s, v, i, None, loss_options(1.0, 1.0, 1.0, 0.0), None, "jsd", -100, "sum", False)
     with pytest.raises(ValueError, match="teacher_values"):
-        op(s, v[:, :3], i, None, loss_options(1.0, 0.5, 1.0, 0.0), "kl", -100, "sum", False)
+        op(s, v[:, :3], i, None, loss_options(1.0, 0.5, 1.0, 0.0), None, "kl", -100, "sum", False)
     with pytest.raises(ValueError, match="teacher_indices"):
-        op(s, v, i.float(), None, loss_options(1.0, 0.5, 1.0, 0.0), "kl", -100, "sum", False)
+        op(s, v, i.float(), None, loss_options(1.0, 0.5, 1.0, 0.0), None, "kl", -100, "sum", False)
     with pytest.raises(ValueError, match="teacher_indices.*row 1 holds 30"):
-        op(s, v, torch.where(torch.arange(4).unsqueeze(1) == 1, 30, i), None, loss_options(1.0, 0.5, 1.0, 0.0), "kl",
+        op(s, v, torch.where(torch.arange(4).unsqueeze(1) == 1, 30, i), None, loss_options(1.0, 0.5, 1.0, 0.0), None, "kl",
            -100, "sum", True)
     with pytest.raises(ValueError, match="options"):
-        op(s, v, i, None, torch.tensor([1.0, 0.5, 1.0, 0.0]), "kl", -100, "sum", False)
+        op(s, v, i, None, torch.tensor([1.0, 0.5, 1.0, 0.0]), None, "kl", -100, "sum", False)
+
+
+def test_normalizer_divides_the_sum_and_its_gradient(cpu_kernel):
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(5, 40, generator=g).requires_grad_()
+    top = torch.randn(5, 40, generator=g).topk(7)
+    labels = torch.tensor([1, -100, 3, 4, 5])
+    n = torch.tensor(13)
+    loss = fastkd.topk_kd_loss(s, top.values, top.indices, labels, temperature=2.0, hard_weight=0.5, normalizer=n)
+    loss.backward()
+    s64 = s.detach().double().requires_grad_()
+    want = fastkd.reference.topk_kd_loss(s64, top.values.double(), top.indices, labels, 2.0, "kl", 0.5, 1.0, 0.5,
+                                         -100, "sum") / 13
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)

@@ -48,7 +48,7 @@ def make_topk(rows, vocab, k, seed, values_dtype=torch.float32, index_dtype=torc
 
 def run_op(s, v, i, labels, T, div, beta, sw, hw, ii, red, with_grad=True):
     with no_sync():
-        return torch.ops.fastkd.topk_kd_loss_fwd(s, v, i, labels, loss_options(T, beta, sw, hw), div, ii, red,
+        return torch.ops.fastkd.topk_kd_loss_fwd(s, v, i, labels, loss_options(T, beta, sw, hw), None, div, ii, red,
                                                  with_grad)
 
 
@@ -116,7 +116,7 @@ def test_full_support_is_kd_loss(vocab, dtype):
     values = teacher.gather(-1, perm)
     labels = cuda_labels(rows, vocab, 10)
     for div in ("kl", "jsd"):
-        args = (loss_options(2.0, 0.4, 0.8, 0.3), div, -100, "none", True)
+        args = (loss_options(2.0, 0.4, 0.8, 0.3), None, div, -100, "none", True)
         with no_sync():
             loss, grad = torch.ops.fastkd.topk_kd_loss_fwd(s, values, perm, labels, *args)
             kd_loss, kd_grad = torch.ops.fastkd.kd_loss_fwd(s, teacher, labels, *args)
@@ -308,7 +308,7 @@ ASSERT_SCRIPT = textwrap.dedent("""
         labels[2] = vocab
     v = torch.randn(4, k, generator=g).cuda()
     torch.cuda.set_sync_debug_mode("error")
-    torch.ops.fastkd.topk_kd_loss_fwd(s, v, i.cuda(), labels.cuda(), loss_options(1.0, 0.5, 1.0, 0.5), "kl", -100,
+    torch.ops.fastkd.topk_kd_loss_fwd(s, v, i.cuda(), labels.cuda(), loss_options(1.0, 0.5, 1.0, 0.5), None, "kl", -100,
                                       "sum", True)
     torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
