@@ -36,33 +36,18 @@ import torch
 from fastkd import reference
 
 from . import common
-
-TEMPERATURE = 2.0
-HARD_WEIGHT = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class HFStepConfig:
-    batch: int
-    seq: int
-    vocab: int
-    d_model: int
-    student_layers: int
-    teacher_layers: int
-    repeats: int
-    warmup: int = 2
-
+from .bench_step import HARD_WEIGHT, TEMPERATURE, StepConfig
 
 CONFIGS = {
-    "cpu": HFStepConfig(batch=4, seq=128, vocab=32000, d_model=256, student_layers=2, teacher_layers=4, repeats=8),
-    "cuda": HFStepConfig(batch=16, seq=512, vocab=32000, d_model=512, student_layers=4, teacher_layers=8,
-                         repeats=20),
-    "quick": HFStepConfig(batch=2, seq=16, vocab=500, d_model=32, student_layers=1, teacher_layers=1, repeats=2,
-                          warmup=1),
+    "cpu": StepConfig(batch=4, seq=128, vocab=32000, d_model=256, student_layers=2, teacher_layers=4, repeats=8,
+                      warmup=2),
+    "cuda": StepConfig(batch=16, seq=512, vocab=32000, d_model=512, student_layers=4, teacher_layers=8, repeats=20,
+                       warmup=2),
+    "quick": StepConfig(batch=2, seq=16, vocab=500, d_model=32, student_layers=1, teacher_layers=1, repeats=2),
 }
 
 
-def _llama(cfg: HFStepConfig, layers: int, seed: int):
+def _llama(cfg: StepConfig, layers: int, seed: int):
     import transformers  # noqa: PLC0415  (the hf extra)
 
     torch.manual_seed(seed)
@@ -118,7 +103,7 @@ class _StepClock:
         self.peaks.append(common.memory_peak_since(self.device, self._base))
 
 
-def run(cfg: HFStepConfig, device: torch.device, repeats: int, on_row=None) -> list[dict]:
+def run(cfg: StepConfig, device: torch.device, repeats: int, on_row=None) -> list[dict]:
     import transformers  # noqa: PLC0415
 
     teacher = _llama(cfg, cfg.teacher_layers, seed=0)

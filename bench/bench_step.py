@@ -67,6 +67,7 @@ class StepConfig:
     student_layers: int
     teacher_layers: int
     repeats: int
+    warmup: int = 1  # untimed steps first
 
 
 CONFIGS = {
@@ -210,7 +211,7 @@ def run(cfg: StepConfig, device: torch.device, repeats: int, on_row=None) -> lis
         check_offline_maths(student0, cache, ids, labels, first["fastkd", OFFLINE][0])
         del student0
         for (name, teacher_kind), step in steps.items():
-            med, p20, p80 = common.time_call(step, device, repeats=repeats, warmup=1)
+            med, p20, p80 = common.time_call(step, device, repeats=repeats, warmup=cfg.warmup)
             mem = common.peak_memory_mb(step, device)  # above the models, optimizer state and batch
             loss, norm = first[name, teacher_kind]
             rows.append({"op": "kd_train_step", "provider": "fastkd" if name == FUSED else name, "teacher": teacher_kind,
