@@ -63,7 +63,7 @@ INTEGRATIONS := .[hf,trl,lightning]
 $(TEST_EXTRAS): pyproject.toml $(STAMP)
 	@echo "[test] the integrations' trainers: transformers, accelerate, trl, lightning ($(LOGS)/test-extras.log)"
 	@$(call logged,test-extras,FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e "$(INTEGRATIONS)" && \
-		$(PY) -c "import transformers, accelerate, trl, lightning")
+		$(PY) -c "import transformers; import accelerate; import trl; import lightning")
 	@touch $@
 
 test: $(EXT_FULL) $(TEST_EXTRAS)
