@@ -244,6 +244,23 @@ inline void apply_head(at::Tensor& z, const at::Tensor& bias, double logit_scale
 //   void grad_weight(at::Tensor& acc, const at::Tensor& g, const at::Tensor& h)   acc [V, H] fp32 += g^T @ h
 
 // The dense teacher: its chunk's logits by GEMM into T, then the KD row kernel on S and T.
+// The student's side of a row API's arguments (KdRowsArgs, TopkRowsArgs) for the chunk of rows [r0, r0 + n) whose
+// fp32 logits are s [n, V]: the chunk's labels, row losses and gradient (nullptr: none), the row kernel's parameters.
+template <typename RowsArgs>
+RowsArgs chunk_rows_args(const FusedLinearArgs& a, const at::Tensor& s, int64_t r0, float* row_losses, void* grad) {
+  RowsArgs r;
+  r.student = s.data_ptr();
+  r.student_stride = a.vocab;
+  r.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() + r0 : nullptr;
+  r.rows = s.size(0);
+  r.vocab = a.vocab;
+  r.row_losses = row_losses;
+  r.grad = grad;
+  r.grad_stride = a.vocab;
+  r.params = a.params;
+  return r;
+}
+
 template <typename Backend>
 struct DenseTeacher {
   const FusedLinearArgs& a;
@@ -261,18 +278,9 @@ struct DenseTeacher {
     at::Tensor t = t_buf.narrow(0, 0, n);
     be.logits(t, be.hidden_chunk(a.teacher.narrow(0, r0, n)), weight);
     apply_head(t, bias, a.logit_scale, a.softcap);
-    KdRowsArgs r;
-    r.student = s.data_ptr();
-    r.student_stride = a.vocab;
+    KdRowsArgs r = chunk_rows_args<KdRowsArgs>(a, s, r0, row_losses, grad);
     r.teacher = t.data_ptr();
     r.teacher_stride = a.vocab;
-    r.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() + r0 : nullptr;
-    r.rows = n;
-    r.vocab = a.vocab;
-    r.row_losses = row_losses;
-    r.grad = grad;
-    r.grad_stride = a.vocab;
-    r.params = a.params;
     be.kd_rows(r, row_weight);
   }
   // A [n, V] fp32 buffer free after rows(): T's.
@@ -293,9 +301,7 @@ struct TopkTeacher {
   void rows(const at::Tensor& s, int64_t r0, float* row_losses, void* grad, const at::Tensor& row_weight) {
     const int64_t n = s.size(0), k = a.values.size(1);
     const at::Tensor v = a.values.narrow(0, r0, n), i = a.indices.narrow(0, r0, n);
-    TopkRowsArgs r;
-    r.student = s.data_ptr();
-    r.student_stride = a.vocab;
+    TopkRowsArgs r = chunk_rows_args<TopkRowsArgs>(a, s, r0, row_losses, grad);
     r.values = v.data_ptr();
     r.values_dtype = v.scalar_type();
     r.values_stride = v.stride(0);
@@ -303,13 +309,6 @@ struct TopkTeacher {
     r.indices_int64 = i.scalar_type() == at::kLong;
     r.indices_stride = i.stride(0);
     r.k = k;
-    r.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() + r0 : nullptr;
-    r.rows = n;
-    r.vocab = a.vocab;
-    r.row_losses = row_losses;
-    r.grad = grad;
-    r.grad_stride = a.vocab;
-    r.params = a.params;
     be.topk_rows(r, row_weight);
   }
   at::Tensor scratch(int64_t n) {

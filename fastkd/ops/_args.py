@@ -145,6 +145,38 @@ def loss_options(temperature, beta, soft_weight, hard_weight) -> torch.Tensor:
     return torch.tensor([float(temperature), float(beta), float(soft_weight), float(hard_weight)], dtype=torch.float64)
 
 
+def check_topk_teacher(op: str, values: torch.Tensor, indices, student: torch.Tensor, student_name: str,
+                       vocab: int) -> None:
+    """A top-k teacher's ``teacher_indices`` (an integer dense tensor), its shape against ``teacher_values``'s
+    and the student's rows (``student``'s leading shape; ``student_name`` in the messages), 1 <= K <= vocab, and
+    both on the student's device. The values' dtype is the caller's check."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool \
+            or indices.is_complex():
+        what = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise TypeError(f"{op}: teacher_indices must be an integer tensor (int32 or int64 vocabulary indices), "
+                        f"got {what}")
+    if indices.layout != torch.strided:
+        raise TypeError(f"{op}: teacher_indices must be a dense (strided) tensor, got layout {indices.layout}; "
+                        "convert it with teacher_indices.to_dense()")
+    if values.shape != indices.shape:
+        raise ValueError(f"{op}: teacher_values {tuple(values.shape)} and teacher_indices {tuple(indices.shape)} "
+                         "must have the same shape (..., K): entry k of a row is the teacher's value at index k")
+    if values.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"{op}: rows differ: {student_name} has leading shape {tuple(student.shape[:-1])}, "
+                         f"teacher_values {tuple(values.shape[:-1])}; both must hold the same positions")
+    k = values.shape[-1]
+    if k == 0:
+        raise ValueError(f"{op}: teacher_values has K = 0 entries per row; K must be in [1, {vocab}]: the teacher "
+                         "needs at least one")
+    if k > vocab:
+        raise ValueError(f"{op}: K = {k} teacher entries per row but the student's vocabulary has {vocab}; K must be "
+                         f"in [1, {vocab}] (the indices are distinct entries of it)")
+    for name, x in (("teacher_values", values), ("teacher_indices", indices)):
+        if x.device != student.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but {student_name} on {student.device}; move them to "
+                             "one device")
+
+
 def normalizer_arg(op: str, normalizer, reduction: str, student: torch.Tensor) -> torch.Tensor | None:
     """The op's ``normalizer`` argument: None, or a one-number tensor (on the logits' device, or a CPU one)
     that "batchmean" divides the loss's sum by instead of the valid rows: a positive finite number (kept in a

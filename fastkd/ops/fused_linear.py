@@ -17,6 +17,7 @@ from ._args import (
     as_int,
     check_labels,
     check_loss_options,
+    check_topk_teacher,
     is_real,
     loss_options,
     use_reference_maths,
@@ -233,25 +234,7 @@ def _check_topk_args(hs, ws, values, indices, labels, bs, temperature, divergenc
     op = _TOPK_OP
     _check_head(op, "student", hs, ws, bs, hs.device)
     _check_tensor(op, "teacher_values", values)
-    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool \
-            or indices.is_complex():
-        what = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
-        raise TypeError(f"{op}: teacher_indices must be an integer tensor (int32 or int64 vocabulary indices), "
-                        f"got {what}")
-    if values.shape != indices.shape:
-        raise ValueError(f"{op}: teacher_values {tuple(values.shape)} and teacher_indices {tuple(indices.shape)} "
-                         "must have the same shape (..., K)")
-    if values.shape[:-1] != hs.shape[:-1]:
-        raise ValueError(f"{op}: rows differ: student_hidden has leading shape {tuple(hs.shape[:-1])}, "
-                         f"teacher_values {tuple(values.shape[:-1])}; both must hold the same positions")
-    k, vocab = values.shape[-1], ws.shape[0]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"{op}: teacher_values has K = {k} entries per row; K must be in [1, {vocab}] (the "
-                         "student's vocabulary, student_weight's rows)")
-    for name, x in (("teacher_values", values), ("teacher_indices", indices)):
-        if x.device != hs.device:
-            raise ValueError(f"{op}: {name} is on {x.device} but student_hidden on {hs.device}; move them to one "
-                             "device")
+    check_topk_teacher(op, values, indices, hs, "student_hidden", ws.shape[0])
     topk_reference.check_topk_divergence(op, divergence, beta)
     _check_common(op, hs, ws, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
                   reduction, logit_scale, softcap, chunk_size)
@@ -263,6 +246,17 @@ def _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap) 
     head = (torch.stack([torch.ones((), dtype=torch.float64) * logit_scale, torch.ones((), dtype=torch.float64) * cap])
             if torch.compiler.is_compiling() else torch.tensor([float(logit_scale), float(cap)], dtype=torch.float64))
     return torch.cat([loss_options(temperature, beta, soft_weight, hard_weight), head])
+
+
+def _call_plan(student_hidden, student_weight, student_bias, reduction: str, chunk_size):
+    """The op's chunk size (default_chunk_size when None) and its three gradient flags (hidden, weight, bias:
+    which the forward computes). reduction="none" gets its gradients in the backward (a per-row grad_output
+    weighs the weight gradient), so its forward computes none."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(student_weight.shape[0], student_hidden.shape[-1], student_hidden.device)
+    grad = torch.is_grad_enabled() and reduction != "none"
+    return chunk_size, (grad and student_hidden.requires_grad, grad and student_weight.requires_grad,
+                        grad and student_bias is not None and student_bias.requires_grad)
 
 
 def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -293,13 +287,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         return reference.fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
             temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(student_weight.shape[0], student_hidden.shape[-1], student_hidden.device)
-    grad = torch.is_grad_enabled()
-    flags = (grad and student_hidden.requires_grad, grad and student_weight.requires_grad,
-             grad and student_bias is not None and student_bias.requires_grad)
-    # reduction="none" gets its gradients in the backward (a per-row grad_output weighs the weight gradient).
-    forward_flags = (False, False, False) if reduction == "none" else flags
+    chunk_size, forward_flags = _call_plan(student_hidden, student_weight, student_bias, reduction, chunk_size)
     loss, gh, gw, gb = torch.ops.fastkd.fused_linear_kd_loss_fwd(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, None,
         _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), divergence, as_int(ignore_index),
@@ -332,12 +320,7 @@ def fused_linear_topk_kd_loss(student_hidden: torch.Tensor, student_weight: torc
         return reference.fused_linear_topk_kd_loss(
             student_hidden, student_weight, teacher_values, teacher_indices, labels, student_bias, temperature,
             divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(student_weight.shape[0], student_hidden.shape[-1], student_hidden.device)
-    grad = torch.is_grad_enabled()
-    flags = (grad and student_hidden.requires_grad, grad and student_weight.requires_grad,
-             grad and student_bias is not None and student_bias.requires_grad)
-    forward_flags = (False, False, False) if reduction == "none" else flags
+    chunk_size, forward_flags = _call_plan(student_hidden, student_weight, student_bias, reduction, chunk_size)
     loss, gh, gw, gb = torch.ops.fastkd.fused_linear_topk_kd_loss_fwd(
         student_hidden, student_weight, student_bias, teacher_values, teacher_indices, labels, None,
         _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), divergence, as_int(ignore_index),

@@ -16,6 +16,7 @@ from ._args import (
     check_labels,
     check_logits,
     check_loss_options,
+    check_topk_teacher,
     loss_options,
     normalizer_arg,
     use_reference_maths,
@@ -59,30 +60,7 @@ def _check_args(student, values, indices, labels, temperature, divergence, beta,
                 ignore_index, reduction):
     check_logits(_OP, "student_logits", student)
     check_logits(_OP, "teacher_values", values)
-    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool \
-            or indices.is_complex():
-        what = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
-        raise TypeError(f"{_OP}: teacher_indices must be an integer tensor (int32 or int64 vocabulary indices), "
-                        f"got {what}")
-    if indices.layout != torch.strided:
-        raise TypeError(f"{_OP}: teacher_indices must be a dense (strided) tensor, got layout {indices.layout}; "
-                        "convert it with teacher_indices.to_dense()")
-    if values.shape != indices.shape:
-        raise ValueError(f"{_OP}: teacher_values {tuple(values.shape)} and teacher_indices {tuple(indices.shape)} "
-                         "must have the same shape (..., K): entry k of a row is the teacher's value at index k")
-    if values.shape[:-1] != student.shape[:-1]:
-        raise ValueError(f"{_OP}: rows differ: student_logits has leading shape {tuple(student.shape[:-1])}, "
-                         f"teacher_values {tuple(values.shape[:-1])}; both must hold the same positions")
-    k, vocab = values.shape[-1], student.shape[-1]
-    if k == 0:
-        raise ValueError(f"{_OP}: teacher_values has K = 0 entries per row; the teacher needs at least one")
-    if k > vocab:
-        raise ValueError(f"{_OP}: K = {k} teacher entries per row but the student's vocabulary has {vocab}; "
-                         "K must be <= vocab (the indices are distinct entries of it)")
-    for name, x in (("teacher_values", values), ("teacher_indices", indices)):
-        if x.device != student.device:
-            raise ValueError(f"{_OP}: {name} is on {x.device} but student_logits on {student.device}; move them to "
-                             "one device")
+    check_topk_teacher(_OP, values, indices, student, "student_logits", student.shape[-1])
     check_loss_options(_OP, temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction)
     reference.check_topk_divergence(_OP, divergence, beta)
     check_labels(_OP, labels, student, ignore_index, hard_weight)
