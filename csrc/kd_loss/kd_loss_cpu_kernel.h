@@ -286,7 +286,8 @@ void kd_rows_typed(const KdRowsArgs& a, float w, bool stream) {
   const T* t = static_cast<const T*>(a.teacher);
   S* grad = static_cast<S*>(a.grad);
   float* row_losses = a.row_losses;
-  const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride, vocab = a.vocab;
+  const RowBlocks ss = a.student_rows(), ts = a.teacher_rows();
+  const int64_t gs = a.grad_stride, vocab = a.vocab;
   const int64_t* labels = a.labels;
   const KdParams p = a.params;
   const int64_t grain = std::max<int64_t>(1, 32768 / vocab);
@@ -303,7 +304,7 @@ void kd_rows_typed(const KdRowsArgs& a, float w, bool stream) {
       }
       FKD_CHECK_ARG(!labels || (label >= 0 && label < vocab), "labels", "labels[", r, "] = ", label,
                     " is outside [0, ", vocab, ") and is not ignore_index (", p.ignore_index, ")");
-      row_losses[r] = kd_row<D>(s + r * ss, t + r * ts, g, vocab, label, p, w, stream, buf);
+      row_losses[r] = kd_row<D>(s + ss.offset(r), t + ts.offset(r), g, vocab, label, p, w, stream, buf);
     }
     if (stream) stream_fence();  // order the non-temporal stores before the task ends
   });

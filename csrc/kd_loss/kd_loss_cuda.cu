@@ -119,10 +119,10 @@ __device__ __forceinline__ int align16(int bytes) { return (bytes + 15) & ~15; }
 // kWarpGroup: one warp per row (vocab <= kWarpRowMaxVocab), no shared-memory row cache.
 template <Divergence D, typename S, typename T, bool kWarpGroup>
 __global__ void __launch_bounds__(kWarpGroup ? kWarpKernelThreads : kMaxBlockThreads, kWarpGroup ? 2 : 1)
-kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride], student logits
-                   int64_t student_stride,
-                   const T* __restrict__ teacher,      // [rows, teacher_stride], teacher logits
-                   int64_t teacher_stride,
+kd_loss_fwd_kernel(const S* __restrict__ student,      // student logits, row r at student_rows.offset(r)
+                   RowBlocks student_rows,
+                   const T* __restrict__ teacher,      // teacher logits, row r at teacher_rows.offset(r)
+                   RowBlocks teacher_rows,
                    const int64_t* __restrict__ labels,  // [rows] or nullptr
                    const float* __restrict__ weight,    // [] the reduction weight w of a valid row
                    float* __restrict__ row_losses,      // [rows] out
@@ -157,8 +157,8 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
   const Sums sums_id{0.f, 0.f};
 
   for (int64_t r = grp.id; r < rows; r += grp.count) {
-    const S* s = student + r * student_stride;
-    const T* t = teacher + r * teacher_stride;
+    const S* s = student + student_rows.offset(r);
+    const T* t = teacher + teacher_rows.offset(r);
     S* g = grad != nullptr ? grad + r * grad_stride : nullptr;
     const RowLayout L = row_layout<N>(s, t, g, vocab);
     const int n_scalar = L.head + (vocab - L.tail);
@@ -357,7 +357,8 @@ void launch_kd_loss_fwd(const KdRowsArgs& a, const float* weight, cudaStream_t s
   float* row_losses = a.row_losses;
   S* grad = static_cast<S*>(a.grad);
   const int vocab = static_cast<int>(a.vocab);
-  const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride;
+  const RowBlocks ss = a.student_rows(), ts = a.teacher_rows();
+  const int64_t gs = a.grad_stride;
   // kd_rows.h: the current device holds the buffers (the caller's CUDAGuard).
   const KdLaunchConfig c = fwd_config<D, S, T>(c10::cuda::current_device(), vocab);
 

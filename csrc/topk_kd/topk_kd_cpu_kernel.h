@@ -230,7 +230,7 @@ void topk_rows_typed(const TopkRowsArgs& a, float w, bool stream) {
       }
       FKD_CHECK_ARG(!a.labels || (label >= 0 && label < vocab), "labels", "labels[", r, "] = ", label,
                     " is outside [0, ", vocab, ") and is not ignore_index (", p.ignore_index, ")");
-      a.row_losses[r] = topk_row<D>(s + r * a.student_stride, a, r, g, label, w, stream, buf);
+      a.row_losses[r] = topk_row<D>(s + a.student_rows().offset(r), a, r, g, label, w, stream, buf);
     }
     if (stream) stream_fence();  // order the non-temporal stores before the task ends
   });

@@ -115,7 +115,7 @@ __device__ __forceinline__ Sums shfl_xor(const Sums& v, int m) {
 // The kernel's arguments (topk_rows.h's TopkRowsArgs, with the launch's choices).
 struct TopkKernelArgs {
   const void* student;
-  int64_t student_stride;
+  RowBlocks student_rows;
   const void* values;
   ValueType values_type;
   int64_t values_stride;  // in bytes
@@ -164,7 +164,7 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
   }
 
   for (int64_t r = grp.id; r < a.rows; r += grp.count) {
-    const S* __restrict__ s = static_cast<const S*>(a.student) + r * a.student_stride;
+    const S* __restrict__ s = static_cast<const S*>(a.student) + a.student_rows.offset(r);
     const void* vrow = static_cast<const char*>(a.values) + r * a.values_stride;
     const void* irow = static_cast<const char*>(a.indices) + r * a.indices_stride;
     S* __restrict__ g = a.grad != nullptr ? static_cast<S*>(a.grad) + r * a.grad_stride : nullptr;
@@ -371,7 +371,7 @@ template <typename S>
 void launch_topk(const TopkRowsArgs& r, const float* weight, cudaStream_t stream) {
   TopkKernelArgs a;
   a.student = r.student;
-  a.student_stride = r.student_stride;
+  a.student_rows = r.student_rows();
   a.values = r.values;
   a.values_type = value_type(r.values_dtype);
   a.values_stride = r.values_stride * static_cast<int64_t>(c10::elementSize(r.values_dtype));

@@ -10,9 +10,9 @@
   Everything but ``"none"`` is one call of ``fastkd.kd_loss`` (fused, no (tokens x V) temporaries);
   ``"none"`` is element-wise by definition and computed in plain PyTorch.
 - :class:`GKDLossMixin` put before ``GKDTrainer`` in a subclass (``class MyGKD(GKDLossMixin, GKDTrainer)``)
-  computes GKDTrainer's training loss with it, and without slicing the logits: ``logits[:, :-1]`` is a
-  strided view that a kernel must copy (both models' logits, each (B, S, V)); the mixin passes the whole
-  logits with the labels shifted instead (``fastkd.shift_labels``), which is the same loss.
+  computes GKDTrainer's training loss with it, and without slicing the logits: fastkd reads a
+  ``logits[:, :-1]`` view in place, but the slice's backward allocates a zero-filled (B, S, V) gradient; the
+  mixin passes the whole logits with the labels shifted instead (``fastkd.shift_labels``), the same loss.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_against_float64, loss_and_grad, random_labels
+from conftest import (
+    LAYOUTS,
+    bytes_allocated_in,
+    check_against_float64,
+    layout_view,
+    loss_and_grad,
+    random_labels,
+)
 
 import fastkd
 from fastkd import _extension, reference
@@ -215,6 +222,45 @@ def test_non_contiguous_inputs():
     s3, t3 = make_logits(None, 64, lead=(6, 5), seed=17)
     labels = random_labels((6, 5), 64)
     check(s3.transpose(0, 1), t3.transpose(0, 1), labels.t(), hard_weight=0.5)
+
+
+def _logits_maker(dtype, seed):
+    """make(shape): student-like logits of that shape, a new draw per call."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda shape: (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("vocab,divergence,dtype", [(300, "kl", torch.float32), (5000, "jsd", torch.bfloat16),
+                                                    (1, "reverse_kl", torch.float32)], ids=str)
+def test_strided_layouts(layout, vocab, divergence, dtype):
+    """Sliced, transposed, padded and 4-D logits views (LAYOUTS) give the float64 oracle's loss and gradient,
+    student and teacher in the layout, or only the student (the teacher contiguous)."""
+    make = _logits_maker(dtype, seed=vocab)
+    s, t = layout_view(layout, make, vocab), layout_view(layout, make, vocab)
+    labels = random_labels(s.shape[:-1], vocab, seed=3)
+    check(s, t, labels, temperature=2.0, divergence=divergence, hard_weight=0.3)
+    check(s, t.contiguous(), labels, temperature=2.0, divergence=divergence, reduction="none")
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.skipif(fastkd.kernel_info()["cpu"] == "reference", reason="the extension is disabled or not built")
+@pytest.mark.parametrize("layout", sorted(name for name, case in LAYOUTS.items() if case[3]))
+def test_strided_layouts_are_read_in_place(layout):
+    """The kernels read these views where they are: the call allocates the gradient and a few bytes per row,
+    never a copy of the logits (which would be 2 x the logits' bytes more)."""
+    vocab = 4000
+    make = _logits_maker(torch.float32, seed=7)
+    s, t = layout_view(layout, make, vocab), layout_view(layout, make, vocab)
+    logits_bytes = s[..., 0].numel() * vocab * 4
+    s.requires_grad_(True)
+    with torch.no_grad():
+        loss, allocated = bytes_allocated_in(lambda: fastkd.kd_loss(s, t, temperature=2.0))
+    assert allocated < logits_bytes / 8, (allocated, logits_bytes)
+    _, allocated = bytes_allocated_in(lambda: fastkd.kd_loss(s, t, temperature=2.0))
+    assert allocated < 1.25 * logits_bytes, (allocated, logits_bytes)  # the gradient only
+    assert torch.equal(loss, fastkd.kd_loss(s.detach().contiguous(), t.contiguous(), temperature=2.0))
 
 
 @pytest.mark.usefixtures("cpu_kernel")

@@ -14,7 +14,14 @@ import math
 
 import pytest
 import torch
-from conftest import check_against_float64, loss_and_grad, random_labels
+from conftest import (
+    LAYOUTS,
+    bytes_allocated_in,
+    check_against_float64,
+    layout_view,
+    loss_and_grad,
+    random_labels,
+)
 
 import fastkd
 from fastkd import reference
@@ -302,6 +309,47 @@ def test_non_contiguous_inputs():
     s3, v3, i3 = make_case(None, 64, 5, seed=19, lead=(6, 5))
     labels = random_labels((6, 5), 64)
     check(s3.transpose(0, 1), v3.transpose(0, 1), i3.transpose(0, 1), labels.t(), hard_weight=0.5)
+
+
+def _layout_case(layout, vocab, k, dtype=torch.float32, seed=0):
+    """Student logits in the LAYOUTS view and a top-k teacher of the same leading shape, its values and indices
+    in another memory order (views of a [..., K] tensor whose last two dimensions are swapped in memory)."""
+    g = torch.Generator().manual_seed(seed)
+    s = layout_view(layout, lambda shape: (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype), vocab)
+    t = torch.randn(s.shape, generator=g, dtype=torch.float64) * 3 + 0.5 * s.double()
+    values, indices = t.topk(k, dim=-1)
+    order = torch.rand(values.shape, generator=g).argsort(-1)
+    values, indices = values.gather(-1, order).to(dtype), indices.gather(-1, order)
+    return s, values.transpose(-1, -2).contiguous().transpose(-1, -2), indices
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("vocab,k,divergence,dtype", [(300, 20, "kl", torch.float32),
+                                                      (5000, 64, "jsd", torch.bfloat16)], ids=str)
+def test_strided_layouts(layout, vocab, k, divergence, dtype):
+    """Sliced, transposed, padded and 4-D student views (LAYOUTS) give the float64 oracle's loss and gradient."""
+    s, v, i = _layout_case(layout, vocab, k, dtype, seed=vocab)
+    labels = random_labels(s.shape[:-1], vocab, seed=4)
+    check(s, v, i, labels, temperature=2.0, divergence=divergence, hard_weight=0.3)
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.skipif(fastkd.kernel_info()["cpu"] == "reference", reason="the extension is disabled or not built")
+@pytest.mark.parametrize("layout", sorted(name for name, case in LAYOUTS.items() if case[3]))
+def test_strided_layouts_are_read_in_place(layout):
+    """The kernel reads these student views where they are: no copy of the logits (the top-k teacher's K
+    columns may be copied: they are K / V of the logits' size)."""
+    vocab, k = 4000, 32
+    s, v, i = _layout_case(layout, vocab, k, seed=8)
+    logits_bytes = s[..., 0].numel() * vocab * 4
+    with torch.no_grad():
+        loss, allocated = bytes_allocated_in(lambda: fastkd.topk_kd_loss(s, v, i, temperature=2.0))
+    assert allocated < logits_bytes / 8, (allocated, logits_bytes)
+    s.requires_grad_(True)
+    _, allocated = bytes_allocated_in(lambda: fastkd.topk_kd_loss(s, v, i, temperature=2.0))
+    assert allocated < 1.25 * logits_bytes, (allocated, logits_bytes)  # the gradient only
+    assert torch.equal(loss, fastkd.topk_kd_loss(s.detach().contiguous(), v, i, temperature=2.0))
 
 
 @pytest.mark.usefixtures("cpu_kernel")
