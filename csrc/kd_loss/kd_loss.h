@@ -269,11 +269,50 @@ at::Tensor row_weight(const Args& a) {
   return a.labels.ne(a.params.ignore_index).sum().clamp_min(1).to(at::kFloat).reciprocal();
 }
 
+// A row API's arguments (KdRowsArgs, TopkRowsArgs) writing the rows' terms into row_terms ([rows, 2] fp32),
+// or unchanged for an undefined row_terms.
+template <typename RowsArgs>
+RowsArgs with_row_terms(RowsArgs r, const at::Tensor& row_terms) {
+  if (!row_terms.defined()) return r;
+  r.row_terms = row_terms.data_ptr<float>();
+  r.params = with_terms_params(r.params, r.labels != nullptr);
+  return r;
+}
+
+// The outputs of a KD op's forward: (loss, grad) and, for its twin *_terms_fwd, the terms (reduce_terms).
+struct KdOpOutputs {
+  at::Tensor loss, grad, terms;
+};
+
+// The op's (loss, grad) or, kTerms, (loss, grad, terms): each KD op and its *_terms_fwd twin.
+template <bool kTerms>
+auto op_outputs(KdOpOutputs o) {
+  if constexpr (kTerms) {
+    return std::tuple<at::Tensor, at::Tensor, at::Tensor>{o.loss, o.grad, o.terms};
+  } else {
+    return std::tuple<at::Tensor, at::Tensor>{o.loss, o.grad};
+  }
+}
+
 // The op's loss output from the per-row losses (ignored rows hold 0); Args as for row_weight.
 template <typename Args>
 at::Tensor reduce_rows(const Args& a, const at::Tensor& row_losses, const at::Tensor& weight) {
   if (a.reduction == Reduction::None) return row_losses.view(a.lead);
   at::Tensor total = row_losses.sum();
+  return a.reduction == Reduction::BatchMean ? total * weight : total;
+}
+
+// The op's terms output from the rows' terms ([rows, 2]: T^2 * D and CE, unweighted), reduced as the loss
+// is: [..., 2] for "none", else [2] (the sums, times the batch mean's weight); undefined without them.
+template <typename Args>
+at::Tensor reduce_terms(const Args& a, const at::Tensor& row_terms, const at::Tensor& weight) {
+  if (!row_terms.defined()) return row_terms;
+  if (a.reduction == Reduction::None) {
+    std::vector<int64_t> shape = a.lead;
+    shape.push_back(2);
+    return row_terms.view(shape);
+  }
+  at::Tensor total = row_terms.sum(0);
   return a.reduction == Reduction::BatchMean ? total * weight : total;
 }
 

@@ -126,6 +126,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // student logits, row r 
                    const int64_t* __restrict__ labels,  // [rows] or nullptr
                    const float* __restrict__ weight,    // [] the reduction weight w of a valid row
                    float* __restrict__ row_losses,      // [rows] out
+                   float* __restrict__ row_terms,       // [rows, 2] out, or nullptr (kd_rows.h)
                    S* __restrict__ grad,                // [rows, grad_stride] out, or nullptr
                    int64_t grad_stride,
                    int64_t rows, int vocab, KdParams p,
@@ -173,6 +174,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // student logits, row r 
       label = labels[r];
       if (label == p.ignore_index) {  // ignored row: loss 0, zero gradient
         if (rank == 0) row_losses[r] = 0.f;
+        if (rank == 0 && row_terms != nullptr) row_terms[2 * r] = row_terms[2 * r + 1] = 0.f;
         if (g != nullptr) zero_row<N>(g, L, vocab, rank, size);
         continue;
       }
@@ -290,7 +292,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // student logits, row r 
       d = tot.d;
       sweep(False{}, True{}, False{}, True{}, D == Divergence::ReverseKL ? tot.d : tot.aux);
     }
-    if (rank == 0) row_losses[r] = row_loss(p, d, n1, s_label);
+    if (rank == 0) row_losses[r] = row_loss(p, d, n1, s_label, row_terms != nullptr ? row_terms + 2 * r : nullptr);
   }
 }
 
@@ -367,11 +369,11 @@ void launch_kd_loss_fwd(const KdRowsArgs& a, const float* weight, cudaStream_t s
     // warp, microseconds later), so no shared-memory cache is needed.
     const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kWarpKernelThreads / kWarpSize), INT_MAX);
     kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), c.threads, 0, stream>>>(
-        s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, 0);
+        s, ss, t, ts, labels, weight, row_losses, a.row_terms, grad, gs, a.rows, vocab, a.params, 0);
   } else {
     const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
     kd_loss_fwd_kernel<D, S, T, false><<<static_cast<unsigned>(blocks), c.threads, static_cast<size_t>(c.dyn_smem),
-                                         stream>>>(s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab,
+                                         stream>>>(s, ss, t, ts, labels, weight, row_losses, a.row_terms, grad, gs, a.rows, vocab,
                                                    a.params, c.cache_packs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -406,14 +408,16 @@ void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t str
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
+// kTerms: the op's twin with the terms, *_terms_fwd (kd_loss/kd_loss.h's op_outputs).
+template <bool kTerms>
+auto kd_loss_fwd_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
     int64_t ignore_index, c10::string_view reduction, bool with_grad) {
-  return kd_op_forward_cuda(
+  return op_outputs<kTerms>(kd_op_forward_cuda(
       with_normalizer(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index,
                                         reduction), normalizer),
-      student.sizes(), with_grad, kd_rows_args, kd_rows_cuda);
+      student.sizes(), with_grad, kTerms, kd_rows_args, kd_rows_cuda));
 }
 
 template <typename X>
@@ -477,7 +481,8 @@ std::vector<std::pair<std::string, int64_t>> kd_cuda_launch_info(const std::stri
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cuda<false>);
+  m.impl("kd_loss_terms_fwd", &kd_loss_fwd_cuda<true>);
   m.impl("kd_loss_scale_", &kd_loss_scale_cuda);
 }
 

@@ -21,7 +21,10 @@
 //   row_losses[r] = soft_weight * T^2 * D(p_t, p_s) + hard_weight * CE(student row, labels[r]),
 //     unweighted (the caller reduces them), 0 for a row whose label is ignore_index;
 //   grad row r    = row_weight * d(row_losses[r]) / d(student row), all zeros for an ignored row,
-//     only when grad != nullptr.
+//     only when grad != nullptr;
+//   row_terms[r]  = (T^2 * D, CE) without the weights, (0, 0) for an ignored row, only when row_terms !=
+//     nullptr (the soft and hard terms for logging, from the same pass; CE is 0 unless params.hard:
+//     with_terms_params computes it at hard_weight 0 too).
 // Labels: when labels != nullptr, rows with labels[r] == ignore_index are skipped (even with
 // hard_weight == 0); every other label must be in [0, vocab): the CPU throws c10::ValueError, CUDA
 // trips a device assert (no host sync). labels may be nullptr only when hard_weight == 0.
@@ -96,6 +99,7 @@ struct KdRowsArgs {
   int64_t vocab = 0;                // >= 1; at most 2^30 on CUDA
   // Outputs (written, never read).
   float* row_losses = nullptr;      // [rows] per-row losses, unweighted
+  float* row_terms = nullptr;       // [rows, 2] each row's T^2 * D and CE (unweighted), or nullptr: see above
   void* grad = nullptr;             // [rows, grad_stride] the weighted gradient, or nullptr: no gradient
   at::ScalarType grad_dtype = at::kFloat;  // must be student_dtype
   int64_t grad_stride = 0;
@@ -122,6 +126,16 @@ inline KdParams make_kd_params(Divergence divergence, double temperature, double
   p.hard = hard_weight != 0;
   p.separate_lse1 = p.hard && temperature != 1.0;
   p.divergence = divergence;
+  return p;
+}
+
+// params for a call that also writes row_terms: the cross-entropy is computed whenever there are labels
+// (at hard_weight 0 it enters neither the loss nor the gradient: row_loss, grad_combine).
+inline KdParams with_terms_params(KdParams p, bool has_labels) {
+  if (has_labels && !p.hard) {
+    p.hard = true;
+    p.separate_lse1 = p.temperature != 1.f;
+  }
   return p;
 }
 

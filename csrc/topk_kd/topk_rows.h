@@ -99,6 +99,7 @@ struct TopkRowsArgs {
   int64_t vocab = 0;              // >= 1
   // Outputs (written, never read).
   float* row_losses = nullptr;    // [rows] per-row losses, unweighted
+  float* row_terms = nullptr;     // [rows, 2] T^2 * D and CE per row, or nullptr: as KdRowsArgs's
   void* grad = nullptr;           // [rows, grad_stride] the weighted dense gradient, or nullptr: none
   at::ScalarType grad_dtype = at::kFloat;  // must be student_dtype
   int64_t grad_stride = 0;

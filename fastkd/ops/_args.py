@@ -206,6 +206,12 @@ def normalizer_arg(op: str, normalizer, reduction: str, student: torch.Tensor) -
     return torch.tensor(float(normalizer), dtype=torch.float64)
 
 
+def check_flag(op: str, name: str, x) -> None:
+    """A switch argument (e.g. ``return_terms``): True or False, not a truthy stand-in."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {x!r}")
+
+
 def as_int(x):
     """A checked integer as the op's ``int`` argument; a symbolic one stays symbolic."""
     return x if isinstance(x, torch.SymInt) else int(x)

@@ -346,6 +346,68 @@ def test_reference_closed_form_gradient(divergence, beta, reduction):
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
+# ---- the soft and hard terms (return_terms) -----------------------------------------------------------
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence,beta,hard_weight,temperature,with_labels",
+                         [("kl", 0.5, 0.0, 2.0, True), ("jsd", 0.3, 0.4, 1.0, True), ("reverse_kl", 0.5, 0.7, 3.0, True),
+                          ("kl", 0.5, 0.0, 1.5, False)])
+def test_return_terms(reduction, divergence, beta, hard_weight, temperature, with_labels):
+    """The terms from the loss's own pass are the float64 oracle's losses of each term alone (soft_weight=1,
+    hard_weight=0 and the reverse; the hard term is 0 without labels), reduced as the loss; the loss and the
+    gradient are those of the call without return_terms (the cross-entropy computed at hard_weight 0 does not
+    enter them)."""
+    s, t = make_logits(None, 700, lead=(4, 6), seed=30)
+    labels = random_labels((4, 6), 700, seed=31) if with_labels else None
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    x = s.clone().requires_grad_(True)
+    loss, terms = fastkd.kd_loss(x, t, labels, hard_weight=hard_weight, soft_weight=0.6, return_terms=True, **kw)
+    loss.sum().backward()
+    assert isinstance(terms, fastkd.KDTerms) and terms.soft.dtype == torch.float32
+    assert terms.soft.shape == loss.shape and terms.hard.shape == loss.shape and not terms.soft.requires_grad
+    ref_soft = reference.kd_loss(s.double(), t.double(), labels, soft_weight=1.0, hard_weight=0.0, **kw)
+    torch.testing.assert_close(terms.soft.double(), ref_soft, rtol=2e-5, atol=1e-6)
+    if with_labels:
+        ref_hard = reference.kd_loss(s.double(), t.double(), labels, soft_weight=0.0, hard_weight=1.0, **kw)
+        torch.testing.assert_close(terms.hard.double(), ref_hard, rtol=2e-5, atol=1e-6)
+    else:
+        assert torch.equal(terms.hard, torch.zeros_like(terms.hard))
+    y = s.clone().requires_grad_(True)
+    plain = fastkd.kd_loss(y, t, labels, hard_weight=hard_weight, soft_weight=0.6, **kw)
+    plain.sum().backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_return_terms_float64_module_and_errors():
+    s, t = make_logits(None, 50, lead=(3, 4), seed=32)
+    labels = random_labels((3, 4), 50, seed=33)
+    _, terms = fastkd.KDLoss(temperature=2.0, hard_weight=0.5)(s.double(), t.double(), labels, return_terms=True)
+    ref = reference.kd_loss(s.double(), t.double(), labels, temperature=2.0, soft_weight=1.0, hard_weight=0.0)
+    torch.testing.assert_close(terms.soft.double(), ref, rtol=1e-6, atol=1e-7)  # the reference maths' own terms
+    ref = reference.kd_loss(s.double(), t.double(), labels, temperature=2.0, soft_weight=0.0, hard_weight=1.0)
+    torch.testing.assert_close(terms.hard.double(), ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="return_terms must be True or False"):
+        fastkd.kd_loss(s, t, return_terms=1)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_return_terms_under_torch_compile(reduction):
+    s, t = make_logits(None, 301, lead=(2, 5), seed=34)
+    labels = random_labels((2, 5), 301)
+    kw = dict(temperature=2.0, divergence="jsd", hard_weight=0.3, reduction=reduction)
+
+    def step(x, y, lab):
+        loss, terms = fastkd.kd_loss(x, y, lab, return_terms=True, **kw)
+        return loss.sum(), terms.soft, terms.hard
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, dynamic=False)(s.clone().requires_grad_(True), t, labels)
+    want = step(s.clone().requires_grad_(True), t, labels)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 # ---- the op --------------------------------------------------------------------------------------------
 def _op_args(reduction, with_grad, dtype=torch.float32):
     s, t = make_logits(6, 97, dtype=dtype, seed=27)
@@ -360,6 +422,9 @@ def test_opcheck(reduction):
     # scales in place; AOT tests that hand that buffer back to the caller as a graph output do not
     # apply (fastkd.kd_loss never returns it; its torch.compile path is tested below).
     torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd, _op_args(reduction, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_terms_fwd, _op_args(reduction, False))
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_terms_fwd, _op_args(reduction, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     g = torch.randn(6, 97)
     torch.library.opcheck(torch.ops.fastkd.kd_loss_scale_, (g, torch.tensor(2.0)))

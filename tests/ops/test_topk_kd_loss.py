@@ -451,6 +451,33 @@ def test_opcheck(reduction, idx_dtype):
     # place (as kd_loss_fwd's: tests/ops/test_kd_loss.py::test_opcheck says why the AOT tests do not apply).
     torch.library.opcheck(torch.ops.fastkd.topk_kd_loss_fwd, _op_args(reduction, True, idx_dtype),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastkd.topk_kd_loss_terms_fwd, _op_args(reduction, False, idx_dtype))
+    torch.library.opcheck(torch.ops.fastkd.topk_kd_loss_terms_fwd, _op_args(reduction, True, idx_dtype),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence,hard_weight,temperature", [("kl", 0.0, 2.0), ("jsd", 0.4, 1.0)])
+def test_return_terms(reduction, divergence, hard_weight, temperature):
+    """As test_kd_loss.py's: the terms of the loss's own pass are the float64 oracle's terms alone; the loss and
+    gradient are those without return_terms. One row's teacher values are all -inf (no soft term)."""
+    s, v, i = make_case(None, 500, 24, seed=35, lead=(3, 5))
+    v[1, 2] = -math.inf
+    labels = random_labels((3, 5), 500, seed=36)
+    kw = dict(temperature=temperature, divergence=divergence, beta=0.3, reduction=reduction)
+    x = s.clone().requires_grad_(True)
+    loss, terms = fastkd.topk_kd_loss(x, v, i, labels, hard_weight=hard_weight, return_terms=True, **kw)
+    loss.sum().backward()
+    ref_soft = reference.topk_kd_loss(s.double(), v.double(), i, labels, soft_weight=1.0, hard_weight=0.0, **kw)
+    ref_hard = reference.topk_kd_loss(s.double(), v.double(), i, labels, soft_weight=0.0, hard_weight=1.0, **kw)
+    torch.testing.assert_close(terms.soft.double(), ref_soft, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(terms.hard.double(), ref_hard, rtol=2e-5, atol=1e-6)
+    y = s.clone().requires_grad_(True)
+    plain = fastkd.topk_kd_loss(y, v, i, labels, hard_weight=hard_weight, **kw)
+    plain.sum().backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
