@@ -4,8 +4,9 @@
 hard_weight=0.5)`` is a ``Trainer`` whose loss is ``fastkd.kd_loss`` of the student's and the teacher's
 logits, with what the obvious hand-written versions get wrong done right:
 
-- **Normalisation.** The loss of a micro-batch is ``kd_loss(..., normalizer=num_items_in_batch)`` (the
-  sum divided by it, the division inside the fused gradient: no extra pass in the backward):
+- **Normalisation.** The loss of a micro-batch is ``kd_loss(..., normalizer=num_items_in_batch)``
+  (``fused_linear_kd_loss``'s with ``fused_linear=True``; the sum divided by it, the division inside the fused
+  gradients: no extra pass in the backward):
   the valid targets of the whole accumulated batch (all micro-batches of the optimizer step; summed over
   the ranks with ``average_tokens_across_devices``, and then multiplied by the number of processes, since
   DDP averages the gradients). The Trainer counts them only for models that take loss kwargs; this
@@ -271,17 +272,17 @@ class DistillationTrainer(transformers.Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             # The count is over all ranks and DDP averages the gradients: the per-rank divisor is count / ranks.
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
+        # On both paths the division is part of the fused gradients (no scaling pass in the backward).
         if self.fused_linear:
             outputs, ((hs, head, transform), (ht, t_head, _)) = self._heads(model, model_inputs)
             loss = fused_linear_kd_loss(hs, head.weight, ht, t_head.weight, targets, student_bias=head.bias,
-                                        teacher_bias=t_head.bias, reduction="sum", **transform,
-                                        **self.kd_options) / num_items_in_batch  # (no normalizer argument yet)
+                                        teacher_bias=t_head.bias, reduction="batchmean", normalizer=num_items_in_batch,
+                                        **transform, **self.kd_options)
             student = teacher = None  # (the soft and hard terms are not logged on this path: no logits)
         else:
             outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
             student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
             teacher = self._teacher_target(inputs, model_inputs, student)
-            # The division is part of the fused gradient (no scaling pass in the backward).
             log_terms = model.training and self._logging_step()
             loss = self._loss(student, teacher, targets, reduction="batchmean", normalizer=num_items_in_batch,
                               return_terms=log_terms)

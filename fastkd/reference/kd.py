@@ -102,7 +102,10 @@ def kd_loss(student, teacher, labels=None, temperature=1.0, divergence="kl", bet
 
 
 def _normalizer_tensor(normalizer):
-    return None if normalizer is None or isinstance(normalizer, torch.Tensor) else torch.tensor(float(normalizer))
+    # None and tensors as they are (a tensor's value is never read on the host), a number as a tensor.
+    if normalizer is None or isinstance(normalizer, torch.Tensor):
+        return normalizer
+    return torch.tensor(float(normalizer))
 
 
 def check_op_normalizer(normalizer, reduction: str) -> None:

@@ -728,3 +728,18 @@ def test_normalizer_errors():
             fastkd.kd_loss(s, t, normalizer=bad)
     with pytest.raises(ValueError, match="it needs reduction='batchmean'"):
         fastkd.kd_loss(s, t, reduction="sum", normalizer=4.0)
+
+
+@pytest.mark.parametrize("n", [41.5, torch.tensor(41.5), torch.tensor(41), torch.tensor([41.5])])
+def test_float64_normalizer_divides_the_sum(n):
+    """float64 logits run the reference maths: a tensor normalizer divides the sum there too (the oracle once
+    dropped tensors and divided by the valid rows), for kd_loss and topk_kd_loss."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(6, 5, 33, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 5, 33, generator=g, dtype=torch.float64)
+    labels = random_labels((6, 5), 33)
+    want = fastkd.kd_loss(s, t, labels, temperature=2.0, hard_weight=0.5, reduction="sum") / float(n)
+    torch.testing.assert_close(fastkd.kd_loss(s, t, labels, temperature=2.0, hard_weight=0.5, normalizer=n), want)
+    top = t.topk(7)
+    want = fastkd.topk_kd_loss(s, top.values, top.indices, labels, reduction="sum") / float(n)
+    torch.testing.assert_close(fastkd.topk_kd_loss(s, top.values, top.indices, labels, normalizer=n), want)
