@@ -76,7 +76,23 @@ struct FusedLinearArgs {
   double logit_scale = 1.0;
   double softcap = 0.0;  // 0: none
   bool grad_hidden = false, grad_weight = false, grad_bias = false;
+  bool with_terms = false;  // the *_terms_fwd twins: the rows' soft and hard terms too (kd_loss/kd_rows.h)
 };
+
+// The fused ops' outputs: (loss, d/d hidden, d/d weight, d/d bias) and, with_terms, the terms (kd_loss.h's
+// reduce_terms); fused_outputs<kTerms> makes the op's tuple of them.
+struct FusedOutputs {
+  at::Tensor loss, gh, gw, gb, terms;
+};
+
+template <bool kTerms>
+auto fused_outputs(FusedOutputs o) {
+  if constexpr (kTerms) {
+    return std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>{o.loss, o.gh, o.gw, o.gb, o.terms};
+  } else {
+    return std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>{o.loss, o.gh, o.gw, o.gb};
+  }
+}
 
 namespace detail {
 
@@ -248,9 +264,11 @@ inline void apply_head(at::Tensor& z, const at::Tensor& bias, double logit_scale
 
 // The dense teacher: its chunk's logits by GEMM into T, then the KD row kernel on S and T.
 // The student's side of a row API's arguments (KdRowsArgs, TopkRowsArgs) for the chunk of rows [r0, r0 + n) whose
-// fp32 logits are s [n, V]: the chunk's labels, row losses and gradient (nullptr: none), the row kernel's parameters.
+// fp32 logits are s [n, V]: the chunk's labels, row losses, terms (row_terms: [rows, 2] of the whole call, or
+// undefined) and gradient (nullptr: none), the row kernel's parameters.
 template <typename RowsArgs>
-RowsArgs chunk_rows_args(const FusedLinearArgs& a, const at::Tensor& s, int64_t r0, float* row_losses, void* grad) {
+RowsArgs chunk_rows_args(const FusedLinearArgs& a, const at::Tensor& s, int64_t r0, float* row_losses,
+                         const at::Tensor& row_terms, void* grad) {
   RowsArgs r;
   r.student = s.data_ptr();
   r.student_stride = a.vocab;
@@ -261,7 +279,7 @@ RowsArgs chunk_rows_args(const FusedLinearArgs& a, const at::Tensor& s, int64_t 
   r.grad = grad;
   r.grad_stride = a.vocab;
   r.params = a.params;
-  return r;
+  return with_row_terms(r, row_terms.defined() ? row_terms.narrow(0, r0, r.rows) : row_terms);
 }
 
 template <typename Backend>
@@ -276,12 +294,13 @@ struct DenseTeacher {
         t_buf(at::empty({chunk, args.vocab}, args.student.options().dtype(at::kFloat))) {}
 
   // The chunk's row losses (and gradient into `grad`, or none when nullptr) from its student logits s [n, V].
-  void rows(const at::Tensor& s, int64_t r0, float* row_losses, void* grad, const at::Tensor& row_weight) {
+  void rows(const at::Tensor& s, int64_t r0, float* row_losses, const at::Tensor& row_terms, void* grad,
+            const at::Tensor& row_weight) {
     const int64_t n = s.size(0);
     at::Tensor t = t_buf.narrow(0, 0, n);
     be.logits(t, be.hidden_chunk(a.teacher.narrow(0, r0, n)), weight);
     apply_head(t, bias, a.logit_scale, a.softcap);
-    KdRowsArgs r = chunk_rows_args<KdRowsArgs>(a, s, r0, row_losses, grad);
+    KdRowsArgs r = chunk_rows_args<KdRowsArgs>(a, s, r0, row_losses, row_terms, grad);
     r.teacher = t.data_ptr();
     r.teacher_stride = a.vocab;
     be.kd_rows(r, row_weight);
@@ -301,10 +320,11 @@ struct TopkTeacher {
   TopkTeacher(const FusedLinearArgs& args, Backend& backend, int64_t chunk_rows)
       : a(args), be(backend), chunk(chunk_rows) {}
 
-  void rows(const at::Tensor& s, int64_t r0, float* row_losses, void* grad, const at::Tensor& row_weight) {
+  void rows(const at::Tensor& s, int64_t r0, float* row_losses, const at::Tensor& row_terms, void* grad,
+            const at::Tensor& row_weight) {
     const int64_t n = s.size(0), k = a.values.size(1);
     const at::Tensor v = a.values.narrow(0, r0, n), i = a.indices.narrow(0, r0, n);
-    TopkRowsArgs r = chunk_rows_args<TopkRowsArgs>(a, s, r0, row_losses, grad);
+    TopkRowsArgs r = chunk_rows_args<TopkRowsArgs>(a, s, r0, row_losses, row_terms, grad);
     r.values = v.data_ptr();
     r.values_dtype = v.scalar_type();
     r.values_stride = v.stride(0);
@@ -321,15 +341,14 @@ struct TopkTeacher {
 };
 
 template <typename Teacher, typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_forward(const FusedLinearArgs& a,
-                                                                                const at::Tensor& weight,
-                                                                                Backend& be) {
+FusedOutputs fused_linear_forward(const FusedLinearArgs& a, const at::Tensor& weight, Backend& be) {
   const auto f32 = a.student.options().dtype(at::kFloat);
   const bool with_grad = a.grad_hidden || a.grad_weight || a.grad_bias;
   const int64_t chunk = std::max<int64_t>(1, std::min(a.chunk, a.rows));
   const at::Tensor ws = be.weight(a.student_weight);
   const at::Tensor bs = a.student_bias.defined() ? a.student_bias.to(at::kFloat) : at::Tensor();
   at::Tensor row_losses = at::empty({a.rows}, f32);
+  at::Tensor row_terms = a.with_terms ? at::empty({a.rows, 2}, f32) : at::Tensor();
   at::Tensor gh = a.grad_hidden ? at::empty({a.rows, a.student.size(1)}, a.student.options())
                                 : at::empty({0}, a.student.options());
   at::Tensor gw = a.grad_weight ? at::zeros(a.student_weight.sizes(), f32) : at::Tensor();
@@ -344,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_forward(
       const at::Tensor h = be.hidden_chunk(a.student.narrow(0, r0, n));
       be.logits(s, h, ws);
       apply_head(s, bs, a.logit_scale, a.softcap);
-      teacher.rows(s, r0, row_losses.data_ptr<float>() + r0, with_grad ? g_buf.data_ptr() : nullptr, weight);
+      teacher.rows(s, r0, row_losses.data_ptr<float>() + r0, row_terms, with_grad ? g_buf.data_ptr() : nullptr,
+                   weight);
       if (!with_grad) continue;
       at::Tensor g = g_buf.narrow(0, 0, n);
       if (a.row_scale.defined()) g.mul_(a.row_scale.narrow(0, r0, n).unsqueeze(1));
@@ -376,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_forward(
     gh = gh.view(shape);
   }
   return {loss, gh, out_or_empty(gw, a.grad_weight, a.student_weight.scalar_type()),
-          out_or_empty(gb, a.grad_bias, a.student_weight.scalar_type())};
+          out_or_empty(gb, a.grad_bias, a.student_weight.scalar_type()), reduce_terms(a, row_terms, weight)};
 }
 
 }  // namespace fastkd

@@ -40,8 +40,7 @@ struct CpuGemms {
 
 // Both ops after their arguments: ignored rows dropped before the GEMMs, their outputs put back as zeros.
 template <typename Teacher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const FusedLinearArgs& a,
-                                                                       at::IntArrayRef hidden_shape) {
+FusedOutputs forward_cpu(const FusedLinearArgs& a, at::IntArrayRef hidden_shape) {
   FKD_CHECK_ARG(a.student.device().is_cpu(), "student_hidden", "expected a CPU tensor, got one on ",
                 a.student.device());
   const at::Tensor weight = row_weight(a);
@@ -52,45 +51,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const Fus
     if (valid.sum().item<int64_t>() < a.rows) keep = valid.nonzero().view({-1});
   }
   if (!keep.defined()) return fused_linear_forward<Teacher>(a, weight, gemms);
-  auto [loss, gh, gw, gb] = fused_linear_forward<Teacher>(select_rows(a, keep), weight, gemms);
+  FusedOutputs o = fused_linear_forward<Teacher>(select_rows(a, keep), weight, gemms);
   if (a.reduction == Reduction::None) {
-    loss = at::zeros({a.rows}, loss.options()).index_copy_(0, keep, loss).view(a.lead);
+    o.loss = at::zeros({a.rows}, o.loss.options()).index_copy_(0, keep, o.loss).view(a.lead);
+    if (a.with_terms) {
+      std::vector<int64_t> shape = a.lead;
+      shape.push_back(2);
+      o.terms = at::zeros({a.rows, 2}, o.terms.options()).index_copy_(0, keep, o.terms).view(shape);
+    }
   }
-  if (a.grad_hidden) gh = at::zeros(a.student.sizes(), gh.options()).index_copy_(0, keep, gh).view(hidden_shape);
-  return {loss, gh, gw, gb};
+  if (a.grad_hidden) o.gh = at::zeros(a.student.sizes(), o.gh.options()).index_copy_(0, keep, o.gh).view(hidden_shape);
+  return o;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_fwd_cpu(
+// kTerms: the op's twin with the terms (*_terms_fwd).
+template <bool kTerms>
+auto fused_linear_kd_loss_fwd_cpu(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& row_scale, const at::Tensor& options,
     const std::optional<at::Tensor>& normalizer, c10::string_view divergence, int64_t ignore_index,
     c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
-  const FusedLinearArgs a = make_fused_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
+  FusedLinearArgs a = make_fused_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
                                                    teacher_weight, teacher_bias, labels, row_scale, options, normalizer,
                                                    divergence, ignore_index, reduction, chunk_size, grad_hidden,
                                                    grad_weight, grad_bias);
-  return forward_cpu<DenseTeacher<CpuGemms>>(a, student_hidden.sizes());
+  a.with_terms = kTerms;
+  return fused_outputs<kTerms>(forward_cpu<DenseTeacher<CpuGemms>>(a, student_hidden.sizes()));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kd_loss_fwd_cpu(
+// kTerms: the op's twin with the terms (*_terms_fwd).
+template <bool kTerms>
+auto fused_linear_topk_kd_loss_fwd_cpu(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_values, const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& row_scale, const at::Tensor& options, const std::optional<at::Tensor>& normalizer,
     c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
     bool grad_hidden, bool grad_weight, bool grad_bias) {
-  const FusedLinearArgs a = make_fused_topk_args(student_hidden, student_weight, student_bias, teacher_values,
+  FusedLinearArgs a = make_fused_topk_args(student_hidden, student_weight, student_bias, teacher_values,
                                                  teacher_indices, labels, row_scale, options, normalizer, divergence,
                                                  ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
                                                  grad_bias);
-  return forward_cpu<TopkTeacher<CpuGemms>>(a, student_hidden.sizes());
+  a.with_terms = kTerms;
+  return fused_outputs<kTerms>(forward_cpu<TopkTeacher<CpuGemms>>(a, student_hidden.sizes()));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("fused_linear_kd_loss_fwd", &fused_linear_kd_loss_fwd_cpu);
-  m.impl("fused_linear_topk_kd_loss_fwd", &fused_linear_topk_kd_loss_fwd_cpu);
+  m.impl("fused_linear_kd_loss_fwd", &fused_linear_kd_loss_fwd_cpu<false>);
+  m.impl("fused_linear_kd_loss_terms_fwd", &fused_linear_kd_loss_fwd_cpu<true>);
+  m.impl("fused_linear_topk_kd_loss_fwd", &fused_linear_topk_kd_loss_fwd_cpu<false>);
+  m.impl("fused_linear_topk_kd_loss_terms_fwd", &fused_linear_topk_kd_loss_fwd_cpu<true>);
 }
 
 }  // namespace fastkd

@@ -76,7 +76,7 @@ struct CudaGemms {
 };
 
 template <typename Teacher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(const FusedLinearArgs& a) {
+FusedOutputs forward_cuda(const FusedLinearArgs& a) {
   FKD_CHECK_ARG(a.vocab <= (int64_t{1} << 30), "student_weight", "vocabulary of ", a.vocab,
                 " entries is too large (at most 2^30)");
   const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernels read it, the host never does
@@ -87,7 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(const Fu
   return fused_linear_forward<Teacher>(a, weight, gemms);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_fwd_cuda(
+// kTerms: the op's twin with the terms (*_terms_fwd).
+template <bool kTerms>
+auto fused_linear_kd_loss_fwd_cuda(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& row_scale, const at::Tensor& options,
@@ -96,12 +98,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_
   FKD_CHECK_ARG(student_hidden.is_cuda(), "student_hidden", "expected a CUDA tensor, got one on ",
                 student_hidden.device());
   const c10::cuda::CUDAGuard guard(student_hidden.device());
-  return forward_cuda<DenseTeacher<CudaGemms>>(make_fused_linear_args(
-      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, row_scale,
-      options, normalizer, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
+  FusedLinearArgs a = make_fused_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
+                                             teacher_weight, teacher_bias, labels, row_scale, options, normalizer,
+                                             divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
+                                             grad_bias);
+  a.with_terms = kTerms;
+  return fused_outputs<kTerms>(forward_cuda<DenseTeacher<CudaGemms>>(a));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kd_loss_fwd_cuda(
+// kTerms: the op's twin with the terms (*_terms_fwd).
+template <bool kTerms>
+auto fused_linear_topk_kd_loss_fwd_cuda(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_values, const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& row_scale, const at::Tensor& options, const std::optional<at::Tensor>& normalizer,
@@ -110,16 +117,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kd_
   FKD_CHECK_ARG(student_hidden.is_cuda(), "student_hidden", "expected a CUDA tensor, got one on ",
                 student_hidden.device());
   const c10::cuda::CUDAGuard guard(student_hidden.device());
-  return forward_cuda<TopkTeacher<CudaGemms>>(make_fused_topk_args(
-      student_hidden, student_weight, student_bias, teacher_values, teacher_indices, labels, row_scale, options,
-      normalizer, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
+  FusedLinearArgs a = make_fused_topk_args(student_hidden, student_weight, student_bias, teacher_values,
+                                           teacher_indices, labels, row_scale, options, normalizer, divergence,
+                                           ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias);
+  a.with_terms = kTerms;
+  return fused_outputs<kTerms>(forward_cuda<TopkTeacher<CudaGemms>>(a));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("fused_linear_kd_loss_fwd", &fused_linear_kd_loss_fwd_cuda);
-  m.impl("fused_linear_topk_kd_loss_fwd", &fused_linear_topk_kd_loss_fwd_cuda);
+  m.impl("fused_linear_kd_loss_fwd", &fused_linear_kd_loss_fwd_cuda<false>);
+  m.impl("fused_linear_kd_loss_terms_fwd", &fused_linear_kd_loss_fwd_cuda<true>);
+  m.impl("fused_linear_topk_kd_loss_fwd", &fused_linear_topk_kd_loss_fwd_cuda<false>);
+  m.impl("fused_linear_topk_kd_loss_terms_fwd", &fused_linear_topk_kd_loss_fwd_cuda<true>);
 }
 
 }  // namespace fastkd

@@ -272,23 +272,23 @@ class DistillationTrainer(transformers.Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             # The count is over all ranks and DDP averages the gradients: the per-rank divisor is count / ranks.
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
-        # On both paths the division is part of the fused gradients (no scaling pass in the backward).
+        # On both paths the division is part of the fused gradients (no scaling pass in the backward), and a
+        # logging step's soft and hard terms come from the loss's own pass.
+        log_terms = model.training and self._logging_step()
         if self.fused_linear:
             outputs, ((hs, head, transform), (ht, t_head, _)) = self._heads(model, model_inputs)
             loss = fused_linear_kd_loss(hs, head.weight, ht, t_head.weight, targets, student_bias=head.bias,
                                         teacher_bias=t_head.bias, reduction="batchmean", normalizer=num_items_in_batch,
-                                        **transform, **self.kd_options)
-            student = teacher = None  # (the soft and hard terms are not logged on this path: no logits)
+                                        return_terms=log_terms, **transform, **self.kd_options)
         else:
             outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
             student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
             teacher = self._teacher_target(inputs, model_inputs, student)
-            log_terms = model.training and self._logging_step()
             loss = self._loss(student, teacher, targets, reduction="batchmean", normalizer=num_items_in_batch,
                               return_terms=log_terms)
-            if log_terms:
-                loss, terms = loss
-                self._add_terms(terms, num_items_in_batch, targets)
+        if log_terms:
+            loss, terms = loss
+            self._add_terms(terms, num_items_in_batch, targets)
         return (loss, outputs) if return_outputs else loss
 
     def _logging_step(self) -> bool:

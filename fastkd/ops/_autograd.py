@@ -12,7 +12,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["register_fused_gradient"]
+__all__ = ["register_fused_gradient", "define_terms_twin"]
+
+
+def define_terms_twin(lib: torch.library.Library, base: str) -> None:
+    """Defines ``fastkd::<base>_terms_fwd``, the twin of ``fastkd::<base>_fwd`` with the same arguments and one more
+    output: the soft and hard terms (fp32 (T^2 D, CE), unweighted, reduced as the loss: [..., 2] for "none", else
+    [2]) from the same kernel pass. A twin, not an overload: torch.library.opcheck tests only ops without one."""
+    schema = getattr(torch.ops.fastkd, f"{base}_fwd").default._schema
+    args = str(schema).split("(", 1)[1].rsplit(" -> ", 1)[0]
+    outputs = ", ".join(["Tensor"] * (len(schema.returns) + 1))
+    lib.define(f"{base}_terms_fwd({args} -> ({outputs})")
 
 
 def register_fused_gradient(op: str, public: str, oracle: str) -> None:

@@ -15,6 +15,7 @@ from ..reference import fused_linear as reference
 from ..reference import topk as topk_reference
 from ._args import (
     as_int,
+    check_flag,
     check_labels,
     check_loss_options,
     check_topk_teacher,
@@ -24,7 +25,8 @@ from ._args import (
     use_reference_maths,
     values_on_host,
 )
-from .kd import KDLossOptions  # also defines fastkd::kd_loss_scale_, which the backward calls
+from ._autograd import define_terms_twin
+from .kd import KDLossOptions, KDTerms, terms_fake  # (kd defines kd_loss_scale_, the backward calls it)
 
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "fused_linear_topk_kd_loss", "FusedLinearTopKKDLoss",
            "default_chunk_size"]
@@ -52,9 +54,16 @@ _LIB.define(
     "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)"
 )  # the same with a sparse teacher: its top-k values and indices (..., K), as fastkd::topk_kd_loss_fwd takes them
 
+# Their twins with the soft and hard terms (return_terms=True), from the same chunk pass: a fifth output.
+define_terms_twin(_LIB, "fused_linear_kd_loss")
+define_terms_twin(_LIB, "fused_linear_topk_kd_loss")
+
 # ---- fallback (reference) kernels --------------------------------------------------------------------
 _LIB.impl("fused_linear_kd_loss_fwd", reference.fused_linear_kd_loss_fwd, "CompositeExplicitAutograd")
 _LIB.impl("fused_linear_topk_kd_loss_fwd", reference.fused_linear_topk_kd_loss_fwd, "CompositeExplicitAutograd")
+_LIB.impl("fused_linear_kd_loss_terms_fwd", reference.fused_linear_kd_loss_terms_fwd, "CompositeExplicitAutograd")
+_LIB.impl("fused_linear_topk_kd_loss_terms_fwd", reference.fused_linear_topk_kd_loss_terms_fwd,
+          "CompositeExplicitAutograd")
 
 
 # ---- fake kernels (torch.compile, meta tensors) -------------------------------------------------------
@@ -78,6 +87,16 @@ def _fused_topk_fwd_fake(student_hidden, student_weight, student_bias, teacher_v
                            grad_bias)
 
 
+@torch.library.register_fake("fastkd::fused_linear_kd_loss_terms_fwd")
+def _fused_terms_fwd_fake(*args):
+    return (*_fused_fwd_fake(*args), terms_fake(args[0], args[12]))
+
+
+@torch.library.register_fake("fastkd::fused_linear_topk_kd_loss_terms_fwd")
+def _fused_topk_terms_fwd_fake(*args):
+    return (*_fused_topk_fwd_fake(*args), terms_fake(args[0], args[11]))
+
+
 # ---- autograd ----------------------------------------------------------------------------------------
 # Both ops' inputs: the tensors (student_hidden, student_weight, student_bias first; row_scale, options and
 # normalizer last), then divergence, ignore_index, reduction, chunk_size, then the three gradient flags.
@@ -85,15 +104,17 @@ _GRAD_INPUTS = (0, 1, 2)
 _ROW_SCALE = -3  # row_scale's place among the tensors
 
 
-def _register_autograd(op: str, public: str, oracle: str, n_tensors: int) -> None:
+def _register_autograd(op: str, public: str, oracle: str, n_tensors: int, base_op: str | None = None) -> None:
     """The autograd of ``fastkd::<op>``: the gradients computed in the forward and scaled in place by grad_output,
     or, for reduction="none" (a per-row grad_output weighs every row's share of the weight gradient), computed in
-    the backward by the op itself with row_scale = grad_output (the forward ran without them)."""
+    the backward by ``base_op`` (the op itself, or the op a *_terms_fwd twin extends) with row_scale = grad_output
+    (the forward ran without them). The outputs after the gradients (a twin's terms) are not differentiable."""
     reduction_at = n_tensors + 2
+    recompute = base_op or op
 
     def setup_context(ctx, inputs, output):
-        _, gh, gw, gb = output
-        ctx.mark_non_differentiable(gh, gw, gb)
+        gh, gw, gb = output[1:4]
+        ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         ctx.flags = tuple(inputs[-3:])
         ctx.n_inputs = len(inputs)
@@ -122,7 +143,7 @@ def _register_autograd(op: str, public: str, oracle: str, n_tensors: int) -> Non
             tensors = list(ctx.saved_tensors)
             tensors[_ROW_SCALE] = grad_loss.reshape(-1).float()
             flags = tuple(ctx.needs_input_grad[i] for i in _GRAD_INPUTS)
-            _, gh, gw, gb = getattr(torch.ops.fastkd, op)(*tensors, *ctx.args, *flags)
+            _, gh, gw, gb = getattr(torch.ops.fastkd, recompute)(*tensors, *ctx.args, *flags)
         else:
             flags = ctx.flags
             if any(ctx.needs_input_grad[i] and not f for i, f in zip(_GRAD_INPUTS, flags, strict=True)):
@@ -141,6 +162,10 @@ def _register_autograd(op: str, public: str, oracle: str, n_tensors: int) -> Non
 
 _register_autograd("fused_linear_kd_loss_fwd", _OP, "fastkd.reference.fused_linear_kd_loss", 10)
 _register_autograd("fused_linear_topk_kd_loss_fwd", _TOPK_OP, "fastkd.reference.fused_linear_topk_kd_loss", 9)
+_register_autograd("fused_linear_kd_loss_terms_fwd", _OP, "fastkd.reference.fused_linear_kd_loss", 10,
+                   "fused_linear_kd_loss_fwd")
+_register_autograd("fused_linear_topk_kd_loss_terms_fwd", _TOPK_OP, "fastkd.reference.fused_linear_topk_kd_loss", 9,
+                   "fused_linear_topk_kd_loss_fwd")
 
 
 # ---- the public wrapper ----------------------------------------------------------------------------
@@ -269,7 +294,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5, soft_weight: float = 1.0,
                          hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "batchmean",
                          logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int | None = None,
-                         normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                         normalizer: float | torch.Tensor | None = None,
+                         return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
     """:func:`fastkd.kd_loss` of the two models' output heads, without materialising their logits.
 
     The loss of ``kd_loss(head_s(student_hidden), head_t(teacher_hidden), labels, ...)`` with
@@ -288,23 +314,31 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     of valid rows (e.g. Hugging Face's ``num_items_in_batch``), a number or a one-number tensor on the hidden
     states' device (never read on the host); the chunks' gradients are computed already divided, so
     ``loss.backward()`` costs no pass over them, where ``fused_linear_kd_loss(..., reduction="sum") / n`` costs
-    one per student gradient.
+    one per student gradient. ``return_terms=True``: ``(loss, KDTerms(soft, hard))`` as :func:`fastkd.kd_loss`'s,
+    from the same chunk pass.
     """
     _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
                 temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap,
                 chunk_size)
     norm = normalizer_arg(_OP, normalizer, reduction, student_hidden, "student_hidden")
+    check_flag(_OP, "return_terms", return_terms)
     if use_reference_maths(student_hidden, teacher_hidden):
-        return reference.fused_linear_kd_loss(
+        loss = reference.fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
             temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap,
             norm)
+        if not return_terms:
+            return loss
+        return loss, KDTerms.of(reference.fused_linear_kd_loss_terms(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+            temperature, divergence, beta, ignore_index, reduction, logit_scale, softcap, norm))
     chunk_size, forward_flags = _call_plan(student_hidden, student_weight, student_bias, reduction, chunk_size)
-    loss, gh, gw, gb = torch.ops.fastkd.fused_linear_kd_loss_fwd(
+    op = torch.ops.fastkd.fused_linear_kd_loss_terms_fwd if return_terms else torch.ops.fastkd.fused_linear_kd_loss_fwd
+    out = op(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, None,
         _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), norm, divergence,
         as_int(ignore_index), reduction, as_int(chunk_size), *forward_flags)
-    return loss
+    return (out[0], KDTerms.of(out[4])) if return_terms else out[0]
 
 
 def fused_linear_topk_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -313,8 +347,8 @@ def fused_linear_topk_kd_loss(student_hidden: torch.Tensor, student_weight: torc
                               temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
                               soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
                               reduction: str = "batchmean", logit_scale: float = 1.0, softcap: float | None = None,
-                              chunk_size: int | None = None,
-                              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                              chunk_size: int | None = None, normalizer: float | torch.Tensor | None = None,
+                              return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
     """:func:`fastkd.topk_kd_loss` of the student's output head against a sparse (e.g. cached) teacher, without
     materialising the student's logits.
 
@@ -322,24 +356,33 @@ def fused_linear_topk_kd_loss(student_hidden: torch.Tensor, student_weight: torc
     student's ``head`` as in :func:`fused_linear_kd_loss` (``logit_scale`` and ``softcap`` apply to the student;
     the teacher's values are taken as they are). ``teacher_values`` / ``teacher_indices``: (..., K) with the
     hidden states' leading shape, as :func:`fastkd.topk_kd_loss` takes them ("kl" and "jsd" with beta < 1).
-    Gradients, chunks, dtypes, ``normalizer`` and the float64 / torch.func path as :func:`fused_linear_kd_loss`.
+    Gradients, chunks, dtypes, ``normalizer``, ``return_terms`` and the float64 / torch.func path as
+    :func:`fused_linear_kd_loss`.
     """
     _check_topk_args(student_hidden, student_weight, teacher_values, teacher_indices, labels, student_bias,
                      temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale,
                      softcap, chunk_size)
     norm = normalizer_arg(_TOPK_OP, normalizer, reduction, student_hidden, "student_hidden")
+    check_flag(_TOPK_OP, "return_terms", return_terms)
     if use_reference_maths(student_hidden, teacher_values):
         if values_on_host(teacher_indices):  # the op's kernels check them on the other paths
             topk_reference.check_topk_indices(teacher_indices, student_weight.shape[0])
-        return reference.fused_linear_topk_kd_loss(
+        loss = reference.fused_linear_topk_kd_loss(
             student_hidden, student_weight, teacher_values, teacher_indices, labels, student_bias, temperature,
             divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap, norm)
+        if not return_terms:
+            return loss
+        return loss, KDTerms.of(reference.fused_linear_topk_kd_loss_terms(
+            student_hidden, student_weight, teacher_values, teacher_indices, labels, student_bias, temperature,
+            divergence, beta, ignore_index, reduction, logit_scale, softcap, norm))
     chunk_size, forward_flags = _call_plan(student_hidden, student_weight, student_bias, reduction, chunk_size)
-    loss, gh, gw, gb = torch.ops.fastkd.fused_linear_topk_kd_loss_fwd(
+    op = (torch.ops.fastkd.fused_linear_topk_kd_loss_terms_fwd if return_terms
+          else torch.ops.fastkd.fused_linear_topk_kd_loss_fwd)
+    out = op(
         student_hidden, student_weight, student_bias, teacher_values, teacher_indices, labels, None,
         _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), norm, divergence,
         as_int(ignore_index), reduction, as_int(chunk_size), *forward_flags)
-    return loss
+    return (out[0], KDTerms.of(out[4])) if return_terms else out[0]
 
 
 class FusedLinearKDLoss(KDLossOptions):
@@ -358,11 +401,12 @@ class FusedLinearKDLoss(KDLossOptions):
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *,
                 student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
-                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                normalizer: float | torch.Tensor | None = None,
+                return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                     student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=self.logit_scale,
                                     softcap=self.softcap, chunk_size=self.chunk_size, normalizer=normalizer,
-                                    **self.options())
+                                    return_terms=return_terms, **self.options())
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, logit_scale={self.logit_scale}, softcap={self.softcap}, "
@@ -376,8 +420,9 @@ class FusedLinearTopKKDLoss(FusedLinearKDLoss):
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_values: torch.Tensor,
                 teacher_indices: torch.Tensor, labels: torch.Tensor | None = None, *,
                 student_bias: torch.Tensor | None = None,
-                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                normalizer: float | torch.Tensor | None = None,
+                return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
         return fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_values, teacher_indices, labels,
                                          student_bias=student_bias, logit_scale=self.logit_scale,
                                          softcap=self.softcap, chunk_size=self.chunk_size, normalizer=normalizer,
-                                         **self.options())
+                                         return_terms=return_terms, **self.options())

@@ -24,7 +24,7 @@ from ._args import (
     normalizer_arg,
     use_reference_maths,
 )
-from ._autograd import register_fused_gradient
+from ._autograd import define_terms_twin, register_fused_gradient
 
 __all__ = ["kd_loss", "KDLoss", "KDTerms", "DIVERGENCES", "REDUCTIONS"]
 
@@ -36,11 +36,8 @@ _LIB.define(
     "int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor)"
 )  # options: float64 CPU [temperature, beta, soft_weight, hard_weight] (fastkd.ops._args.loss_options);
 #   normalizer: None or one number (the logits' device or the CPU), "batchmean"'s divisor (normalizer_arg)
-_LIB.define(
-    "kd_loss_terms_fwd(Tensor student, Tensor teacher, Tensor? labels, Tensor options, Tensor? normalizer, "
-    "str divergence, int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor, Tensor)"
-)  # kd_loss_fwd's outputs and the terms: fp32 (T^2 D, CE) unweighted, reduced as the loss ([..., 2] for "none",
-#   else [2]); one kernel pass (the CE is computed at hard_weight 0 too when there are labels)
+define_terms_twin(_LIB, "kd_loss")  # kd_loss_terms_fwd: + the terms (return_terms=True; the CE is computed at
+#   hard_weight 0 too when there are labels)
 _LIB.define("kd_loss_scale_(Tensor(a!) grad, Tensor grad_output) -> ()")
 
 # ---- fallback (reference) kernels --------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ._args import (
     use_reference_maths,
     values_on_host,
 )
-from ._autograd import register_fused_gradient
+from ._autograd import define_terms_twin, register_fused_gradient
 from .kd import KDLossOptions, KDTerms, terms_fake  # (kd defines kd_loss_scale_, the backward calls it)
 
 __all__ = ["topk_kd_loss", "TopKKDLoss"]
@@ -37,11 +37,7 @@ _LIB.define(
 )  # options and normalizer: as fastkd::kd_loss_fwd's (fastkd/ops/kd.py)
 
 # ---- fallback (reference) kernel ---------------------------------------------------------------------
-_LIB.define(
-    "topk_kd_loss_terms_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, "
-    "Tensor options, Tensor? normalizer, str divergence, int ignore_index, str reduction, bool with_grad) -> "
-    "(Tensor, Tensor, Tensor)"
-)  # topk_kd_loss_fwd's outputs and the terms, as fastkd::kd_loss_terms_fwd's
+define_terms_twin(_LIB, "topk_kd_loss")  # topk_kd_loss_terms_fwd: + the terms, as fastkd::kd_loss_terms_fwd's
 
 # ---- fallback (reference) kernel ---------------------------------------------------------------------
 _LIB.impl("topk_kd_loss_fwd", reference.topk_kd_loss_fwd, "CompositeExplicitAutograd")

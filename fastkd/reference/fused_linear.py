@@ -25,16 +25,22 @@ from ._common import compute_dtype as _compute_dtype
 from .kd import (
     _batchmean_divisor,
     _check_op_args,
+    _normalizer_tensor,
     _reduce,
     check_op_normalizer,
     kd_loss,
     kd_loss_and_grad,
+    kd_loss_rows,
+    loss_terms,
+    reduce_terms,
+    term_rows,
     unpack_options,
 )
-from .topk import topk_kd_loss, topk_kd_loss_and_grad
+from .topk import topk_kd_loss, topk_kd_loss_and_grad, topk_kd_loss_rows
 
-__all__ = ["head_logits", "fused_linear_kd_loss", "fused_linear_kd_loss_fwd", "fused_linear_topk_kd_loss",
-           "fused_linear_topk_kd_loss_fwd", "unpack_fused_options"]
+__all__ = ["head_logits", "fused_linear_kd_loss", "fused_linear_kd_loss_fwd", "fused_linear_kd_loss_terms_fwd",
+           "fused_linear_kd_loss_terms", "fused_linear_topk_kd_loss", "fused_linear_topk_kd_loss_fwd",
+           "fused_linear_topk_kd_loss_terms_fwd", "fused_linear_topk_kd_loss_terms", "unpack_fused_options"]
 
 
 def head_logits(hidden, weight, bias=None, logit_scale=1.0, softcap=None):
@@ -64,6 +70,19 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
                    normalizer)
 
 
+def fused_linear_kd_loss_terms(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                               student_bias=None, teacher_bias=None, temperature=1.0, divergence="kl", beta=0.5,
+                               ignore_index=-100, reduction="batchmean", logit_scale=1.0, softcap=None,
+                               normalizer=None):
+    """The soft and hard terms of ``fastkd.fused_linear_kd_loss(..., return_terms=True)`` through materialised
+    logits (``fastkd.reference.kd.loss_terms``; the float64 and torch.func paths)."""
+    with torch.no_grad():
+        s = head_logits(student_hidden, student_weight, student_bias, logit_scale, softcap)
+        t = head_logits(teacher_hidden, teacher_weight, teacher_bias, logit_scale, softcap)
+        soft, valid = kd_loss_rows(s, t, labels, temperature, divergence, beta, 1.0, 0.0, ignore_index)
+        return loss_terms(soft, valid, s, labels, ignore_index, reduction, _normalizer_tensor(normalizer))
+
+
 def unpack_fused_options(options: torch.Tensor):
     """The fused op's ``options`` -> (temperature, beta, soft_weight, hard_weight, logit_scale, softcap or None);
     options: float64 CPU [temperature, beta, soft_weight, hard_weight, logit_scale, softcap (0 = none)]."""
@@ -82,7 +101,7 @@ def _empty(x):
 
 def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                              teacher_bias, labels, row_scale, options, normalizer, divergence, ignore_index, reduction,
-                             chunk_size, grad_hidden, grad_weight, grad_bias):
+                             chunk_size, grad_hidden, grad_weight, grad_bias, with_terms=False):
     """Fallback kernel of ``fastkd::fused_linear_kd_loss_fwd``: (loss, d/d hidden, d/d weight, d/d bias) of the
     student for grad_output = 1 (each gradient an empty [0] tensor unless asked for), the gradient rows scaled by
     ``row_scale`` ([rows] or None) when given; ``normalizer`` (None or one number): "batchmean"'s divisor instead
@@ -99,15 +118,27 @@ def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teach
         return kd_loss_and_grad(s, t, lab, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
                                 "none", with_grad)
 
+    def terms_fn(s, r0, r1, lab):
+        t = head_logits(ht[r0:r1], wt, teacher_bias, logit_scale, softcap)
+        return kd_loss_rows(s, t, lab, temperature, divergence, beta, 1.0, 0.0, ignore_index)[0]
+
     return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index,
-                    reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)
+                    reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn,
+                    terms_fn if with_terms else None)
+
+
+def fused_linear_kd_loss_terms_fwd(*args):
+    """Fallback kernel of ``fastkd::fused_linear_kd_loss_terms_fwd``: fused_linear_kd_loss_fwd's outputs and the
+    terms (as ``fastkd.reference.kd.loss_terms``), computed chunk by chunk."""
+    return fused_linear_kd_loss_fwd(*args, with_terms=True)
 
 
 def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index, reduction,
-             chunk_size, flags, logit_scale, softcap, rows_fn):
+             chunk_size, flags, logit_scale, softcap, rows_fn, terms_fn=None):
     """The chunk loop the fused ops share: per chunk, the student's logits, ``rows_fn(s, r0, r1, labels, with_grad)``
     -> (row losses, d rows / d s with grad_output 1 per row), the chain rule through the head, the gradients'
-    GEMMs (the weight's and bias' accumulated in the maths dtype); then the reduction."""
+    GEMMs (the weight's and bias' accumulated in the maths dtype); then the reduction. With ``terms_fn(s, r0, r1,
+    labels)`` -> the chunk's soft terms, a fifth output: the terms (``fastkd.reference.kd.loss_terms``)."""
     if chunk_size <= 0:
         raise ValueError(f"fastkd: argument 'chunk_size': must be > 0, got {chunk_size}")
     grad_hidden, grad_weight, grad_bias = flags
@@ -126,7 +157,7 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, no
     # (no host sync).
     like = hs.new_empty((rows,), dtype=dtype)
     weight = 1.0 / _batchmean_divisor(like, valid, normalizer) if reduction == "batchmean" else None
-    row_losses = []
+    row_losses, term_chunks = [], []
     for r0 in range(0, rows, chunk_size):
         r1 = min(rows, r0 + chunk_size)
         h = hs[r0:r1].to(dtype)
@@ -134,6 +165,8 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, no
         lab = None if flat_labels is None else flat_labels[r0:r1]
         rl, g = rows_fn(s, r0, r1, lab, with_grad)
         row_losses.append(rl)
+        if terms_fn is not None:
+            term_chunks.append(term_rows(terms_fn(s, r0, r1, lab), s, lab, ignore_index))
         if not with_grad:
             continue
         if weight is not None:
@@ -156,10 +189,15 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, no
     if reduction == "none":
         loss = loss.reshape(lead)
     loss = loss.float()
-    return (loss,
-            gh.to(student_hidden.dtype).reshape(student_hidden.shape) if grad_hidden else _empty(student_hidden),
-            gw.to(student_weight.dtype) if grad_weight else _empty(student_weight),
-            gb.to(student_bias.dtype) if grad_bias else _empty(student_weight))
+    out = (loss,
+           gh.to(student_hidden.dtype).reshape(student_hidden.shape) if grad_hidden else _empty(student_hidden),
+           gw.to(student_weight.dtype) if grad_weight else _empty(student_weight),
+           gb.to(student_bias.dtype) if grad_bias else _empty(student_weight))
+    if terms_fn is None:
+        return out
+    terms = torch.cat(term_chunks) if term_chunks else hs.new_zeros((0, 2), dtype=dtype)
+    terms = reduce_terms(terms, valid, reduction, normalizer)
+    return (*out, terms.reshape(*lead, 2) if reduction == "none" else terms)
 
 
 # ---- the sparse (top-k) teacher ------------------------------------------------------------------------
@@ -176,7 +214,7 @@ def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_values, te
 
 def fused_linear_topk_kd_loss_fwd(student_hidden, student_weight, student_bias, teacher_values, teacher_indices,
                                   labels, row_scale, options, normalizer, divergence, ignore_index, reduction,
-                                  chunk_size, grad_hidden, grad_weight, grad_bias):
+                                  chunk_size, grad_hidden, grad_weight, grad_bias, with_terms=False):
     """Fallback kernel of ``fastkd::fused_linear_topk_kd_loss_fwd`` (normalizer and outputs as
     fused_linear_kd_loss_fwd's)."""
     temperature, beta, soft_weight, hard_weight, logit_scale, softcap = unpack_fused_options(options)
@@ -189,5 +227,26 @@ def fused_linear_topk_kd_loss_fwd(student_hidden, student_weight, student_bias, 
         return topk_kd_loss_and_grad(s, values[r0:r1], indices[r0:r1], lab, temperature, divergence, beta,
                                      soft_weight, hard_weight, ignore_index, "none", with_grad)
 
+    def terms_fn(s, r0, r1, lab):
+        return topk_kd_loss_rows(s, values[r0:r1], indices[r0:r1], lab, temperature, divergence, beta, 1.0, 0.0,
+                                 ignore_index)[0]
+
     return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index,
-                    reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)
+                    reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn,
+                    terms_fn if with_terms else None)
+
+
+def fused_linear_topk_kd_loss_terms_fwd(*args):
+    """Fallback kernel of ``fastkd::fused_linear_topk_kd_loss_terms_fwd`` (as fused_linear_kd_loss_terms_fwd)."""
+    return fused_linear_topk_kd_loss_fwd(*args, with_terms=True)
+
+
+def fused_linear_topk_kd_loss_terms(student_hidden, student_weight, teacher_values, teacher_indices, labels=None,
+                                    student_bias=None, temperature=1.0, divergence="kl", beta=0.5, ignore_index=-100,
+                                    reduction="batchmean", logit_scale=1.0, softcap=None, normalizer=None):
+    """The terms of ``fastkd.fused_linear_topk_kd_loss(..., return_terms=True)`` through materialised logits."""
+    with torch.no_grad():
+        s = head_logits(student_hidden, student_weight, student_bias, logit_scale, softcap)
+        soft, valid = topk_kd_loss_rows(s, teacher_values, teacher_indices, labels, temperature, divergence, beta, 1.0,
+                                        0.0, ignore_index)
+        return loss_terms(soft, valid, s, labels, ignore_index, reduction, _normalizer_tensor(normalizer))

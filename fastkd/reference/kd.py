@@ -159,13 +159,22 @@ def loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer
     """The KD ops' terms (their *_terms_fwd twins): each row's soft term T^2 * D (``soft``, [...], 0 on ignored
     rows; ``valid`` its mask or None) and cross-entropy (0 without labels), unweighted, reduced as the loss is:
     fp32 [..., 2] for "none", else [2] (the sums, divided by "batchmean"'s divisor). Shared by the KD losses."""
+    return reduce_terms(term_rows(soft, student, labels, ignore_index), valid, reduction, normalizer)
+
+
+def term_rows(soft, student, labels, ignore_index):
+    """[..., 2]: each row's soft term (``soft``) and cross-entropy of the student logits (0 on ignored rows and
+    without labels)."""
     ce, _ = add_hard_term(torch.zeros_like(soft), student.to(soft.dtype), labels, 1.0, ignore_index)
-    terms = torch.stack([soft, ce], -1)
+    return torch.stack([soft, ce], -1)
+
+
+def reduce_terms(rows, valid, reduction, normalizer=None):
+    """term_rows' [..., 2] reduced as the loss is (``loss_terms``), fp32."""
     if reduction != "none":
-        terms = terms.reshape(-1, 2).sum(0)
-        if reduction == "batchmean":
-            terms = terms / _batchmean_divisor(soft, valid, normalizer)
-    return terms.float()
+        total = rows.reshape(-1, 2).sum(0)
+        rows = total / _batchmean_divisor(rows[..., 0], valid, normalizer) if reduction == "batchmean" else total
+    return rows.float()
 
 
 def kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,

@@ -357,7 +357,8 @@ def gemma2(seed, layers=1, dim=32):
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
 def test_fused_heads_equal_the_logits_path(tmp_path, kind):
     """fused_linear=True (fused_linear_kd_loss on the hidden states and heads; GPT-2's head tied to its
-    embedding, Gemma 2's logits softcapped) gives the logits path's update, 4 accumulated micro-batches."""
+    embedding, Gemma 2's logits softcapped) gives the logits path's update, 4 accumulated micro-batches, and logs
+    the same soft and hard terms."""
     make = {**MODELS, "gemma2": gemma2}[kind]
     teacher, student0 = make(1, layers=2), make(2)
     results = []
@@ -367,9 +368,10 @@ def test_fused_heads_equal_the_logits_path(tmp_path, kind):
                                  args=args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                                            max_steps=1), **KD)
         tr.train()
-        results.append((student, next(h["loss"] for h in tr.state.log_history if "loss" in h)))
+        results.append((student, next(h for h in tr.state.log_history if "loss" in h)))
     (a, la), (b, lb) = results
-    assert la == pytest.approx(lb, rel=1e-5)
+    for key in ("loss", "kd_soft", "kd_hard"):
+        assert la[key] == pytest.approx(lb[key], rel=1e-5), key
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"{kind}: {name}")
 

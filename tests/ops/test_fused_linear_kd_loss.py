@@ -734,3 +734,83 @@ def test_float64_normalizer_gradchecks():
                                            normalizer=torch.tensor(3))
 
     assert torch.autograd.gradcheck(f, (hs, w, b))
+
+
+# ---- the soft and hard terms (return_terms) -----------------------------------------------------------------
+def _terms_reference(s, t_or_topk, labels, kw):
+    """The float64 oracle's loss of each term alone on materialised logits (s: the student's; t_or_topk: the
+    teacher's logits, or its (values, indices))."""
+    out = []
+    for sw, hw in ((1.0, 0.0), (0.0, 1.0)):
+        if isinstance(t_or_topk, tuple):
+            out.append(reference.topk_kd_loss(s, *t_or_topk, labels, soft_weight=sw, hard_weight=hw, **kw))
+        else:
+            out.append(reference.kd_loss(s, t_or_topk, labels, soft_weight=sw, hard_weight=hw, **kw))
+    return out
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("teacher", ["dense", "topk"])
+def test_return_terms(reduction, teacher):
+    """The fused ops' terms (chunked: chunk_size 8 of 37 rows, ignored rows dropped before the GEMMs) are the float64
+    oracle's terms on materialised logits, softcap included; the loss and gradients are those without them."""
+    head = dict(logit_scale=1.3, softcap=20.0)
+    kw = dict(temperature=2.0, divergence="jsd", beta=0.3, reduction=reduction)
+    p, labels = make_problem(bias=True, lead=(37,), seed=40)
+    s = reference.head_logits(p["student_hidden"].double(), p["student_weight"].double(), p["student_bias"].double(),
+                              **head)
+    if teacher == "dense":
+        fn, args = fastkd.fused_linear_kd_loss, (p["teacher_hidden"], p["teacher_weight"])
+        extra = dict(teacher_bias=p["teacher_bias"])
+        ref_teacher = reference.head_logits(p["teacher_hidden"].double(), p["teacher_weight"].double(),
+                                            p["teacher_bias"].double(), **head)
+    else:
+        t = p["teacher_hidden"].double() @ p["teacher_weight"].double().T
+        values, indices = t.topk(16, dim=-1)
+        fn, args, extra, ref_teacher = fastkd.fused_linear_topk_kd_loss, (values.float(), indices), {}, (values, indices)
+    runs = []
+    for return_terms in (True, False):
+        x = {k: p[k].clone().requires_grad_(True) for k in STUDENT}
+        out = fn(x["student_hidden"], x["student_weight"], *args, labels, student_bias=x["student_bias"], **extra,
+                 chunk_size=8, hard_weight=0.0, return_terms=return_terms, **head, **kw)
+        loss, terms = out if return_terms else (out, None)
+        loss.sum().backward()
+        runs.append((loss, terms, [x[k].grad for k in STUDENT]))
+    (loss, terms, grads), (plain, _, plain_grads) = runs
+    assert isinstance(terms, fastkd.KDTerms) and terms.soft.shape == loss.shape
+    ref_soft, ref_hard = _terms_reference(s, ref_teacher, labels, kw)
+    torch.testing.assert_close(terms.soft.double(), ref_soft, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(terms.hard.double(), ref_hard, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
+    for g, h in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_return_terms_opcheck_compile_and_float64(reduction):
+    p, labels = make_problem(rows=9, vocab=40, bias=True, seed=41)
+    base = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
+            p["teacher_bias"], labels)
+    opts = _options(2.0, 0.5, 1.0, 0.2, 1.0, 0.0)
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_terms_fwd,
+                          (*base, None, opts, None, "kl", -100, reduction, 4, False, False, False))
+    values, indices = torch.randn(9, 5), torch.stack([torch.randperm(40)[:5] for _ in range(9)])
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_topk_kd_loss_terms_fwd,
+                          (p["student_hidden"], p["student_weight"], p["student_bias"], values, indices, labels, None,
+                           opts, None, "kl", -100, reduction, 4, False, False, False))
+
+    def step(hs, ws, ht, wt):
+        loss, terms = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, labels, temperature=2.0, hard_weight=0.2,
+                                                  reduction=reduction, chunk_size=4, return_terms=True)
+        return loss.sum(), terms.soft, terms.hard
+
+    torch._dynamo.reset()
+    heads = (p["student_hidden"], p["student_weight"], p["teacher_hidden"], p["teacher_weight"])
+    got = torch.compile(step, fullgraph=True, dynamic=False)(*heads)
+    want = step(*heads)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    # float64: the oracle's own terms (materialised logits), as float32 ones from the op
+    soft64 = step(*(x.double() for x in heads))[1]
+    torch.testing.assert_close(soft64.double(), want[1].double(), rtol=1e-5, atol=1e-6)
