@@ -6,7 +6,8 @@ Covers each kernel variant: kd_loss forward with and without gradient for every 
 large vocabularies (warp- and block-per-row paths, row caches that hold all or part of a row), the
 sizes whose row cache lies in the shared-memory opt-in window ((48 KiB - static, 48 KiB]: fp32 6100,
 16-bit 12200, mixed 16/32-bit 8100), odd sizes, offset views (scalar heads and tails), padded row
-strides (the gradient's rows at another phase than the inputs'), mixed dtypes, ignored rows, the
+strides (the gradient's rows at another phase than the inputs'), rows in blocks (logits[:, :-1] and a
+transpose of (B, S, V) tensors, read in place) with the terms output, mixed dtypes, ignored rows, the
 in-place scale; topk_kd_loss forward with and without gradient (KL and JSD) on both row paths with
 both duplicate-index checks (pairwise, and the shared-memory bitmap, in the opt-in window too: 400000
 entries), labels inside and outside the support, value and index dtypes, more rows than the persistent
@@ -88,8 +89,29 @@ def kd_cases(dev, trim=False):
                     with torch.no_grad():
                         fastkd.kd_loss(s, t, labels, temperature=1.0, divergence=div, beta=beta)
                     calls += 1
+    if not trim:
+        calls += block_layout_cases(dev, g)
     if dev.type == "cuda":
         torch.cuda.synchronize()
+    return calls
+
+
+def block_layout_cases(dev, g):
+    """Rows in blocks (RowBlocks: logits[:, :-1] and a transpose of (B, S, V) tensors) read in place by the KD and
+    top-k KD kernels, both row paths, with the terms output (return_terms=True: row_terms)."""
+    calls = 0
+    for vocab in (769, 32000):
+        base_s = torch.randn(3, 9, vocab, device=dev, generator=g).to(BF16)
+        base_t = torch.randn(3, 9, vocab, device=dev, generator=g).to(BF16)
+        for view in (lambda x: x[:, :-1], lambda x: x.transpose(0, 1)):
+            s, t = view(base_s).detach().requires_grad_(True), view(base_t)
+            labels = torch.randint(0, vocab, s.shape[:-1], device=dev, generator=g)
+            loss, _ = fastkd.kd_loss(s, t, labels, temperature=2.0, divergence="jsd", return_terms=True)
+            loss.backward()
+            values, indices = t.float().topk(16, dim=-1)
+            loss, _ = fastkd.topk_kd_loss(s, values, indices, labels, temperature=2.0, return_terms=True)
+            loss.backward()
+            calls += 2
     return calls
 
 
@@ -186,9 +208,9 @@ def fused_linear_cases(dev, trim=False):
             labels = torch.randint(0, vocab, (rows,), device=dev, generator=g)
             labels[2] = -100
             for reduction, softcap in (("batchmean", None), ("none", 3.0)):
-                loss = fastkd.fused_linear_kd_loss(s_h, s_w, t_h, t_w, labels, student_bias=s_b, temperature=2.0,
-                                                   hard_weight=0.3, reduction=reduction, softcap=softcap,
-                                                   chunk_size=4)
+                loss, _ = fastkd.fused_linear_kd_loss(s_h, s_w, t_h, t_w, labels, student_bias=s_b, temperature=2.0,
+                                                      hard_weight=0.3, reduction=reduction, softcap=softcap,
+                                                      chunk_size=4, return_terms=True)  # (row_terms per chunk)
                 loss.sum().backward()
                 values, indices = (t_h.float() @ t_w.float().T).topk(min(vocab, 64), dim=-1)
                 loss = fastkd.fused_linear_topk_kd_loss(s_h, s_w, values.to(dtype), indices, labels,
