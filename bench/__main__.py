@@ -50,8 +50,8 @@ def main(argv=None) -> int:
         bench = registry.BY_NAME[key]
         out = args.out_dir / f"{bench.stem}_{device.type}{suffix}.csv"
         out.unlink(missing_ok=True)  # a failed run must not report an older file's numbers
-        bench_args = ["--device", str(device), "--out", str(out)] + (["--quick"] if args.quick else [])
-        if key in ("kd", "topk") and args.kd_providers:
+        bench_args = ["--device", str(device), "--out", str(out), *bench.args] + (["--quick"] if args.quick else [])
+        if key in ("kd", "kd_causal", "topk") and args.kd_providers:
             bench_args += ["--providers", args.kd_providers]
         print(f"\n=== {key}: python -m {bench.module} {' '.join(bench_args)}", flush=True)
         try:

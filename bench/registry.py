@@ -31,6 +31,7 @@ class Bench:
     module: str  # python -m <module> runs it alone
     columns: tuple[str, ...] = ()  # the columns its tables show (the CSV keeps every column); () = all
     headline: tuple[Headline, ...] = ()  # its rows in the README's headline table; () = none
+    args: tuple[str, ...] = ()  # more arguments for its module (one module, several benchmarks)
 
     def load(self):
         return importlib.import_module(self.module)
@@ -46,6 +47,9 @@ BENCHES: tuple[Bench, ...] = (
                    "peak_mem_mib", "fastkd_speedup"),
           headline=(Headline("KD loss, fwd+bwd", {"loss": "kl", "mode": "fwd+bwd", "dtype": "float32"},
                              "{rows} x {vocab}, {dtype}"),)),
+    Bench("kd_causal", "kd_loss_causal", "bench.bench_kd_loss", args=("--causal", "512"),
+          columns=("loss", "layout", "provider", "rows", "vocab", "dtype", "mode", *_TIMES, "gbps",
+                   "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup")),
     Bench("topk", "topk_kd_loss", "bench.bench_topk",
           columns=("provider", "rows", "vocab", "k", "dtype", "mode", *_TIMES, "gbps", "pct_copy_ceiling",
                    "peak_mem_mib", "fastkd_speedup")),

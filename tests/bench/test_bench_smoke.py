@@ -39,13 +39,14 @@ def test_grid_writes_every_file(quick_run):
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "fused_linear_cpu_quick.csv",
-        "fused_linear_cpu_quick.png", "hf_step_cpu_quick.csv", "kd_loss_cpu_quick.csv", "kd_loss_cpu_quick.png",
+        "fused_linear_cpu_quick.png", "hf_step_cpu_quick.csv", "kd_loss_causal_cpu_quick.csv", "kd_loss_cpu_quick.csv",
+        "kd_loss_cpu_quick.png",
         "report_quick.md", "step_cpu_quick.csv", "topk_kd_loss_cpu_quick.csv"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report_quick.md").read_text()
-    for stem in ("headline", "kd_loss_cpu_quick", "topk_kd_loss_cpu_quick", "clip_cpu_quick", "step_cpu_quick",
-                 "cache_cpu_quick", "fused_linear_cpu_quick"):
+    for stem in ("headline", "kd_loss_cpu_quick", "kd_loss_causal_cpu_quick", "topk_kd_loss_cpu_quick",
+                 "clip_cpu_quick", "step_cpu_quick", "cache_cpu_quick", "fused_linear_cpu_quick"):
         assert f"## {stem}\n" in md
     for stem in ("kd_loss_cpu_quick", "clip_cpu_quick", "fused_linear_cpu_quick"):
         assert f"![{stem}]({stem}.png)" in md
@@ -58,6 +59,14 @@ def test_fused_linear_rows(quick_run):
     assert len({r["rows"] for r in rows}) >= 2  # memory and time against N
     assert all(float(r["median_ms"]) > 0 for r in rows)
     assert all(float(r["vs_gemms"]) == 1.0 for r in rows if r["provider"] == "gemms")
+
+
+def test_kd_causal_rows(quick_run):
+    """The causal-shift KD benchmark: logits[:, :-1] views (S = 16 in the quick run), fwd+bwd only."""
+    rows = rows_of(quick_run[1] / "kd_loss_causal_cpu_quick.csv")
+    assert {r["layout"] for r in rows} == {"causal 16"} and {r["mode"] for r in rows} == {"fwd+bwd"}
+    assert {"fastkd", "eager"} <= {r["provider"] for r in rows}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
 
 
 def test_kd_rows(quick_run):
