@@ -15,7 +15,7 @@ for both and is not the loss). The divergence: TRL's default beta = 1 (reverse K
 
 Per provider: the median, p20 and p80 of the timed calls after one warm-up call, and peak memory: the most
 any timed call added to the memory in use when it started (CUDA: max_memory_allocated; CPU: the resident
-high-water mark). Before timing, the two losses on the first batch must agree (1e-5).
+high-water mark). Before timing, the two losses on the first batch must agree (1e-5, 1e-6 absolute).
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def run(cfg: LossConfig, device: torch.device, repeats: int, on_row=None) -> lis
         for name, fn in providers.items():
             first[name] = float(call(fn))
         a, b = first["trl"], first["fastkd"]
-        if abs(a - b) > 1e-5 * abs(a) + 1e-7:
+        # (Random models' distributions are near-uniform: the loss is a small difference of fp32 terms of
+        # size log V, and fp32 rounds each at ~1e-7 of them: the two computations differ at ~1e-6.)
+        if abs(a - b) > 1e-5 * abs(a) + 1e-6:
             raise RuntimeError(f"bench_trl_loss: the providers' losses differ: trl {a}, fastkd {b}; timing them "
                                "would compare different maths")
         for name, fn in providers.items():
