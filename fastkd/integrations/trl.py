@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ..ops._args import check_loss_options
+from ..ops.fused_linear import fused_linear_kd_loss
 from ..ops.kd import kd_loss
 from ..ops.labels import shift_labels
 
@@ -122,7 +123,18 @@ class DistillationLossMixin:
 
     It replaces ``DistillationTrainer._compute_loss(unwrapped_student, inputs, num_items_in_batch)``, which
     TRL's ``compute_loss`` calls through the student's DDP/FSDP wrapper and which returns the loss, the
-    student's entropy summed over the valid positions and their count."""
+    student's entropy summed over the valid positions and their count.
+
+    ``fastkd_fused_linear = True`` (a class attribute of the subclass) computes the loss with
+    ``fastkd.fused_linear_kd_loss`` on the hidden states TRL's own ``_get_last_hidden_state`` returns and both
+    models' output heads, as TRL's loss does: neither model's logits exist. The heads' post-processing is
+    the one TRL reads from the configs (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``,
+    ``logits_scaling``, ``final_logit_softcapping``); fastkd applies one to both models, so a student and a
+    teacher whose post-processing differs, and a scale fastkd refuses (not > 0), are errors; FSDP2-sharded
+    (DTensor) heads too. There are no logits to take the entropy of: the entropy returned is NaN, which
+    TRL's metrics leave out (``entropy`` is logged as None)."""
+
+    fastkd_fused_linear = False
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         name = f"{type(self).__name__} (fastkd.integrations.trl.DistillationLossMixin)"
@@ -136,6 +148,9 @@ class DistillationLossMixin:
             loss_mask = loss_mask * inputs["tool_mask"]
         keep = completion_ids.size(1)
         multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
+        if self.fastkd_fused_linear:
+            return self._fastkd_fused_loss(name, unwrapped_student, input_ids, attention_mask, completion_ids,
+                                           loss_mask, multimodal, num_items_in_batch)
 
         student = self._fastkd_logits(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
         # The teacher through its own wrapper too, as TRL does (FSDP/DeepSpeed gather its shards in forward).
@@ -156,17 +171,47 @@ class DistillationLossMixin:
         labels = shift_labels(tokens[:, -student.size(1):].to(student.device), IGNORE)
         valid = labels != IGNORE
         n_valid = valid.sum()
-        if num_items_in_batch is None:  # (evaluation) TRL: the micro-batch's valid positions, at least one
-            normalizer = n_valid.clamp(min=1)
-        elif isinstance(num_items_in_batch, torch.Tensor):
-            normalizer = num_items_in_batch.detach().to(student.device)
-        else:
-            normalizer = num_items_in_batch
         # fastkd's soft term is T^2 * D: a soft weight of 1 / T^2 gives TRL's D, exactly scaled.
         loss = kd_loss(student, teacher, labels, temperature=temperature, divergence="jsd", beta=beta,
                        soft_weight=1.0 / (temperature * temperature), ignore_index=IGNORE, reduction="batchmean",
-                       normalizer=normalizer)
+                       normalizer=_normalizer(num_items_in_batch, n_valid))
         return loss, _entropy_sum(student.detach(), valid, temperature), n_valid
+
+    def _fastkd_fused_loss(self, name, unwrapped_student, input_ids, attention_mask, completion_ids, loss_mask,
+                           multimodal, num_items_in_batch):
+        """fastkd_fused_linear: the loss from both models' hidden states (TRL's own _get_last_hidden_state:
+        (B, K, H), aligned with the completion tokens) and heads, no logits."""
+        keep = completion_ids.size(1)
+        hs = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            ht = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+                                           unwrapped_teacher, input_ids, attention_mask, keep, **multimodal)
+        s_head, t_head = unwrapped_student.get_output_embeddings(), unwrapped_teacher.get_output_embeddings()
+        for who, head in (("student", s_head), ("teacher", t_head)):
+            if not isinstance(head, torch.nn.Linear):
+                raise ValueError(f"{name}: fastkd_fused_linear needs nn.Linear output heads, the {who}'s is "
+                                 f"{type(head).__name__}; use fastkd_fused_linear = False")
+            if _is_dtensor(head.weight):
+                raise ValueError(f"{name}: fastkd_fused_linear does not take sharded (FSDP2 DTensor) heads; use "
+                                 "fastkd_fused_linear = False")
+        transform = _trl_head_transform(unwrapped_student)
+        if _trl_head_transform(unwrapped_teacher) != transform:
+            raise ValueError(f"{name}: the student's head post-processing {transform} and the teacher's "
+                             f"{_trl_head_transform(unwrapped_teacher)} differ, and fastkd_fused_linear applies one "
+                             "to both models; use fastkd_fused_linear = False")
+        device = s_head.weight.device
+        labels = completion_ids.to(device).masked_fill(loss_mask.to(device) == 0, IGNORE)  # aligned: no shift
+        n_valid = (labels != IGNORE).sum()
+        temperature = self.temperature
+        total = fused_linear_kd_loss(hs.to(device), s_head.weight, ht.to(device), t_head.weight, labels,
+                                     student_bias=s_head.bias, teacher_bias=t_head.bias, temperature=temperature,
+                                     divergence="jsd", beta=self.beta, soft_weight=1.0 / (temperature * temperature),
+                                     ignore_index=IGNORE, reduction="sum", **transform)
+        # (fused_linear_kd_loss takes no normalizer yet: this division is one pass over (tokens x H) gradients)
+        loss = total / _normalizer(num_items_in_batch, n_valid)
+        return loss, torch.full((), float("nan"), device=device), n_valid
 
     def _fastkd_logits(self, model, input_ids, attention_mask, keep: int, **multimodal) -> torch.Tensor:
         """A model's own logits for the positions that predict the ``keep`` completion tokens, and the last
@@ -185,6 +230,38 @@ class DistillationLossMixin:
         # ``_original_forward``.
         out = getattr(model, "_original_forward", model.forward)(**kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _normalizer(num_items_in_batch, n_valid: torch.Tensor):
+    """TRL's divisor: num_items_in_batch as its compute_loss passes it (training), else the micro-batch's valid
+    positions, at least one (evaluation)."""
+    if num_items_in_batch is None:
+        return n_valid.clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.detach().to(n_valid.device)
+    return num_items_in_batch
+
+
+def _is_dtensor(x) -> bool:
+    # (no DTensor exists unless torch.distributed.tensor was imported)
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    return dtensor is not None and isinstance(x, dtensor)
+
+
+def _trl_head_transform(model) -> dict:
+    """The head post-processing trl.DistillationTrainer._compute_loss reads from a model's config, as
+    fused_linear_kd_loss's logit_scale and softcap (the same attributes, in the same order of precedence)."""
+    cfg = model.config.get_text_config()
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by logits_scaling, HyperCLOVA X multiplies by it.
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": None if softcap is None else float(softcap)}
 
 
 def _entropy_sum(logits: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:

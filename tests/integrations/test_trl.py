@@ -204,13 +204,21 @@ def losses_and_grads(trainer, fn, batch, num_items):
     return loss.detach(), entropy, n_valid, grads
 
 
+@pytest.fixture(params=["logits", "fused"])
+def path(request, distiller):
+    """The mixin's two paths: kd_loss on the models' logits, fused_linear_kd_loss on their hidden states."""
+    distiller.fastkd_fused_linear = request.param == "fused"
+    yield request.param
+    del distiller.fastkd_fused_linear  # back to the class's
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("num_items", [None, 13.0])
-def test_distillation_loss_equals_trls(distiller, beta, temperature, num_items):
+def test_distillation_loss_equals_trls(distiller, path, beta, temperature, num_items):
     """DistillationLossMixin._compute_loss = trl.DistillationTrainer._compute_loss: the loss (float32, 1e-6),
-    the student's gradients, the entropy sum and the valid count; num_items_in_batch as TRL's compute_loss
-    passes it (a tensor; None in evaluation)."""
+    the student's gradients, the entropy sum (NaN on the fused path: no logits) and the valid count;
+    num_items_in_batch as TRL's compute_loss passes it (a tensor; None in evaluation)."""
     distiller.beta, distiller.temperature = beta, temperature
     batch = generated_batch()
     n = None if num_items is None else torch.tensor(num_items)
@@ -218,7 +226,10 @@ def test_distillation_loss_equals_trls(distiller, beta, temperature, num_items):
     ours = losses_and_grads(distiller, FastDistill._compute_loss, batch, n)
     assert ours[0].dtype == torch.float32 and theirs[0] > 1e-3  # (a loss that is not vanishingly small)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    if path == "fused":
+        assert torch.isnan(ours[1])
+    else:
+        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
     assert int(ours[2]) == int(theirs[2]) == 10
     assert ours[3].keys() == theirs[3].keys()
     scale = max(float(g.abs().max()) for g in theirs[3].values())
@@ -226,9 +237,9 @@ def test_distillation_loss_equals_trls(distiller, beta, temperature, num_items):
         torch.testing.assert_close(ours[3][name], g, rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
-def test_distillation_loss_tool_mask_and_whole_logits(distiller):
+def test_distillation_loss_tool_mask_and_whole_logits(distiller, path):
     """The tool mask counts as TRL counts it; a model that takes no logits_to_keep gives its whole logits,
-    read in place (the labels then ignore the prompt)."""
+    read in place (the labels then ignore the prompt), or its whole hidden states on the fused path."""
     distiller.beta, distiller.temperature = 0.5, 1.0
     batch = generated_batch(seed=1, tool_mask=True)
     theirs = losses_and_grads(distiller, DistillationTrainer._compute_loss, batch, None)
@@ -281,14 +292,37 @@ def test_distillation_loss_refuses_what_it_cannot_compute(distiller, monkeypatch
         FastDistill._compute_loss(distiller, distiller.model, generated_batch(), None)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_distillation_training_equals_trls_trainer(tmp_path, beta):
-    """Two optimizer steps (2 accumulated micro-batches each, on-policy generation) of FastDistill and of TRL's
-    stock trainer from the same student: the same completions, logged losses and entropies, and parameters;
-    evaluation too."""
+def test_fused_path_refuses_heads_it_would_compute_differently(distiller, monkeypatch):
+    """fused_linear_kd_loss applies one head post-processing to both models: a teacher whose config
+    announces another one (TRL would apply each model's own), or a scale fastkd cannot take, is an error."""
+    monkeypatch.setattr(distiller, "fastkd_fused_linear", True, raising=False)
+    distiller.beta, distiller.temperature = 0.5, 1.0
+    monkeypatch.setattr(distiller.teacher_model.config, "logit_scale", 2.0, raising=False)
+    with pytest.raises(ValueError, match="head post-processing .* differ"):
+        FastDistill._compute_loss(distiller, distiller.model, generated_batch(), None)
+    monkeypatch.setattr(distiller.model.config, "logit_scale", 2.0, raising=False)
+    torch.testing.assert_close(FastDistill._compute_loss(distiller, distiller.model, generated_batch(), None)[0],
+                               DistillationTrainer._compute_loss(distiller, distiller.model, generated_batch(), None)[0],
+                               rtol=1e-6, atol=1e-7)  # the same scale on both: TRL's loss
+    monkeypatch.setattr(distiller.teacher_model.config, "logit_scale", 0.0)
+    monkeypatch.setattr(distiller.model.config, "logit_scale", 0.0)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
+        FastDistill._compute_loss(distiller, distiller.model, generated_batch(), None)
+
+
+class FusedDistill(fkd_trl.DistillationLossMixin, DistillationTrainer):
+    fastkd_fused_linear = True
+
+
+@pytest.mark.parametrize("beta, fast", [(0.0, FastDistill), (0.5, FastDistill), (1.0, FastDistill),
+                                        (0.5, FusedDistill)])
+def test_distillation_training_equals_trls_trainer(tmp_path, beta, fast):
+    """Two optimizer steps (2 accumulated micro-batches each, on-policy generation) of FastDistill (and of
+    FusedDistill) and of TRL's stock trainer from the same student: the same completions, logged losses and
+    entropies (None on the fused path), and parameters; evaluation too."""
     student0, teacher = lm("llama", 2), lm("llama", 1, layers=2)
     runs = []
-    for cls in (DistillationTrainer, FastDistill):
+    for cls in (DistillationTrainer, fast):
         student = copy.deepcopy(student0)
         tr = cls(model=student, teacher_model=teacher, train_dataset=prompts(), eval_dataset=prompts(4, seed=1),
                  args=distill_config(tmp_path, beta=beta, temperature=1.5, per_device_eval_batch_size=2),
@@ -301,7 +335,7 @@ def test_distillation_training_equals_trls_trainer(tmp_path, beta):
     for a, b in zip(our_logs, ref_logs):
         assert a["num_tokens"] == b["num_tokens"]  # the same generated completions
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and b["loss"] > 1e-3
-        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
+        assert a["entropy"] is None if fast is FusedDistill else a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
     assert our_eval["eval_loss"] == pytest.approx(ref_eval["eval_loss"], rel=1e-5)
     moved = max(float((p - q).detach().abs().max()) for p, q in zip(ref.parameters(), student0.parameters()))
     assert moved > 1e-4
