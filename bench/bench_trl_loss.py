@@ -10,12 +10,13 @@ generated batch (random prompts and completions, every completion position valid
 backward: both models' forwards, the loss, the student's backward. Generation is left out (it is the same
 for both and is not the loss). The divergence: TRL's default beta = 1 (reverse KL), temperature 1.
 
-    trl      trl.DistillationTrainer._compute_loss (Triton tiles on CUDA, PyTorch tiles elsewhere)
-    fastkd   fastkd.integrations.trl.DistillationLossMixin._compute_loss
+    trl           trl.DistillationTrainer._compute_loss (Triton tiles on CUDA, PyTorch tiles elsewhere)
+    fastkd        fastkd.integrations.trl.DistillationLossMixin._compute_loss (kd_loss on the logits)
+    fastkd_fused  the same with fastkd_fused_linear = True (fused_linear_kd_loss on the hidden states: no logits)
 
 Per provider: the median, p20 and p80 of the timed calls after one warm-up call, and peak memory: the most
 any timed call added to the memory in use when it started (CUDA: max_memory_allocated; CPU: the resident
-high-water mark). Before timing, the two losses on the first batch must agree (1e-5, 1e-6 absolute).
+high-water mark). Before timing, the losses on the first batch must agree (1e-5, 1e-6 absolute).
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def _trainer(cfg: LossConfig, device: torch.device, out: str):
     cls = type("FastDistill", (DistillationLossMixin, DistillationTrainer), {})
     trainer = cls(model=llama(cfg.student_layers, 1), teacher_model=llama(cfg.teacher_layers, 0), args=args,
                   processing_class=tokenizer, train_dataset=datasets.Dataset.from_dict({"prompt": ["<unk>"]}))
-    return trainer, {"trl": DistillationTrainer._compute_loss, "fastkd": DistillationLossMixin._compute_loss}
+    # provider: (the _compute_loss to call, fastkd_fused_linear)
+    return trainer, {"trl": (DistillationTrainer._compute_loss, False),
+                     "fastkd": (DistillationLossMixin._compute_loss, False),
+                     "fastkd_fused": (DistillationLossMixin._compute_loss, True)}
 
 
 def run(cfg: LossConfig, device: torch.device, repeats: int, on_row=None) -> list[dict]:
@@ -94,26 +98,28 @@ def run(cfg: LossConfig, device: torch.device, repeats: int, on_row=None) -> lis
         trainer, providers = _trainer(cfg, device, out)
         student = trainer.model
 
-        def call(fn):
+        def call(provider):
+            fn, trainer.fastkd_fused_linear = provider
             student.zero_grad(set_to_none=True)
             loss = fn(trainer, student, batch, count)[0]
             loss.backward()
             return loss.detach()
 
-        for name, fn in providers.items():
-            first[name] = float(call(fn))
-        a, b = first["trl"], first["fastkd"]
-        # (Random models' distributions are near-uniform: the loss is a small difference of fp32 terms of
-        # size log V, and fp32 rounds each at ~1e-7 of them: the two computations differ at ~1e-6.)
-        if abs(a - b) > 1e-5 * abs(a) + 1e-6:
-            raise RuntimeError(f"bench_trl_loss: the providers' losses differ: trl {a}, fastkd {b}; timing them "
-                               "would compare different maths")
-        for name, fn in providers.items():
+        for name, provider in providers.items():
+            first[name] = float(call(provider))
+        a = first["trl"]
+        for name, b in first.items():
+            # (Random models' distributions are near-uniform: the loss is a small difference of fp32 terms of
+            # size log V, and fp32 rounds each at ~1e-7 of them: the computations differ at ~1e-6.)
+            if abs(a - b) > 1e-5 * abs(a) + 1e-6:
+                raise RuntimeError(f"bench_trl_loss: the providers' losses differ: trl {a}, {name} {b}; timing "
+                                   "them would compare different maths")
+        for name, provider in providers.items():
             times, peaks = [], []
             for i in range(cfg.warmup + repeats):
                 base = common.memory_now(device, reset_peak=True)
                 t0 = time.perf_counter()
-                call(fn)
+                call(provider)
                 common.sync(device)
                 if i >= cfg.warmup:
                     times.append((time.perf_counter() - t0) * 1e3)
