@@ -30,6 +30,8 @@
   loss). The logits are the models' own, so a head's post-processing (Gemma's softcapping, Cohere's and
   Granite's logit scales) is the model's. Options fastkd cannot compute exactly are errors at the first
   loss, never a different objective: a temperature outside ``[0.05, 100]``, logits of different shapes.
+  With ``fastkd_fused_linear = True`` the loss is ``fastkd.fused_linear_kd_loss`` on TRL's own hidden
+  states and both heads instead: no logits at all, as in TRL (see the class's docstring).
 """
 
 from __future__ import annotations
