@@ -378,6 +378,7 @@ def _ddp_worker(rank, port, out_dir, fused, result):
 
 
 @pytest.mark.slow  # (three 2-process runs: ~35 s on 2 cores)
+@pytest.mark.backend_independent  # (process plumbing: the single-process tests cover both kernels' maths)
 def test_two_process_ddp_equals_trls_trainer(tmp_path):
     """2 ranks (gloo) x 2 accumulated micro-batches: FastDistill and FusedDistill make the update of TRL's
     stock trainer (the student through the DDP wrapper, TRL's count over the ranks)."""
