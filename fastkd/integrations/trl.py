@@ -168,8 +168,8 @@ class DistillationLossMixin:
 
         # HF-convention labels over the logits' positions (label i is token i; the prompt's and the masked
         # completion tokens are ignored), shifted: position i is distilled where it predicts a kept token.
-        tokens = torch.cat([torch.full_like(prompt_ids, IGNORE),
-                            completion_ids.masked_fill(loss_mask.to(student.device) == 0, IGNORE)], dim=1)
+        tokens = torch.cat([torch.full_like(prompt_ids, IGNORE), completion_ids.masked_fill(loss_mask == 0, IGNORE)],
+                           dim=1)
         labels = shift_labels(tokens[:, -student.size(1):].to(student.device), IGNORE)
         valid = labels != IGNORE
         n_valid = valid.sum()
@@ -268,7 +268,7 @@ def _trl_head_transform(model) -> dict:
 
 def _entropy_sum(logits: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
     """The entropy of softmax(logits / T) summed over the valid positions (TRL's ``entropy`` metric before its
-    mean), without gradients, in row chunks of at most ~16 MiB of fp32 temporaries (never (tokens x V))."""
+    mean), without gradients, in row chunks whose fp32 temporaries are ~16 MiB each (never (tokens x V))."""
     vocab = logits.size(-1)
     rows = logits.reshape(-1, vocab)  # a view of the models' contiguous logits
     keep = valid.reshape(-1)
