@@ -393,25 +393,31 @@ def test_fused_heads_refuse_a_head_they_would_compute_differently(tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_as_eager(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_compile_trains_as_eager(tmp_path, monkeypatch, fused):
     """TrainingArguments(torch_compile=True) (the student compiled with inductor by accelerate; the loss is
-    compute_loss's fastkd.kd_loss on the compiled model's logits): two accumulated steps give the eager run's
-    losses and parameters to fp32 tolerance (inductor fuses and reorders the model's fp32 maths: rtol 1e-5,
-    atol 1e-6), and every micro-batch's loss went through fastkd's op."""
+    compute_loss's fastkd.kd_loss on the compiled model's logits, or fused_linear_kd_loss on its hidden states
+    with fused_linear=True): two accumulated steps give the eager run's losses and parameters to fp32
+    tolerance (inductor fuses and reorders the model's fp32 maths: rtol 1e-5, atol 1e-6), with no graph
+    breaks but transformers' own on the hidden-state path, and every micro-batch's loss went through fastkd's
+    op, eagerly."""
     calls = []
-    real = fastkd.integrations.transformers.kd_loss
+    op = "fused_linear_kd_loss" if fused else "kd_loss"
+    real = getattr(fastkd.integrations.transformers, op)
 
     def spy(*a, **kw):
         calls.append(torch.compiler.is_compiling())
         return real(*a, **kw)
 
-    monkeypatch.setattr(fastkd.integrations.transformers, "kd_loss", spy)
+    monkeypatch.setattr(fastkd.integrations.transformers, op, spy)
     teacher, student0 = llama(1, layers=2), llama(2)
+    counters = torch._dynamo.utils.counters
+    counters.clear()  # (they are process-wide: other tests' compiles count there too)
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
         student = copy.deepcopy(student0)
-        tr = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=examples(),
+        tr = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=examples(), fused_linear=fused,
                                  args=args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                            max_steps=2, torch_compile=compiled), **KD)
         tr.train()
@@ -421,8 +427,16 @@ def test_torch_compile_trains_as_eager(tmp_path, monkeypatch):
     assert len(comp_losses) == 2 and comp_losses == pytest.approx(eager_losses, rel=1e-5)
     for (name, a), b in zip(comp.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    # 2 runs x 2 steps x 2 micro-batches, each: the loss and the logged soft and hard terms, all eager fastkd
-    # calls on the compiled model's logits.
-    assert calls == [False] * (2 * 2 * 2 * 3)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    # 2 runs x 2 steps x 2 micro-batches, each: the loss (and on the logits path the logged soft and hard
+    # terms), all eager fastkd calls on the compiled model's outputs.
+    assert calls == [False] * (2 * 2 * 2 * (1 if fused else 3))
+    assert counters["stats"]["unique_graphs"] >= 1
+    breaks = dict(counters["graph_break"])
+    if fused:
+        # transformers 5.24 collects hidden states (output_hidden_states=True) by installing hooks under a
+        # threading lock (and counting their handles on a class attribute), which dynamo does not trace: the
+        # model compiles in pieces. Those breaks, in transformers' output capturing, and no other.
+        hooks = ("`lock` context manager", "torch.utils.hooks.RemovableHandle")
+        assert breaks and all(any(h in reason for h in hooks) for reason in breaks), breaks
+    else:
+        assert not breaks, breaks
