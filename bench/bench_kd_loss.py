@@ -15,6 +15,11 @@ GB/s counts one read of both logits (and one write of the student gradient for f
 ceiling (read + write of a 512 MiB buffer) is measured in the same run. On the CPU the shapes sweep the
 vocabulary at 1024 rows (8192, 32000, 128256) after a batch of 4096 rows at 32000 (where the
 cross-entropy mix kl+ce is measured too, in fp32).
+
+``--causal S``: the logits are the causal shift ``logits[:, :-1]`` of ``(rows / S, S + 1, V)`` tensors, the view
+every LM loss takes (strided: its rows come in blocks of S); fastkd reads it in place, the textbook loss
+flattens it (a copy of each), as users write it; ``fastkd_copied`` is fastkd on ``.contiguous()`` copies of the
+views (what it did before it read them in place).
 """
 
 from __future__ import annotations
@@ -88,6 +93,12 @@ def providers(device: torch.device) -> dict:
     return out
 
 
+def _flattened(fn):
+    def flat(s, t, labels, hard_weight):
+        return fn(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), labels.reshape(-1), hard_weight)
+    return flat
+
+
 def bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats):
     def fwd():
         with torch.no_grad():
@@ -129,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--providers", default=None, help="comma-separated subset")
+    ap.add_argument("--causal", type=int, default=0, metavar="S",
+                    help="logits[:, :-1] views of (rows / S, S + 1, V) logits instead of contiguous (rows, V)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = common.device(args.device)
@@ -140,6 +153,10 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     modes = common.modes_arg(ap, args.modes, MODES)
     provs = common.providers_arg(providers(device), args.providers)
+    if args.causal:  # the others as users write them: F.kl_div / cross_entropy on (B * S, V) rows, copies
+        provs = {name: fn if name == "fastkd" else _flattened(fn) for name, fn in provs.items()}
+        if "fastkd" in provs:  # what fastkd did before it read such views in place: a copy of each
+            provs["fastkd_copied"] = lambda s, t, labels, hw: provs["fastkd"](s.contiguous(), t.contiguous(), labels, hw)
     info, ceiling = common.machine_header(device, fastkd.backend(device), quick=args.quick)
     out = Path(args.out) if args.out else common.RESULTS / f"kd_loss_{device.type}{'_quick' if args.quick else ''}.csv"
     rows = []
@@ -147,9 +164,18 @@ def main(argv=None) -> int:
     for rows_, vocab in shapes:
         for dtype in dtypes:
             g = torch.Generator(device=device).manual_seed(0)
-            s = (torch.randn(rows_, vocab, device=device, generator=g) * 2).to(dtype).requires_grad_(True)
-            t = (torch.randn(rows_, vocab, device=device, generator=g) * 2).to(dtype)
-            labels = torch.randint(0, vocab, (rows_,), device=device, generator=g)
+            shape, lead = (rows_, vocab), (rows_,)
+            if args.causal:
+                if rows_ % args.causal:
+                    ap.error(f"--causal {args.causal}: rows ({rows_}) must be a multiple of it")
+                shape, lead = (rows_ // args.causal, args.causal + 1, vocab), (rows_ // args.causal, args.causal)
+
+            def logits():
+                x = (torch.randn(shape, device=device, generator=g) * 2).to(dtype)
+                return x[:, :-1] if args.causal else x
+
+            s, t = logits().requires_grad_(True), logits()  # (a view made a leaf: its gradient is s.grad)
+            labels = torch.randint(0, vocab, lead, device=device, generator=g)
             for (hard_weight,) in configs:
                 if hard_weight and (dtype != torch.float32 or (rows_, vocab) != shapes[0]):
                     continue  # the cross-entropy mix once, at the first shape in fp32
@@ -157,6 +183,7 @@ def main(argv=None) -> int:
                     def run(name, fn, repeats):
                         r = bench_case(name, fn, s, t, labels, hard_weight, mode, device, repeats)
                         return {"op": "kd_loss", "loss": "kl" + ("+ce" if hard_weight else ""),
+                                "layout": f"causal {args.causal}" if args.causal else "rows",
                                 "provider": name, "rows": rows_, "vocab": vocab,
                                 "dtype": str(dtype).replace("torch.", ""), "mode": mode, **r,
                                 "pct_copy_ceiling": 100 * r["gbps"] / ceiling if r["gbps"] else None,
@@ -167,7 +194,7 @@ def main(argv=None) -> int:
                     common.run_providers(case_provs, run, what=f"{rows_}x{vocab} {dtype} {mode}", quick=args.quick,
                                          device=device, rows=rows, out=out,
                                          speedup=mode != "bwd")  # bwd: not the same work
-    cols = ["loss", "provider", "rows", "vocab", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
+    cols = ["loss", "layout", "provider", "rows", "vocab", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "gbps",
             "pct_copy_ceiling", "peak_mem_mib", "fastkd_speedup"]
     common.print_and_write(rows, cols, out)
     return 0

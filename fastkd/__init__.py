@@ -18,14 +18,14 @@ from .ops.fused_linear import (
     fused_linear_kd_loss,
     fused_linear_topk_kd_loss,
 )
-from .ops.kd import KDLoss, kd_loss
+from .ops.kd import KDLoss, KDTerms, kd_loss
 from .ops.labels import shift_labels
 from .ops.topk import TopKKDLoss, topk_kd_loss
 
 __version__ = _version()
 
 __all__ = [
-    "kd_loss", "KDLoss", "topk_kd_loss", "TopKKDLoss", "shift_labels", "backend", "kernel_info", "empty_cache", "extension_error", "reference", "__version__",
+    "kd_loss", "KDLoss", "KDTerms", "topk_kd_loss", "TopKKDLoss", "shift_labels", "backend", "kernel_info", "empty_cache", "extension_error", "reference", "__version__",
     "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "nonfinite_flag",
     "step_if_finite", "patch_torch_clip_grad", "Distiller", "DistillerConfig", "schedules", "TeacherCache",
     "CachedTeacherDataset", "with_teacher_cache", "fused_linear_kd_loss", "FusedLinearKDLoss",

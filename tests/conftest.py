@@ -70,8 +70,9 @@ def random_labels(shape, vocab, ignore_frac=0.2, seed=1, ignore_index=-100):
 
 def loss_and_grad(fn, s, teacher, labels, grad_out=None, **kw):
     """Loss and student gradient of the KD loss fn(s, *teacher, labels, **kw) (fastkd's or the reference's;
-    teacher: (logits,) or (values, indices))."""
-    s = s.detach().clone().requires_grad_(True)
+    teacher: (logits,) or (values, indices)). s keeps its strides (a clone would compact a sliced view), so the
+    layout under test is the one the op gets."""
+    s = s.detach().requires_grad_(True)
     loss = fn(s, *teacher, labels, **kw)
     loss.backward(torch.ones_like(loss) if grad_out is None else grad_out)
     return loss.detach(), s.grad
@@ -104,6 +105,32 @@ def check_against_float64(fastkd_fn, reference_fn, s, teacher, labels=None, grad
     assert err(loss, ref_loss) <= 2 * base_loss + floor * scale_loss, (err(loss, ref_loss), base_loss)
     assert err(grad, ref_grad) <= 2 * base_grad + floor * scale_grad, (err(grad, ref_grad), base_grad)
     return loss, grad
+
+
+# Logits layouts an LM loss meets (views of a contiguous base): name -> (the base's leading shape, padding of
+# its vocabulary, the view, whether the kernels read it in place: csrc/kd_loss/kd_loss.h's row_view).
+LAYOUTS = {
+    "causal": ((3, 9), 0, lambda x: x[:, :-1], True),  # logits[:, :-1]
+    "transposed": ((9, 3), 0, lambda x: x.transpose(0, 1), True),  # [S, B, V] models
+    "padded_causal": ((3, 9), 5, lambda x: x[:, 1:], True),  # a padded vocabulary, shifted
+    "four_d": ((2, 3, 4), 0, lambda x: x[:, :, 1:], True),  # two leading dims merge
+    "three_levels": ((2, 3, 4), 0, lambda x: x[:, 1:, 1:], False),  # no two of them merge: copied
+    "expanded": ((1, 9), 0, lambda x: x.expand(3, 9, -1), False),  # stride 0: copied
+}
+
+
+def layout_view(name, make, vocab):
+    """The LAYOUTS[name] view of make(shape)'s contiguous tensor, the vocabulary (last) dim of size vocab."""
+    lead, pad, view, _ = LAYOUTS[name]
+    return view(make((*lead, vocab + pad))[..., :vocab])
+
+
+def bytes_allocated_in(fn):
+    """fn()'s result and the host memory torch allocated while it ran (bytes: each op's own allocations, as the
+    profiler records them; frees not subtracted)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    return out, sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
 
 
 # The CUDA op tests' inputs (on the GPU) and their check against the float64 oracle.

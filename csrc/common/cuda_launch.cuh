@@ -106,9 +106,9 @@ bool rows_to_launch(const RowsArgs& a, const float* row_weight, const char* api)
 // computed on the student's device and the current stream by the row kernel rows_cuda on the
 // arguments rows_args makes of a and the outputs. Nothing waits for the device.
 template <typename Args, typename RowsArgs>
-std::tuple<at::Tensor, at::Tensor> kd_op_forward_cuda(const Args& a, at::IntArrayRef sizes, bool with_grad,
-                                                      RowsArgs (*rows_args)(const Args&, float*, void*),
-                                                      void (*rows_cuda)(const RowsArgs&, const float*, cudaStream_t)) {
+KdOpOutputs kd_op_forward_cuda(const Args& a, at::IntArrayRef sizes, bool with_grad, bool with_terms,
+                               RowsArgs (*rows_args)(const Args&, float*, void*),
+                               void (*rows_cuda)(const RowsArgs&, const float*, cudaStream_t)) {
   FKD_CHECK_ARG(a.student.is_cuda(), "student_logits", "expected a CUDA tensor, got one on ", a.student.device());
   FKD_CHECK_ARG(a.vocab <= kMaxCudaVocab, "student_logits", "vocabulary of ", a.vocab,
                 " entries is too large (at most 2^30)");
@@ -116,10 +116,12 @@ std::tuple<at::Tensor, at::Tensor> kd_op_forward_cuda(const Args& a, at::IntArra
   const at::Tensor weight = row_weight(a);  // a 0-d device tensor: the kernel reads it, the host never does
   at::Tensor row_losses = at::empty({a.rows}, a.student.options().dtype(at::kFloat));
   at::Tensor grad = with_grad ? at::empty(sizes, a.student.options()) : at::empty({0}, a.student.options());
-  rows_cuda(rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr),
+  at::Tensor row_terms = with_terms ? at::empty({a.rows, 2}, row_losses.options()) : at::Tensor();
+  rows_cuda(with_row_terms(rows_args(a, row_losses.data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr),
+                           row_terms),
             weight.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   if (grad.scalar_type() != a.grad_dtype) grad = grad.to(a.grad_dtype);
-  return {reduce_rows(a, row_losses, weight), grad};
+  return {reduce_rows(a, row_losses, weight), grad, reduce_terms(a, row_terms, weight)};
 }
 
 }  // namespace fastkd

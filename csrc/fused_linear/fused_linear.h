@@ -5,12 +5,15 @@
 // Op (schema in fastkd/ops/fused_linear.py, beside the wrapper):
 //   fastkd::fused_linear_kd_loss_fwd(student_hidden [..., Hs], student_weight [V, Hs], student_bias [V]?,
 //       teacher_hidden [..., Ht], teacher_weight [V, Ht], teacher_bias [V]?, labels [...]?, row_scale [rows]?,
-//       options, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias)
-//     -> (loss, d/d student_hidden, d/d student_weight, d/d student_bias)
+//       options, normalizer []?, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
+//       grad_bias) -> (loss, d/d student_hidden, d/d student_weight, d/d student_bias)
 //   options: float64 CPU [temperature, beta, soft_weight, hard_weight, logit_scale, softcap (0 = none)].
+//   normalizer: as kd_loss_fwd's (one number on the student's device or the CPU; "batchmean" divides the sum by
+//       it instead of the valid rows): it goes into row_weight(), so the chunks' gradients come out divided.
 //   fastkd::fused_linear_topk_kd_loss_fwd(student_hidden, student_weight, student_bias, teacher_values [..., K],
-//       teacher_indices [..., K], labels?, row_scale?, options, ...) -> the same four outputs, with topk_kd_loss_fwd's
-//       maths against the sparse teacher (logit_scale and softcap apply to the student's head only).
+//       teacher_indices [..., K], labels?, row_scale?, options, normalizer?, ...) -> the same four outputs, with
+//       topk_kd_loss_fwd's maths against the sparse teacher (logit_scale and softcap apply to the student's head
+//       only).
 //   The loss is kd_loss_fwd's of the logits head(h) = cap(logit_scale * (h @ weight^T + bias)),
 //   cap(z) = softcap * tanh(z / softcap); the gradients are for grad_output = 1, each one only when its
 //   flag is set (else an empty [0] tensor), every row's gradient multiplied by row_scale when given.
@@ -56,7 +59,7 @@ struct FusedLinearArgs {
   int64_t rows = 0;
   Reduction reduction = Reduction::BatchMean;
   KdParams params{};
-  at::Tensor normalizer;  // (not an argument of the fused ops yet: always undefined)
+  at::Tensor normalizer;  // [] one real number, or undefined: "batchmean"'s divisor instead of the valid rows
   // The heads.
   at::Tensor student_weight;  // [V, Hs]
   at::Tensor student_bias;    // [V], or undefined
@@ -116,8 +119,8 @@ inline at::Tensor row_matrix(const at::Tensor& x) {
 inline FusedLinearArgs make_fused_student_args(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& row_scale, const at::Tensor& options,
-    c10::string_view divergence_, int64_t ignore_index, c10::string_view reduction_, int64_t chunk_size,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
+    const std::optional<at::Tensor>& normalizer, c10::string_view divergence_, int64_t ignore_index,
+    c10::string_view reduction_, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
   const at::Device device = student_hidden.device();
   detail::check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias,
                      device);
@@ -156,17 +159,17 @@ inline FusedLinearArgs make_fused_student_args(
   a.grad_hidden = grad_hidden;
   a.grad_weight = grad_weight;
   a.grad_bias = grad_bias;
-  return a;
+  return with_normalizer(std::move(a), normalizer);  // after student and reduction, which its checks read
 }
 
 inline FusedLinearArgs make_fused_linear_args(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& row_scale, const at::Tensor& options,
-    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
+    const std::optional<at::Tensor>& normalizer, c10::string_view divergence, int64_t ignore_index,
+    c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
   FusedLinearArgs a = make_fused_student_args(student_hidden, student_weight, student_bias, labels, row_scale, options,
-                                              divergence, ignore_index, reduction, chunk_size, grad_hidden,
+                                              normalizer, divergence, ignore_index, reduction, chunk_size, grad_hidden,
                                               grad_weight, grad_bias);
   detail::check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias,
                      student_hidden.device());
@@ -184,11 +187,11 @@ inline FusedLinearArgs make_fused_linear_args(
 inline FusedLinearArgs make_fused_topk_args(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& values, const at::Tensor& indices, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& row_scale, const at::Tensor& options, c10::string_view divergence,
-    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
+    const std::optional<at::Tensor>& row_scale, const at::Tensor& options, const std::optional<at::Tensor>& normalizer,
+    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
   FusedLinearArgs a = make_fused_student_args(student_hidden, student_weight, student_bias, labels, row_scale, options,
-                                              divergence, ignore_index, reduction, chunk_size, grad_hidden,
+                                              normalizer, divergence, ignore_index, reduction, chunk_size, grad_hidden,
                                               grad_weight, grad_bias);
   FKD_CHECK_ARG(values.dim() >= 1 && values.sizes() == indices.sizes(), "teacher_values",
                 "expected shape [..., K], the shape of teacher_indices; got ", values.sizes(), " and ",

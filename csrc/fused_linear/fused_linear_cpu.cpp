@@ -20,7 +20,7 @@ namespace fastkd {
 namespace {
 
 struct CpuGemms {
-  float row_weight;  // 1 / valid rows for "batchmean", 1 otherwise (read once from its CPU tensor)
+  float row_weight;  // "batchmean": 1 / valid rows or 1 / normalizer; else 1 (read once from its CPU tensor)
 
   at::Tensor weight(const at::Tensor& w) const { return w.to(at::kFloat); }
   at::Tensor hidden_chunk(const at::Tensor& h) const { return h.to(at::kFloat); }
@@ -64,24 +64,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& row_scale, const at::Tensor& options,
-    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
+    const std::optional<at::Tensor>& normalizer, c10::string_view divergence, int64_t ignore_index,
+    c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
   const FusedLinearArgs a = make_fused_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
-                                                   teacher_weight, teacher_bias, labels, row_scale, options, divergence,
-                                                   ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
-                                                   grad_bias);
+                                                   teacher_weight, teacher_bias, labels, row_scale, options, normalizer,
+                                                   divergence, ignore_index, reduction, chunk_size, grad_hidden,
+                                                   grad_weight, grad_bias);
   return forward_cpu<DenseTeacher<CpuGemms>>(a, student_hidden.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kd_loss_fwd_cpu(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_values, const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& row_scale, const at::Tensor& options, c10::string_view divergence,
-    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
+    const std::optional<at::Tensor>& row_scale, const at::Tensor& options, const std::optional<at::Tensor>& normalizer,
+    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
   const FusedLinearArgs a = make_fused_topk_args(student_hidden, student_weight, student_bias, teacher_values,
-                                                 teacher_indices, labels, row_scale, options, divergence, ignore_index,
-                                                 reduction, chunk_size, grad_hidden, grad_weight, grad_bias);
+                                                 teacher_indices, labels, row_scale, options, normalizer, divergence,
+                                                 ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
+                                                 grad_bias);
   return forward_cpu<TopkTeacher<CpuGemms>>(a, student_hidden.sizes());
 }
 

@@ -91,28 +91,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& row_scale, const at::Tensor& options,
-    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
+    const std::optional<at::Tensor>& normalizer, c10::string_view divergence, int64_t ignore_index,
+    c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
   FKD_CHECK_ARG(student_hidden.is_cuda(), "student_hidden", "expected a CUDA tensor, got one on ",
                 student_hidden.device());
   const c10::cuda::CUDAGuard guard(student_hidden.device());
   return forward_cuda<DenseTeacher<CudaGemms>>(make_fused_linear_args(
       student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, row_scale,
-      options, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
+      options, normalizer, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kd_loss_fwd_cuda(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_values, const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& row_scale, const at::Tensor& options, c10::string_view divergence,
-    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
+    const std::optional<at::Tensor>& row_scale, const at::Tensor& options, const std::optional<at::Tensor>& normalizer,
+    c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
   FKD_CHECK_ARG(student_hidden.is_cuda(), "student_hidden", "expected a CUDA tensor, got one on ",
                 student_hidden.device());
   const c10::cuda::CUDAGuard guard(student_hidden.device());
   return forward_cuda<TopkTeacher<CudaGemms>>(make_fused_topk_args(
       student_hidden, student_weight, student_bias, teacher_values, teacher_indices, labels, row_scale, options,
-      divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
+      normalizer, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias));
 }
 
 }  // namespace

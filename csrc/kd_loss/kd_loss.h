@@ -15,9 +15,12 @@
 //     loss.backward()), so the common backward costs no pass over memory.
 #pragma once
 
+#include <c10/util/accumulate.h>
+
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/common.h"
@@ -65,7 +68,8 @@ inline KdOptions read_kd_options(const at::Tensor& options) {
 // topk_kd/topk_kd.h): the student's side, the labels, the reduction and the row kernel's parameters.
 struct KdOpArgs {
   at::ScalarType grad_dtype;  // the student's dtype (fp64 logits are computed in fp32, see below)
-  at::Tensor student;  // [rows, V], last dim contiguous
+  at::Tensor student;  // [..., V] (the op's, or a contiguous copy), its rows at student_rows (row_view)
+  RowBlocks student_rows;
   at::Tensor labels;   // [rows] int64, or undefined
   std::vector<int64_t> lead;  // the student's leading shape (rows = its product)
   int64_t rows;
@@ -76,11 +80,45 @@ struct KdOpArgs {
 };
 
 struct KdLossArgs : KdOpArgs {
-  at::Tensor teacher;  // [rows, V], last dim contiguous
+  at::Tensor teacher;  // [..., V], its rows at teacher_rows (row_view)
+  RowBlocks teacher_rows;
 };
 
-// [..., V] -> [rows, V] with unit stride along V; 2-D inputs keep any row stride (e.g. a slice of a
-// wider vocabulary), others are viewed when contiguous and copied otherwise.
+// Logits [..., V] as the row kernels read them in place (kd_rows.h's RowBlocks): the leading
+// dimensions of more than one index, adjacent ones merged where the outer stride is the inner one's
+// span, must come down to one (rows `stride` apart: contiguous or padded rows, a 2-D slice of a wider
+// vocabulary) or two (blocks of rows: logits[:, :-1] of a [B, S, V] tensor, a transpose, a slice of a
+// padded vocabulary), with the vocabulary contiguous and rows at least V apart. Anything else (three
+// unmergeable levels, a strided vocabulary, an expanded row) is copied to contiguous rows.
+struct RowView {
+  at::Tensor data;
+  RowBlocks rows;
+};
+
+inline RowView row_view(const at::Tensor& x) {
+  const int64_t vocab = x.size(-1);
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (size, stride), outermost first
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
+    rows *= x.size(d);
+    if (x.size(d) == 1) continue;
+    if (!dims.empty() && dims.back().second == x.size(d) * x.stride(d)) {
+      dims.back() = {dims.back().first * x.size(d), x.stride(d)};
+    } else {
+      dims.emplace_back(x.size(d), x.stride(d));
+    }
+  }
+  if (rows > 0 && (vocab == 1 || x.stride(-1) == 1) && dims.size() <= 2) {
+    RowBlocks b{vocab};
+    if (dims.size() == 1) b.stride = dims[0].second;
+    if (dims.size() == 2) b = {dims[1].second, dims[1].first, dims[0].second};
+    if (rows_disjoint(b, rows, vocab)) return {x, b};
+  }
+  return {x.contiguous(), RowBlocks{vocab}};
+}
+
+// [..., K] -> [rows, K] with unit stride along K (the top-k teacher's values and indices, K << V: a
+// copy is cheap); 2-D inputs keep any row stride, others are viewed when contiguous and copied otherwise.
 inline at::Tensor as_rows(const at::Tensor& x) {
   const int64_t vocab = x.size(-1);
   if (x.dim() == 2 && x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= vocab)) return x;
@@ -105,16 +143,18 @@ inline at::Tensor labels_arg(const std::optional<at::Tensor>& labels, at::IntArr
 }
 
 // The student's side of a KD op's arguments, after the op's own checks of its tensors: the leading
-// shape, the vocabulary (checked non-empty), the gradient's dtype and the [rows, V] fp32/fp16/bf16
-// student (fp64 logits are converted to fp32: fastkd's maths is fp32 throughout; the gradient goes
+// shape, the vocabulary (checked non-empty), the gradient's dtype and the fp32/fp16/bf16 student and its
+// rows (row_view; fp64 logits are converted to fp32: fastkd's maths is fp32 throughout; the gradient goes
 // back to grad_dtype).
 inline void set_student_args(KdOpArgs& a, const at::Tensor& student) {
   a.lead = student.sizes().slice(0, student.dim() - 1).vec();
   a.vocab = student.size(-1);
   FKD_CHECK_ARG(a.vocab >= 1, "student_logits", "the vocabulary (last) dimension is empty");
   a.grad_dtype = student.scalar_type();
-  a.student = as_rows(student.scalar_type() == at::kDouble ? student.to(at::kFloat) : student);
-  a.rows = a.student.size(0);
+  RowView v = row_view(student.scalar_type() == at::kDouble ? student.to(at::kFloat) : student);
+  a.student = std::move(v.data);
+  a.student_rows = v.rows;
+  a.rows = c10::multiply_integers(a.lead);
 }
 
 // The rest of a KD op's arguments, after set_student_args: the reduction, the labels (checked against
@@ -153,7 +193,9 @@ inline KdLossArgs make_kd_loss_args(const at::Tensor& student, const at::Tensor&
   const KdOptions o = read_kd_options(options);
   KdLossArgs a;
   set_student_args(a, student);
-  a.teacher = as_rows(teacher.scalar_type() == at::kDouble ? teacher.to(at::kFloat) : teacher);
+  RowView t = row_view(teacher.scalar_type() == at::kDouble ? teacher.to(at::kFloat) : teacher);
+  a.teacher = std::move(t.data);
+  a.teacher_rows = t.rows;
   const Divergence div = parse_divergence(divergence);
   set_loss_args(a, labels, student.device(), o, div, ignore_index, reduction);
   return a;
@@ -184,7 +226,9 @@ RowsArgs student_rows_args(const KdOpArgs& a, float* row_losses, void* grad) {
   RowsArgs r;
   r.student = a.student.data_ptr();
   r.student_dtype = a.student.scalar_type();
-  r.student_stride = a.student.stride(0);
+  r.student_stride = a.student_rows.stride;
+  r.student_block_rows = a.student_rows.block_rows;
+  r.student_block_stride = a.student_rows.block_stride;
   r.labels = a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr;
   r.rows = a.rows;
   r.vocab = a.vocab;
@@ -201,7 +245,9 @@ inline KdRowsArgs kd_rows_args(const KdLossArgs& a, float* row_losses, void* gra
   KdRowsArgs r = student_rows_args<KdRowsArgs>(a, row_losses, grad);
   r.teacher = a.teacher.data_ptr();
   r.teacher_dtype = a.teacher.scalar_type();
-  r.teacher_stride = a.teacher.stride(0);
+  r.teacher_stride = a.teacher_rows.stride;
+  r.teacher_block_rows = a.teacher_rows.block_rows;
+  r.teacher_block_stride = a.teacher_rows.block_stride;
   return r;
 }
 
@@ -223,11 +269,50 @@ at::Tensor row_weight(const Args& a) {
   return a.labels.ne(a.params.ignore_index).sum().clamp_min(1).to(at::kFloat).reciprocal();
 }
 
+// A row API's arguments (KdRowsArgs, TopkRowsArgs) writing the rows' terms into row_terms ([rows, 2] fp32),
+// or unchanged for an undefined row_terms.
+template <typename RowsArgs>
+RowsArgs with_row_terms(RowsArgs r, const at::Tensor& row_terms) {
+  if (!row_terms.defined()) return r;
+  r.row_terms = row_terms.data_ptr<float>();
+  r.params = with_terms_params(r.params, r.labels != nullptr);
+  return r;
+}
+
+// The outputs of a KD op's forward: (loss, grad) and, for its twin *_terms_fwd, the terms (reduce_terms).
+struct KdOpOutputs {
+  at::Tensor loss, grad, terms;
+};
+
+// The op's (loss, grad) or, kTerms, (loss, grad, terms): each KD op and its *_terms_fwd twin.
+template <bool kTerms>
+auto op_outputs(KdOpOutputs o) {
+  if constexpr (kTerms) {
+    return std::tuple<at::Tensor, at::Tensor, at::Tensor>{o.loss, o.grad, o.terms};
+  } else {
+    return std::tuple<at::Tensor, at::Tensor>{o.loss, o.grad};
+  }
+}
+
 // The op's loss output from the per-row losses (ignored rows hold 0); Args as for row_weight.
 template <typename Args>
 at::Tensor reduce_rows(const Args& a, const at::Tensor& row_losses, const at::Tensor& weight) {
   if (a.reduction == Reduction::None) return row_losses.view(a.lead);
   at::Tensor total = row_losses.sum();
+  return a.reduction == Reduction::BatchMean ? total * weight : total;
+}
+
+// The op's terms output from the rows' terms ([rows, 2]: T^2 * D and CE, unweighted), reduced as the loss
+// is: [..., 2] for "none", else [2] (the sums, times the batch mean's weight); undefined without them.
+template <typename Args>
+at::Tensor reduce_terms(const Args& a, const at::Tensor& row_terms, const at::Tensor& weight) {
+  if (!row_terms.defined()) return row_terms;
+  if (a.reduction == Reduction::None) {
+    std::vector<int64_t> shape = a.lead;
+    shape.push_back(2);
+    return row_terms.view(shape);
+  }
+  at::Tensor total = row_terms.sum(0);
   return a.reduction == Reduction::BatchMean ? total * weight : total;
 }
 

@@ -135,14 +135,16 @@ std::atomic<bool> g_grad_cache_enabled{true};
 bool grad_cache_enabled() { return g_grad_cache_enabled.load(std::memory_order_relaxed); }
 
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
+// kTerms: the op's twin with the terms, *_terms_fwd (kd_loss/kd_loss.h's op_outputs).
+template <bool kTerms>
+auto kd_loss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
     int64_t ignore_index, c10::string_view reduction, bool with_grad) {
-  return kd_op_forward_cpu(
+  return op_outputs<kTerms>(kd_op_forward_cpu(
       with_normalizer(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index,
                                         reduction), normalizer),
-      student.sizes(), with_grad, kd_rows_args, kd_rows_cpu);
+      student.sizes(), with_grad, kTerms, kd_rows_args, kd_rows_cpu));
 }
 
 void kd_loss_scale_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
@@ -195,7 +197,8 @@ void set_cpu_grad_cache(bool enabled) { g_grad_cache_enabled.store(enabled, std:
 size_t cpu_grad_cache_bytes() { return GradAllocator::get().cached_bytes(); }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu<false>);
+  m.impl("kd_loss_terms_fwd", &kd_loss_fwd_cpu<true>);
   m.impl("kd_loss_scale_", &kd_loss_scale_cpu);
 }
 

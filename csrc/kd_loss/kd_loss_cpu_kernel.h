@@ -114,10 +114,11 @@ RowScratch& thread_scratch(int64_t vocab, bool keep, bool sep, bool jsd_grad) {
   return scratch;
 }
 
-// One row: returns its loss and, when grad != nullptr, writes w * d(row loss)/d(student row).
+// One row: returns its loss and, when grad != nullptr, writes w * d(row loss)/d(student row); its terms
+// into terms[0..1] when terms != nullptr (kd_rows.h's row_terms).
 template <Divergence D, typename S, typename T>
 float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, const KdParams& p, float w,
-             bool stream, RowScratch& buf) {
+             bool stream, RowScratch& buf, float* terms) {
   constexpr bool kFusedKL = D == Divergence::KL;
   const bool sep = p.separate_lse1;
   const bool keep = grad != nullptr || !kFusedKL;
@@ -216,7 +217,7 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
         if constexpr (!std::is_same_v<S, float>) finish_grad_chunk(c0, n);
       }
     }
-    return row_loss(p, d, n1, s_label);
+    return row_loss(p, d, n1, s_label, terms);
   } else {
     const float beta = p.beta;
     // JSD keeps log M from sweep 2 (buf.lm) so that sweep 3 computes no logarithm and needs no
@@ -276,7 +277,7 @@ float kd_row(const S* s, const T* t, S* grad, int64_t vocab, int64_t label, cons
     float aux = 0.f, unused = 0.f;
     sweep(/*with_grad=*/false, 0.f, &d, &aux);
     if (grad != nullptr) sweep(true, D == Divergence::ReverseKL ? d : aux, &unused, &unused);
-    return row_loss(p, d, n1, s_label);
+    return row_loss(p, d, n1, s_label, terms);
   }
 }
 
@@ -286,7 +287,8 @@ void kd_rows_typed(const KdRowsArgs& a, float w, bool stream) {
   const T* t = static_cast<const T*>(a.teacher);
   S* grad = static_cast<S*>(a.grad);
   float* row_losses = a.row_losses;
-  const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride, vocab = a.vocab;
+  const RowBlocks ss = a.student_rows(), ts = a.teacher_rows();
+  const int64_t gs = a.grad_stride, vocab = a.vocab;
   const int64_t* labels = a.labels;
   const KdParams p = a.params;
   const int64_t grain = std::max<int64_t>(1, 32768 / vocab);
@@ -295,15 +297,17 @@ void kd_rows_typed(const KdRowsArgs& a, float w, bool stream) {
     RowScratch& buf = thread_scratch(vocab, keep, p.separate_lse1, D == Divergence::JSD && grad != nullptr);
     for (int64_t r = begin; r < end; ++r) {
       S* g = grad ? grad + r * gs : nullptr;
+      float* terms = a.row_terms ? a.row_terms + 2 * r : nullptr;
       const int64_t label = labels ? labels[r] : 0;
       if (labels && label == p.ignore_index) {
         row_losses[r] = 0.f;
+        if (terms) terms[0] = terms[1] = 0.f;
         if (g) std::fill(g, g + vocab, S(0));
         continue;
       }
       FKD_CHECK_ARG(!labels || (label >= 0 && label < vocab), "labels", "labels[", r, "] = ", label,
                     " is outside [0, ", vocab, ") and is not ignore_index (", p.ignore_index, ")");
-      row_losses[r] = kd_row<D>(s + r * ss, t + r * ts, g, vocab, label, p, w, stream, buf);
+      row_losses[r] = kd_row<D>(s + ss.offset(r), t + ts.offset(r), g, vocab, label, p, w, stream, buf, terms);
     }
     if (stream) stream_fence();  // order the non-temporal stores before the task ends
   });

@@ -119,13 +119,14 @@ __device__ __forceinline__ int align16(int bytes) { return (bytes + 15) & ~15; }
 // kWarpGroup: one warp per row (vocab <= kWarpRowMaxVocab), no shared-memory row cache.
 template <Divergence D, typename S, typename T, bool kWarpGroup>
 __global__ void __launch_bounds__(kWarpGroup ? kWarpKernelThreads : kMaxBlockThreads, kWarpGroup ? 2 : 1)
-kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride], student logits
-                   int64_t student_stride,
-                   const T* __restrict__ teacher,      // [rows, teacher_stride], teacher logits
-                   int64_t teacher_stride,
+kd_loss_fwd_kernel(const S* __restrict__ student,      // student logits, row r at student_rows.offset(r)
+                   RowBlocks student_rows,
+                   const T* __restrict__ teacher,      // teacher logits, row r at teacher_rows.offset(r)
+                   RowBlocks teacher_rows,
                    const int64_t* __restrict__ labels,  // [rows] or nullptr
                    const float* __restrict__ weight,    // [] the reduction weight w of a valid row
                    float* __restrict__ row_losses,      // [rows] out
+                   float* __restrict__ row_terms,       // [rows, 2] out, or nullptr (kd_rows.h)
                    S* __restrict__ grad,                // [rows, grad_stride] out, or nullptr
                    int64_t grad_stride,
                    int64_t rows, int vocab, KdParams p,
@@ -157,8 +158,8 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
   const Sums sums_id{0.f, 0.f};
 
   for (int64_t r = grp.id; r < rows; r += grp.count) {
-    const S* s = student + r * student_stride;
-    const T* t = teacher + r * teacher_stride;
+    const S* s = student + student_rows.offset(r);
+    const T* t = teacher + teacher_rows.offset(r);
     S* g = grad != nullptr ? grad + r * grad_stride : nullptr;
     const RowLayout L = row_layout<N>(s, t, g, vocab);
     const int n_scalar = L.head + (vocab - L.tail);
@@ -173,6 +174,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
       label = labels[r];
       if (label == p.ignore_index) {  // ignored row: loss 0, zero gradient
         if (rank == 0) row_losses[r] = 0.f;
+        if (rank == 0 && row_terms != nullptr) row_terms[2 * r] = row_terms[2 * r + 1] = 0.f;
         if (g != nullptr) zero_row<N>(g, L, vocab, rank, size);
         continue;
       }
@@ -290,7 +292,7 @@ kd_loss_fwd_kernel(const S* __restrict__ student,      // [rows, student_stride]
       d = tot.d;
       sweep(False{}, True{}, False{}, True{}, D == Divergence::ReverseKL ? tot.d : tot.aux);
     }
-    if (rank == 0) row_losses[r] = row_loss(p, d, n1, s_label);
+    if (rank == 0) row_losses[r] = row_loss(p, d, n1, s_label, row_terms != nullptr ? row_terms + 2 * r : nullptr);
   }
 }
 
@@ -357,7 +359,8 @@ void launch_kd_loss_fwd(const KdRowsArgs& a, const float* weight, cudaStream_t s
   float* row_losses = a.row_losses;
   S* grad = static_cast<S*>(a.grad);
   const int vocab = static_cast<int>(a.vocab);
-  const int64_t ss = a.student_stride, ts = a.teacher_stride, gs = a.grad_stride;
+  const RowBlocks ss = a.student_rows(), ts = a.teacher_rows();
+  const int64_t gs = a.grad_stride;
   // kd_rows.h: the current device holds the buffers (the caller's CUDAGuard).
   const KdLaunchConfig c = fwd_config<D, S, T>(c10::cuda::current_device(), vocab);
 
@@ -366,11 +369,11 @@ void launch_kd_loss_fwd(const KdRowsArgs& a, const float* weight, cudaStream_t s
     // warp, microseconds later), so no shared-memory cache is needed.
     const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kWarpKernelThreads / kWarpSize), INT_MAX);
     kd_loss_fwd_kernel<D, S, T, true><<<static_cast<unsigned>(blocks), c.threads, 0, stream>>>(
-        s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab, a.params, 0);
+        s, ss, t, ts, labels, weight, row_losses, a.row_terms, grad, gs, a.rows, vocab, a.params, 0);
   } else {
     const int64_t blocks = std::min<int64_t>(a.rows, INT_MAX);
     kd_loss_fwd_kernel<D, S, T, false><<<static_cast<unsigned>(blocks), c.threads, static_cast<size_t>(c.dyn_smem),
-                                         stream>>>(s, ss, t, ts, labels, weight, row_losses, grad, gs, a.rows, vocab,
+                                         stream>>>(s, ss, t, ts, labels, weight, row_losses, a.row_terms, grad, gs, a.rows, vocab,
                                                    a.params, c.cache_packs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -405,14 +408,16 @@ void kd_rows_cuda(const KdRowsArgs& a, const float* row_weight, cudaStream_t str
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
+// kTerms: the op's twin with the terms, *_terms_fwd (kd_loss/kd_loss.h's op_outputs).
+template <bool kTerms>
+auto kd_loss_fwd_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
     int64_t ignore_index, c10::string_view reduction, bool with_grad) {
-  return kd_op_forward_cuda(
+  return op_outputs<kTerms>(kd_op_forward_cuda(
       with_normalizer(make_kd_loss_args(student, teacher, labels, options, divergence, ignore_index,
                                         reduction), normalizer),
-      student.sizes(), with_grad, kd_rows_args, kd_rows_cuda);
+      student.sizes(), with_grad, kTerms, kd_rows_args, kd_rows_cuda));
 }
 
 template <typename X>
@@ -476,7 +481,8 @@ std::vector<std::pair<std::string, int64_t>> kd_cuda_launch_info(const std::stri
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cuda<false>);
+  m.impl("kd_loss_terms_fwd", &kd_loss_fwd_cuda<true>);
   m.impl("kd_loss_scale_", &kd_loss_scale_cuda);
 }
 

@@ -195,11 +195,22 @@ struct KdParams {
   Divergence divergence;  // JSD only for 0 < beta < 1 (make_kd_params, kd_loss/kd_rows.h)
 };
 
-// Row loss from its sums: soft_weight * T^2 * D + hard_weight * CE, CE = -log softmax(s)[label].
+// Row loss from its sums: soft_weight * T^2 * D + hard_weight * CE, CE = -log softmax(s)[label]. (hard
+// with hard_weight 0: the cross-entropy is computed for the terms only; a 0 * inf must not reach the loss.)
 FKD_HD float row_loss(const KdParams& p, float d, const LogNorm& n1, float s_label) {
   float loss = p.soft_weight * p.temperature * p.temperature * d;
-  if (p.hard) loss -= p.hard_weight * log_prob(s_label, n1);
+  if (p.hard && p.hard_weight != 0) loss -= p.hard_weight * log_prob(s_label, n1);
   return loss;
+}
+
+// The same, and the row's unweighted terms into terms[0], terms[1] (T^2 * D and CE, 0 without the hard
+// term) where terms != nullptr (the row APIs' row_terms, kd_rows.h).
+FKD_HD float row_loss(const KdParams& p, float d, const LogNorm& n1, float s_label, float* terms) {
+  if (terms != nullptr) {
+    terms[0] = p.temperature * p.temperature * d;
+    terms[1] = p.hard ? -log_prob(s_label, n1) : 0.f;
+  }
+  return row_loss(p, d, n1, s_label);
 }
 
 // Gradient of one entry with respect to the student logit, times the row's reduction weight w:

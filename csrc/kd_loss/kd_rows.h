@@ -21,14 +21,20 @@
 //   row_losses[r] = soft_weight * T^2 * D(p_t, p_s) + hard_weight * CE(student row, labels[r]),
 //     unweighted (the caller reduces them), 0 for a row whose label is ignore_index;
 //   grad row r    = row_weight * d(row_losses[r]) / d(student row), all zeros for an ignored row,
-//     only when grad != nullptr.
+//     only when grad != nullptr;
+//   row_terms[r]  = (T^2 * D, CE) without the weights, (0, 0) for an ignored row, only when row_terms !=
+//     nullptr (the soft and hard terms for logging, from the same pass; CE is 0 unless params.hard:
+//     with_terms_params computes it at hard_weight 0 too).
 // Labels: when labels != nullptr, rows with labels[r] == ignore_index are skipped (even with
 // hard_weight == 0); every other label must be in [0, vocab): the CPU throws c10::ValueError, CUDA
 // trips a device assert (no host sync). labels may be nullptr only when hard_weight == 0.
 //
 // Memory: row r of a [rows, stride] buffer is the elements [r * stride, r * stride + vocab); the
 // last dimension is contiguous, rows may be padded (stride >= vocab) and the pointers need only the
-// alignment of their element type (vector paths are chosen per row at run time). No (rows x V) memory
+// alignment of their element type (vector paths are chosen per row at run time). The input logits
+// may also come in blocks (RowBlocks below: a [B, S, V] tensor's logits[:, :-1], or a transpose,
+// which no one row stride describes): *_block_rows rows *_stride apart per block, the blocks
+// *_block_stride apart; 0 (the default) is one block. The gradient is always one block. No (rows x V) memory
 // is allocated: the CPU keeps a per-worker-thread scratch of at most 16 bytes x V + 16 KiB (a row's
 // kept exponentials), grown on demand and held for the thread's lifetime; CUDA allocates nothing
 // (it uses dynamic shared memory only).
@@ -57,6 +63,7 @@
 #include <cstdint>
 
 #include "common/common.h"
+#include "common/host_device.h"
 #include "kd_loss/kd_loss_math.h"
 
 #if defined(FASTKD_WITH_CUDA)
@@ -65,23 +72,41 @@
 
 namespace fastkd {
 
+// Where row r of a block of input logits starts, in elements from its pointer (see "Memory" above):
+// rows `stride` apart, in blocks of `block_rows` rows `block_stride` apart (block_rows = 0: one block).
+// The row kernels compute it once per row.
+struct RowBlocks {
+  int64_t stride = 0;
+  int64_t block_rows = 0;
+  int64_t block_stride = 0;
+  FKD_HD int64_t offset(int64_t r) const {
+    return block_rows == 0 ? r * stride : (r / block_rows) * block_stride + (r % block_rows) * stride;
+  }
+};
+
 struct KdRowsArgs {
   // Inputs: fp32, fp16 or bf16 logits, in any combination.
   const void* student = nullptr;  // [rows, student_stride] student logits
   at::ScalarType student_dtype = at::kFloat;
   int64_t student_stride = 0;     // elements between rows, >= vocab (when rows > 1)
+  int64_t student_block_rows = 0, student_block_stride = 0;  // one block (0), or blocks: "Memory" above
   const void* teacher = nullptr;  // [rows, teacher_stride] teacher logits
   at::ScalarType teacher_dtype = at::kFloat;
   int64_t teacher_stride = 0;
+  int64_t teacher_block_rows = 0, teacher_block_stride = 0;
   const int64_t* labels = nullptr;  // [rows] hard labels, or nullptr (see above)
   int64_t rows = 0;
   int64_t vocab = 0;                // >= 1; at most 2^30 on CUDA
   // Outputs (written, never read).
   float* row_losses = nullptr;      // [rows] per-row losses, unweighted
+  float* row_terms = nullptr;       // [rows, 2] each row's T^2 * D and CE (unweighted), or nullptr: see above
   void* grad = nullptr;             // [rows, grad_stride] the weighted gradient, or nullptr: no gradient
   at::ScalarType grad_dtype = at::kFloat;  // must be student_dtype
   int64_t grad_stride = 0;
   KdParams params{};                // from make_kd_params
+
+  RowBlocks student_rows() const { return {student_stride, student_block_rows, student_block_stride}; }
+  RowBlocks teacher_rows() const { return {teacher_stride, teacher_block_rows, teacher_block_stride}; }
 };
 
 // The row kernel's parameters from an op's arguments, which the caller has checked (temperature
@@ -101,6 +126,16 @@ inline KdParams make_kd_params(Divergence divergence, double temperature, double
   p.hard = hard_weight != 0;
   p.separate_lse1 = p.hard && temperature != 1.0;
   p.divergence = divergence;
+  return p;
+}
+
+// params for a call that also writes row_terms: the cross-entropy is computed whenever there are labels
+// (at hard_weight 0 it enters neither the loss nor the gradient: row_loss, grad_combine).
+inline KdParams with_terms_params(KdParams p, bool has_labels) {
+  if (has_labels && !p.hard) {
+    p.hard = true;
+    p.separate_lse1 = p.temperature != 1.f;
+  }
   return p;
 }
 
@@ -124,9 +159,21 @@ struct ByteSpan {
   bool overlaps(const ByteSpan& o) const { return first < o.last && o.first < last; }
 };
 
+inline ByteSpan row_span(const void* p, int64_t rows, const RowBlocks& at, int64_t width, size_t elem_bytes) {
+  const auto first = reinterpret_cast<uintptr_t>(p);  // strides are >= 0: the last row ends last
+  return {first, first + static_cast<uintptr_t>((at.offset(rows - 1) + width) * static_cast<int64_t>(elem_bytes))};
+}
+
 inline ByteSpan row_span(const void* p, int64_t rows, int64_t stride, int64_t width, size_t elem_bytes) {
-  const auto first = reinterpret_cast<uintptr_t>(p);
-  return {first, first + static_cast<uintptr_t>(((rows - 1) * stride + width) * static_cast<int64_t>(elem_bytes))};
+  return row_span(p, rows, RowBlocks{stride}, width, elem_bytes);
+}
+
+// The contract's stride rule for a block layout (rows >= 1): rows `width` elements apart at least within
+// a block, and blocks too (the blocks may interleave, as a transpose's do; blocks of one row are written
+// as one block with stride = block_stride by the callers).
+inline bool rows_disjoint(const RowBlocks& at, int64_t rows, int64_t width) {
+  if (at.block_rows == 0) return rows == 1 || at.stride >= width;
+  return at.block_rows >= 2 && at.stride >= width && at.block_stride >= width;
 }
 
 // The gradient's span, and its check against the student logits, of a row API's arguments (KdRowsArgs;
@@ -140,10 +187,11 @@ ByteSpan grad_span(const RowsArgs& a) {
 
 template <typename RowsArgs>
 void check_grad_over_student(const RowsArgs& a, bool in_place_ok, const char* api, const char* header) {
-  const bool in_place = a.grad == a.student && a.grad_stride == a.student_stride && a.grad_dtype == a.student_dtype;
+  const bool in_place = a.grad == a.student && a.grad_stride == a.student_stride && a.student_block_rows == 0 &&
+                        a.grad_dtype == a.student_dtype;
   FKD_CHECK(!in_place || in_place_ok, api, ": this backend cannot write the gradient in place over the student "
             "logits (", header, "); pass a separate gradient buffer");
-  FKD_CHECK(in_place || !grad_span(a).overlaps(row_span(a.student, a.rows, a.student_stride, a.vocab,
+  FKD_CHECK(in_place || !grad_span(a).overlaps(row_span(a.student, a.rows, a.student_rows(), a.vocab,
                                                         c10::elementSize(a.student_dtype))),
             api, ": the gradient overlaps the student logits other than exactly in place");
 }
@@ -163,12 +211,13 @@ inline void check_kd_rows_args(const KdRowsArgs& a, bool in_place_ok) {
   if (a.rows == 0) return;
   FKD_CHECK(a.student != nullptr && a.teacher != nullptr && a.row_losses != nullptr,
             "kd_rows: null student, teacher or row_losses");
-  const auto stride_ok = [&](int64_t stride) { return a.rows == 1 || stride >= a.vocab; };
-  FKD_CHECK(stride_ok(a.student_stride) && stride_ok(a.teacher_stride) && (a.grad == nullptr || stride_ok(a.grad_stride)),
-            "kd_rows: row strides (", a.student_stride, ", ", a.teacher_stride, ", ", a.grad_stride,
-            ") must be >= vocab (", a.vocab, ")");
+  FKD_CHECK(rows_disjoint(a.student_rows(), a.rows, a.vocab) && rows_disjoint(a.teacher_rows(), a.rows, a.vocab) &&
+                (a.grad == nullptr || rows_disjoint(RowBlocks{a.grad_stride}, a.rows, a.vocab)),
+            "kd_rows: row strides (student ", a.student_stride, " in blocks of ", a.student_block_rows, " rows ",
+            a.student_block_stride, " apart, teacher ", a.teacher_stride, " / ", a.teacher_block_rows, " / ",
+            a.teacher_block_stride, ", grad ", a.grad_stride, ") must be >= vocab (", a.vocab, ")");
   if (a.grad == nullptr) return;
-  FKD_CHECK(!grad_span(a).overlaps(row_span(a.teacher, a.rows, a.teacher_stride, a.vocab,
+  FKD_CHECK(!grad_span(a).overlaps(row_span(a.teacher, a.rows, a.teacher_rows(), a.vocab,
                                             c10::elementSize(a.teacher_dtype))),
             "kd_rows: the gradient overlaps the teacher logits");
   check_grad_over_student(a, in_place_ok, "kd_rows", "kd_loss/kd_rows.h");

@@ -19,15 +19,17 @@ namespace fastkd {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(
+// kTerms: the op's twin with the terms, *_terms_fwd (kd_loss/kd_loss.h's op_outputs).
+template <bool kTerms>
+auto topk_kd_loss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& values,
     const at::Tensor& indices, const std::optional<at::Tensor>& labels,
     const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
     int64_t ignore_index, c10::string_view reduction, bool with_grad) {
-  return kd_op_forward_cpu(
+  return op_outputs<kTerms>(kd_op_forward_cpu(
       with_normalizer(make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index,
                                         reduction), normalizer),
-      student.sizes(), with_grad, topk_rows_args, topk_rows_cpu);
+      student.sizes(), with_grad, kTerms, topk_rows_args, topk_rows_cpu));
 }
 
 }  // namespace
@@ -38,6 +40,9 @@ void topk_rows_cpu(const TopkRowsArgs& a, float row_weight, bool stream) {
   cpu_kernels().topk_rows(a, row_weight, stream);
 }
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("topk_kd_loss_fwd", &topk_kd_loss_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("topk_kd_loss_fwd", &topk_kd_loss_fwd_cpu<false>);
+  m.impl("topk_kd_loss_terms_fwd", &topk_kd_loss_fwd_cpu<true>);
+}
 
 }  // namespace fastkd

@@ -110,10 +110,11 @@ LogNorm teacher_norm(const T* values, int64_t k, float inv_t, TopkScratch& buf, 
   return lse_finish({m, sum.total()});
 }
 
-// One row: returns its loss and, when grad != nullptr, writes w * d(row loss)/d(student row).
+// One row: returns its loss and, when grad != nullptr, writes w * d(row loss)/d(student row); its terms
+// into terms[0..1] when terms != nullptr (topk_rows.h's row_terms; the caller zeroes them first).
 template <Divergence D, typename S>
 float topk_row(const S* s, const TopkRowsArgs& a, int64_t r, S* grad, int64_t label, float w, bool stream,
-               TopkScratch& buf) {
+               TopkScratch& buf, float* terms) {
   const KdParams& p = a.params;
   const int64_t vocab = a.vocab, k = a.k, chunks = (vocab + kChunk - 1) / kChunk;
   const bool sep = p.separate_lse1, keep = grad != nullptr;
@@ -166,7 +167,7 @@ float topk_row(const S* s, const TopkRowsArgs& a, int64_t r, S* grad, int64_t la
   }
   const float R = static_cast<float>(r_sum);
   const float div = empty ? 0.f : topk_divergence<D>(static_cast<float>(d_sum), R, jsd);
-  const float loss = row_loss(p, div, n1, p.hard ? static_cast<float>(s[label]) : 0.f);
+  const float loss = row_loss(p, div, n1, p.hard ? static_cast<float>(s[label]) : 0.f, terms);
   if (!keep) return loss;
 
   // 5: the gradient, chunk by chunk, from the kept exponentials.
@@ -219,6 +220,8 @@ void topk_rows_typed(const TopkRowsArgs& a, float w, bool stream) {
     TopkScratch& buf = topk_scratch(vocab, a.k, grad != nullptr, p.separate_lse1);
     for (int64_t r = begin; r < end; ++r) {
       S* g = grad ? grad + r * a.grad_stride : nullptr;
+      float* terms = a.row_terms ? a.row_terms + 2 * r : nullptr;
+      if (terms) terms[0] = terms[1] = 0.f;  // (ignored rows, and rows without any term, keep them)
       const int64_t label = a.labels ? a.labels[r] : 0;
       // Every row's indices are checked, ignored rows' too (as the reference does).
       if (a.indices_int64) sort_support(static_cast<const int64_t*>(a.indices) + r * a.indices_stride, a.k, vocab, r, buf);
@@ -230,7 +233,7 @@ void topk_rows_typed(const TopkRowsArgs& a, float w, bool stream) {
       }
       FKD_CHECK_ARG(!a.labels || (label >= 0 && label < vocab), "labels", "labels[", r, "] = ", label,
                     " is outside [0, ", vocab, ") and is not ignore_index (", p.ignore_index, ")");
-      a.row_losses[r] = topk_row<D>(s + r * a.student_stride, a, r, g, label, w, stream, buf);
+      a.row_losses[r] = topk_row<D>(s + a.student_rows().offset(r), a, r, g, label, w, stream, buf, terms);
     }
     if (stream) stream_fence();  // order the non-temporal stores before the task ends
   });

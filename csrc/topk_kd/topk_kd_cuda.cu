@@ -115,7 +115,7 @@ __device__ __forceinline__ Sums shfl_xor(const Sums& v, int m) {
 // The kernel's arguments (topk_rows.h's TopkRowsArgs, with the launch's choices).
 struct TopkKernelArgs {
   const void* student;
-  int64_t student_stride;
+  RowBlocks student_rows;
   const void* values;
   ValueType values_type;
   int64_t values_stride;  // in bytes
@@ -126,6 +126,7 @@ struct TopkKernelArgs {
   const int64_t* labels;  // [rows] or nullptr
   const float* weight;    // [] the row weight
   float* row_losses;      // [rows] out
+  float* row_terms;       // [rows, 2] out, or nullptr (topk_rows.h)
   void* grad;             // [rows, grad_stride] out, or nullptr
   int64_t grad_stride;
   int64_t rows;
@@ -164,7 +165,7 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
   }
 
   for (int64_t r = grp.id; r < a.rows; r += grp.count) {
-    const S* __restrict__ s = static_cast<const S*>(a.student) + r * a.student_stride;
+    const S* __restrict__ s = static_cast<const S*>(a.student) + a.student_rows.offset(r);
     const void* vrow = static_cast<const char*>(a.values) + r * a.values_stride;
     const void* irow = static_cast<const char*>(a.indices) + r * a.indices_stride;
     S* __restrict__ g = a.grad != nullptr ? static_cast<S*>(a.grad) + r * a.grad_stride : nullptr;
@@ -180,6 +181,7 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
       label = a.labels[r];
       if (label == p.ignore_index) {  // ignored row: loss 0, zero gradient
         if (rank == 0) a.row_losses[r] = 0.f;
+        if (rank == 0 && a.row_terms != nullptr) a.row_terms[2 * r] = a.row_terms[2 * r + 1] = 0.f;
         if (g != nullptr) zero_row<N>(g, L, vocab, rank, size);
         continue;
       }
@@ -288,7 +290,7 @@ topk_kd_fwd_kernel(const __grid_constant__ TopkKernelArgs a) {  // read in place
       d = topk_divergence<Divergence::KL>(acc.d, acc.r, a.jsd);
       alpha = topk_dense_coef<Divergence::KL>(acc.r, a.jsd);
     }
-    if (rank == 0) a.row_losses[r] = row_loss(p, d, n1, s_label);
+    if (rank == 0) a.row_losses[r] = row_loss(p, d, n1, s_label, a.row_terms != nullptr ? a.row_terms + 2 * r : nullptr);
 
     // ---- pass 2: the gradient ----
     if (g != nullptr) {
@@ -371,7 +373,7 @@ template <typename S>
 void launch_topk(const TopkRowsArgs& r, const float* weight, cudaStream_t stream) {
   TopkKernelArgs a;
   a.student = r.student;
-  a.student_stride = r.student_stride;
+  a.student_rows = r.student_rows();
   a.values = r.values;
   a.values_type = value_type(r.values_dtype);
   a.values_stride = r.values_stride * static_cast<int64_t>(c10::elementSize(r.values_dtype));
@@ -382,6 +384,7 @@ void launch_topk(const TopkRowsArgs& r, const float* weight, cudaStream_t stream
   a.labels = r.labels;
   a.weight = weight;
   a.row_losses = r.row_losses;
+  a.row_terms = r.row_terms;
   a.grad = r.grad;
   a.grad_stride = r.grad_stride;
   a.rows = r.rows;
@@ -425,15 +428,17 @@ void topk_rows_cuda(const TopkRowsArgs& a, const float* row_weight, cudaStream_t
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(
+// kTerms: the op's twin with the terms, *_terms_fwd (kd_loss/kd_loss.h's op_outputs).
+template <bool kTerms>
+auto topk_kd_loss_fwd_cuda(
     const at::Tensor& student, const at::Tensor& values,
     const at::Tensor& indices, const std::optional<at::Tensor>& labels,
     const at::Tensor& options, const std::optional<at::Tensor>& normalizer, c10::string_view divergence,
     int64_t ignore_index, c10::string_view reduction, bool with_grad) {
-  return kd_op_forward_cuda(
+  return op_outputs<kTerms>(kd_op_forward_cuda(
       with_normalizer(make_topk_loss_args(student, values, indices, labels, options, divergence, ignore_index,
                                         reduction), normalizer),
-      student.sizes(), with_grad, topk_rows_args, topk_rows_cuda);
+      student.sizes(), with_grad, kTerms, topk_rows_args, topk_rows_cuda));
 }
 
 }  // namespace
@@ -450,7 +455,8 @@ std::vector<std::pair<std::string, int64_t>> topk_cuda_launch_info(const std::st
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("topk_kd_loss_fwd", &topk_kd_loss_fwd_cuda);
+  m.impl("topk_kd_loss_fwd", &topk_kd_loss_fwd_cuda<false>);
+  m.impl("topk_kd_loss_terms_fwd", &topk_kd_loss_fwd_cuda<true>);
 }
 
 }  // namespace fastkd

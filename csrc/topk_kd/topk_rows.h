@@ -86,6 +86,7 @@ struct TopkRowsArgs {
   const void* student = nullptr;  // [rows, student_stride] fp32, fp16 or bf16 student logits
   at::ScalarType student_dtype = at::kFloat;
   int64_t student_stride = 0;     // elements between rows, >= vocab (when rows > 1)
+  int64_t student_block_rows = 0, student_block_stride = 0;  // one block, or blocks: RowBlocks (kd_loss/kd_rows.h)
   const void* values = nullptr;   // [rows, values_stride] fp32, fp16 or bf16 teacher values at the indices
   at::ScalarType values_dtype = at::kFloat;
   int64_t values_stride = 0;      // >= k (when rows > 1)
@@ -98,10 +99,13 @@ struct TopkRowsArgs {
   int64_t vocab = 0;              // >= 1
   // Outputs (written, never read).
   float* row_losses = nullptr;    // [rows] per-row losses, unweighted
+  float* row_terms = nullptr;     // [rows, 2] T^2 * D and CE per row, or nullptr: as KdRowsArgs's
   void* grad = nullptr;           // [rows, grad_stride] the weighted dense gradient, or nullptr: none
   at::ScalarType grad_dtype = at::kFloat;  // must be student_dtype
   int64_t grad_stride = 0;
   KdParams params{};              // from make_kd_params (kd_loss/kd_rows.h): KL or JSD
+
+  RowBlocks student_rows() const { return {student_stride, student_block_rows, student_block_stride}; }
 };
 
 // CPU: runs the instruction set's copy of the row kernel in use (cpu_isa/kernel_table.h).
@@ -135,9 +139,10 @@ inline void check_topk_rows_args(const TopkRowsArgs& a, bool in_place_ok) {
   FKD_CHECK(a.student != nullptr && a.values != nullptr && a.indices != nullptr && a.row_losses != nullptr,
             "topk_rows: null student, values, indices or row_losses");
   const auto stride_ok = [&](int64_t stride, int64_t width) { return a.rows == 1 || stride >= width; };
-  FKD_CHECK(stride_ok(a.student_stride, a.vocab) && stride_ok(a.values_stride, a.k) &&
+  FKD_CHECK(rows_disjoint(a.student_rows(), a.rows, a.vocab) && stride_ok(a.values_stride, a.k) &&
                 stride_ok(a.indices_stride, a.k) && (a.grad == nullptr || stride_ok(a.grad_stride, a.vocab)),
-            "topk_rows: row strides (student ", a.student_stride, ", values ", a.values_stride, ", indices ",
+            "topk_rows: row strides (student ", a.student_stride, " in blocks of ", a.student_block_rows, " rows ",
+            a.student_block_stride, " apart, values ", a.values_stride, ", indices ",
             a.indices_stride, ", grad ", a.grad_stride, ") must be >= the row widths (vocab ", a.vocab, ", k ", a.k,
             ")");
   if (a.grad == nullptr) return;

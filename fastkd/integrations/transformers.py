@@ -4,15 +4,16 @@
 hard_weight=0.5)`` is a ``Trainer`` whose loss is ``fastkd.kd_loss`` of the student's and the teacher's
 logits, with what the obvious hand-written versions get wrong done right:
 
-- **Normalisation.** The loss of a micro-batch is ``kd_loss(..., normalizer=num_items_in_batch)`` (the
-  sum divided by it, the division inside the fused gradient: no extra pass in the backward):
+- **Normalisation.** The loss of a micro-batch is ``kd_loss(..., normalizer=num_items_in_batch)``
+  (``fused_linear_kd_loss``'s with ``fused_linear=True``; the sum divided by it, the division inside the fused
+  gradients: no extra pass in the backward):
   the valid targets of the whole accumulated batch (all micro-batches of the optimizer step; summed over
   the ranks with ``average_tokens_across_devices``, and then multiplied by the number of processes, since
   DDP averages the gradients). The Trainer counts them only for models that take loss kwargs; this
   trainer always does, so K micro-batches give the update of one batch K times the size whatever the
   padding, for every model. The loss is marked as already scaled for gradient accumulation.
 - **Causal shift.** For a causal LM (a class of ``AutoModelForCausalLM``) the targets are
-  ``fastkd.shift_labels(labels)``: the logits are read in place (no ``logits[:, :-1]`` copies), and the
+  ``fastkd.shift_labels(labels)``: the logits are read whole (no ``logits[:, :-1]`` slice), and the
   last position counts nowhere. A batch with ``shift_labels`` (padding-free collators) uses them as given.
 - **The teacher** is moved to the Trainer's device, frozen (eval mode, no gradients), run under
   ``no_grad`` and the accelerator's autocast, never wrapped for DDP and never saved: it is not the
@@ -22,7 +23,7 @@ logits, with what the obvious hand-written versions get wrong done right:
   own). A step whose gradient norm is not finite is skipped (no optimizer or LR-scheduler step) and counted
   (``kd_skipped_steps`` in the logs); under fp16 the GradScaler does that already.
 - **Logs**: on logging steps, the soft (T²-scaled divergence) and hard (cross-entropy) terms per valid
-  target (``kd_soft``, ``kd_hard``), computed from the step's logits without gradients.
+  target (``kd_soft``, ``kd_hard``), from the loss's own kernel pass (``return_terms=True``).
 - **Fused heads** (``fused_linear=True``): the loss is ``fastkd.fused_linear_kd_loss`` of both models'
   last hidden states and output heads, so neither model's (tokens x vocabulary) logits exist; the models
   run with ``output_hidden_states=True`` and an empty ``logits_to_keep`` (through the DDP wrapper, so that
@@ -271,20 +272,23 @@ class DistillationTrainer(transformers.Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             # The count is over all ranks and DDP averages the gradients: the per-rank divisor is count / ranks.
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
+        # On both paths the division is part of the fused gradients (no scaling pass in the backward).
         if self.fused_linear:
             outputs, ((hs, head, transform), (ht, t_head, _)) = self._heads(model, model_inputs)
             loss = fused_linear_kd_loss(hs, head.weight, ht, t_head.weight, targets, student_bias=head.bias,
-                                        teacher_bias=t_head.bias, reduction="sum", **transform,
-                                        **self.kd_options) / num_items_in_batch  # (no normalizer argument yet)
+                                        teacher_bias=t_head.bias, reduction="batchmean", normalizer=num_items_in_batch,
+                                        **transform, **self.kd_options)
             student = teacher = None  # (the soft and hard terms are not logged on this path: no logits)
         else:
             outputs = model(**model_inputs)  # the student through the Trainer's (DDP-wrapped) model
             student = outputs.logits if hasattr(outputs, "logits") else outputs[0]
             teacher = self._teacher_target(inputs, model_inputs, student)
-            # The division is part of the fused gradient (no scaling pass in the backward).
-            loss = self._loss(student, teacher, targets, reduction="batchmean", normalizer=num_items_in_batch)
-        if model.training and student is not None and self._logging_step():
-            self._add_terms(student.detach(), teacher, targets)
+            log_terms = model.training and self._logging_step()
+            loss = self._loss(student, teacher, targets, reduction="batchmean", normalizer=num_items_in_batch,
+                              return_terms=log_terms)
+            if log_terms:
+                loss, terms = loss
+                self._add_terms(terms, num_items_in_batch, targets)
         return (loss, outputs) if return_outputs else loss
 
     def _logging_step(self) -> bool:
@@ -293,11 +297,11 @@ class DistillationTrainer(transformers.Trainer):
         return self.args.logging_strategy == "steps" and (step % max(int(steps), 1) == 0 or
                                                          (step == 1 and self.args.logging_first_step))
 
-    def _add_terms(self, s, t, targets) -> None:
-        with torch.no_grad():
-            terms = torch.stack([self._loss(s, t, targets, soft_weight=1.0, hard_weight=0.0),
-                                 self._loss(s, t, targets, soft_weight=0.0, hard_weight=1.0),
-                                 targets.ne(self.kd_options["ignore_index"]).sum().float()]).double()
+    def _add_terms(self, terms, normalizer, targets) -> None:
+        # The loss's terms are sums / normalizer: back to sums, beside this micro-batch's valid targets.
+        sums = torch.stack([terms.soft, terms.hard]).double() * normalizer
+        n = targets.ne(self.kd_options["ignore_index"]).sum().double().reshape(1)
+        terms = torch.cat([sums, n.to(sums.device)])
         self._terms = terms if self._terms is None else self._terms + terms
 
     def log(self, logs: dict, *args, **kwargs) -> None:

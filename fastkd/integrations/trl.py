@@ -10,9 +10,9 @@
   Everything but ``"none"`` is one call of ``fastkd.kd_loss`` (fused, no (tokens x V) temporaries);
   ``"none"`` is element-wise by definition and computed in plain PyTorch.
 - :class:`GKDLossMixin` put before ``GKDTrainer`` in a subclass (``class MyGKD(GKDLossMixin, GKDTrainer)``)
-  computes GKDTrainer's training loss with it, and without slicing the logits: ``logits[:, :-1]`` is a
-  strided view that a kernel must copy (both models' logits, each (B, S, V)); the mixin passes the whole
-  logits with the labels shifted instead (``fastkd.shift_labels``), which is the same loss.
+  computes GKDTrainer's training loss with it, and without slicing the logits: fastkd reads a
+  ``logits[:, :-1]`` view in place, but the slice's backward allocates a zero-filled (B, S, V) gradient; the
+  mixin passes the whole logits with the labels shifted instead (``fastkd.shift_labels``), the same loss.
 - :class:`DistillationLossMixin` put before TRL's on-policy ``trl.DistillationTrainer`` in a subclass
   (``class FastDistill(DistillationLossMixin, DistillationTrainer)``) computes that trainer's loss with one
   ``fastkd.kd_loss`` call. TRL's conventions, kept exactly: ``args.beta`` 0 is the forward KL(teacher ||
@@ -207,12 +207,11 @@ class DistillationLossMixin:
         labels = completion_ids.to(device).masked_fill(loss_mask.to(device) == 0, IGNORE)  # aligned: no shift
         n_valid = (labels != IGNORE).sum()
         temperature = self.temperature
-        total = fused_linear_kd_loss(hs.to(device), s_head.weight, ht.to(device), t_head.weight, labels,
-                                     student_bias=s_head.bias, teacher_bias=t_head.bias, temperature=temperature,
-                                     divergence="jsd", beta=self.beta, soft_weight=1.0 / (temperature * temperature),
-                                     ignore_index=IGNORE, reduction="sum", **transform)
-        # (fused_linear_kd_loss takes no normalizer yet: this division is one pass over (tokens x H) gradients)
-        loss = total / _normalizer(num_items_in_batch, n_valid)
+        loss = fused_linear_kd_loss(hs.to(device), s_head.weight, ht.to(device), t_head.weight, labels,
+                                    student_bias=s_head.bias, teacher_bias=t_head.bias, temperature=temperature,
+                                    divergence="jsd", beta=self.beta, soft_weight=1.0 / (temperature * temperature),
+                                    ignore_index=IGNORE, reduction="batchmean",
+                                    normalizer=_normalizer(num_items_in_batch, n_valid), **transform)
         return loss, torch.full((), float("nan"), device=device), n_valid
 
     def _fastkd_logits(self, model, input_ids, attention_mask, keep: int, **multimodal) -> torch.Tensor:

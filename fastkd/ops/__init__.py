@@ -3,8 +3,8 @@ fallback registration of its pure-PyTorch maths (``fastkd.reference``), its fake
 autograd formula and its public wrapper. The compiled kernels (``csrc/<op>/``) register ``CPU`` and
 ``CUDA`` implementations of the same ops when ``fastkd._C`` loads (``fastkd/_extension.py``).
 
-    kd.py    fastkd::kd_loss_fwd, kd_loss_scale_          -> fastkd.kd_loss, fastkd.KDLoss
-    topk.py  fastkd::topk_kd_loss_fwd (+ kd_loss_scale_) -> fastkd.topk_kd_loss, fastkd.TopKKDLoss
+    kd.py    fastkd::kd_loss_fwd, kd_loss_terms_fwd, kd_loss_scale_-> fastkd.kd_loss, fastkd.KDLoss, fastkd.KDTerms
+    topk.py  fastkd::topk_kd_loss_fwd, topk_kd_loss_terms_fwd (+ kd_loss_scale_) -> fastkd.topk_kd_loss, fastkd.TopKKDLoss
     fused_linear.py  fastkd::fused_linear_kd_loss_fwd, fused_linear_topk_kd_loss_fwd (+ kd_loss_scale_)
              -> fastkd.fused_linear_kd_loss, fastkd.FusedLinearKDLoss, fastkd.fused_linear_topk_kd_loss,
                 fastkd.FusedLinearTopKKDLoss

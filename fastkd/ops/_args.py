@@ -177,8 +177,9 @@ def check_topk_teacher(op: str, values: torch.Tensor, indices, student: torch.Te
                              "one device")
 
 
-def normalizer_arg(op: str, normalizer, reduction: str, student: torch.Tensor) -> torch.Tensor | None:
-    """The op's ``normalizer`` argument: None, or a one-number tensor (on the logits' device, or a CPU one)
+def normalizer_arg(op: str, normalizer, reduction: str, student: torch.Tensor,
+                   student_name: str = "student_logits") -> torch.Tensor | None:
+    """The op's ``normalizer`` argument: None, or a one-number tensor (on ``student``'s device, or a CPU one)
     that "batchmean" divides the loss's sum by instead of the valid rows: a positive finite number (kept in a
     float64 CPU tensor, built as ``ones * x`` under compile, so a changing value compiles once), or a tensor
     of one real number (e.g. Hugging Face's ``num_items_in_batch``: its value is not read, no sync)."""
@@ -195,7 +196,7 @@ def normalizer_arg(op: str, normalizer, reduction: str, student: torch.Tensor) -
             raise ValueError(f"{op}: normalizer requires grad, but the loss is not differentiated with respect to it; "
                              "pass normalizer.detach()")
         if normalizer.device != student.device and normalizer.device.type != "cpu":
-            raise ValueError(f"{op}: normalizer is on {normalizer.device} but student_logits on {student.device}; "
+            raise ValueError(f"{op}: normalizer is on {normalizer.device} but {student_name} on {student.device}; "
                              "move it there (or pass a number)")
         return normalizer.reshape(())
     symbolic = isinstance(normalizer, (torch.SymInt, torch.SymFloat))  # (its value is checked when it is known)
@@ -204,6 +205,12 @@ def normalizer_arg(op: str, normalizer, reduction: str, student: torch.Tensor) -
     if torch.compiler.is_compiling():
         return torch.ones((), dtype=torch.float64) * normalizer
     return torch.tensor(float(normalizer), dtype=torch.float64)
+
+
+def check_flag(op: str, name: str, x) -> None:
+    """A switch argument (e.g. ``return_terms``): True or False, not a truthy stand-in."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {x!r}")
 
 
 def as_int(x):

@@ -1,6 +1,7 @@
 """The autograd of the fused KD-loss ops (``fastkd::kd_loss_fwd``, ``fastkd::topk_kd_loss_fwd``).
 
-Such an op returns (loss, grad): its kernel computes d(loss)/d(student) in the forward, for grad_output = 1,
+Such an op returns (loss, grad), or (loss, grad, terms) for its ``*_terms_fwd`` twin (the soft and hard terms,
+for logging: never differentiated): its kernel computes d(loss)/d(student) in the forward, for grad_output = 1,
 when its last argument ``with_grad`` is true. The backward scales that saved gradient in place by the
 incoming grad_output (``fastkd::kd_loss_scale_``, free when it is 1) and hands it to autograd, which adopts
 it as the student's ``.grad`` without a copy. The student is the op's first input; no other input gets a
@@ -19,8 +20,8 @@ def register_fused_gradient(op: str, public: str, oracle: str) -> None:
     reference, e.g. ``"fastkd.reference.kd_loss"``) name the wrapper and the alternative in the errors."""
 
     def setup_context(ctx, inputs, output):
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
+        grad = output[1]
+        ctx.mark_non_differentiable(*output[1:])
         # The second output never gets a gradient; materialising one would allocate and zero a tensor
         # as large as the logits on every backward.
         ctx.set_materialize_grads(False)
@@ -29,7 +30,7 @@ def register_fused_gradient(op: str, public: str, oracle: str) -> None:
         ctx.n_inputs = len(inputs)
         ctx.consumed = False
 
-    def backward(ctx, grad_loss, _grad_of_grad):
+    def backward(ctx, grad_loss, *_not_differentiable):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"{public} does not support double backward (create_graph=True): its gradient is computed by a "

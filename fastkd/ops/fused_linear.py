@@ -20,6 +20,7 @@ from ._args import (
     check_topk_teacher,
     is_real,
     loss_options,
+    normalizer_arg,
     use_reference_maths,
     values_on_host,
 )
@@ -36,18 +37,19 @@ _TOPK_OP = "fastkd.fused_linear_topk_kd_loss"
 _LIB.define(
     "fused_linear_kd_loss_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
     "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? labels, Tensor? row_scale, "
-    "Tensor options, str divergence, int ignore_index, str reduction, int chunk_size, bool grad_hidden, "
-    "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)"
-)  # options: float64 CPU [temperature, beta, soft_weight, hard_weight, logit_scale, softcap (0 = none)]
+    "Tensor options, Tensor? normalizer, str divergence, int ignore_index, str reduction, int chunk_size, "
+    "bool grad_hidden, bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)"
+)  # options: float64 CPU [temperature, beta, soft_weight, hard_weight, logit_scale, softcap (0 = none)];
+#   normalizer: as fastkd::kd_loss_fwd's (None, or "batchmean"'s divisor: one number on the device or the CPU)
 # Returns (loss, d loss/d student_hidden, d/d student_weight, d/d student_bias) for grad_output = 1, each
 # gradient an empty [0] tensor unless its flag is set; row_scale ([rows] fp32 or None) multiplies the gradient
 # of every row (the backward of reduction="none" passes its grad_output there).
 
 _LIB.define(
     "fused_linear_topk_kd_loss_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
-    "Tensor teacher_values, Tensor teacher_indices, Tensor? labels, Tensor? row_scale, Tensor options, str divergence, "
-    "int ignore_index, str reduction, int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor teacher_values, Tensor teacher_indices, Tensor? labels, Tensor? row_scale, Tensor options, "
+    "Tensor? normalizer, str divergence, int ignore_index, str reduction, int chunk_size, bool grad_hidden, "
+    "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)"
 )  # the same with a sparse teacher: its top-k values and indices (..., K), as fastkd::topk_kd_loss_fwd takes them
 
 # ---- fallback (reference) kernels --------------------------------------------------------------------
@@ -58,8 +60,8 @@ _LIB.impl("fused_linear_topk_kd_loss_fwd", reference.fused_linear_topk_kd_loss_f
 # ---- fake kernels (torch.compile, meta tensors) -------------------------------------------------------
 @torch.library.register_fake("fastkd::fused_linear_kd_loss_fwd")
 def _fused_fwd_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                    labels, row_scale, options, divergence, ignore_index, reduction, chunk_size, grad_hidden,
-                    grad_weight, grad_bias):
+                    labels, row_scale, options, normalizer, divergence, ignore_index, reduction, chunk_size,
+                    grad_hidden, grad_weight, grad_bias):
     loss = student_hidden.new_empty(student_hidden.shape[:-1] if reduction == "none" else (), dtype=torch.float32)
     gh = student_hidden.new_empty(student_hidden.shape if grad_hidden else (0,))
     gw = student_weight.new_empty(student_weight.shape if grad_weight else (0,))
@@ -69,16 +71,18 @@ def _fused_fwd_fake(student_hidden, student_weight, student_bias, teacher_hidden
 
 @torch.library.register_fake("fastkd::fused_linear_topk_kd_loss_fwd")
 def _fused_topk_fwd_fake(student_hidden, student_weight, student_bias, teacher_values, teacher_indices, labels,
-                         row_scale, options, divergence, ignore_index, reduction, chunk_size, grad_hidden,
-                         grad_weight, grad_bias):
+                         row_scale, options, normalizer, divergence, ignore_index, reduction, chunk_size,
+                         grad_hidden, grad_weight, grad_bias):
     return _fused_fwd_fake(student_hidden, student_weight, student_bias, None, None, None, labels, row_scale, options,
-                           divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias)
+                           normalizer, divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
+                           grad_bias)
 
 
 # ---- autograd ----------------------------------------------------------------------------------------
-# Both ops' inputs: the tensors (student_hidden, student_weight, student_bias first; row_scale and options last),
-# then divergence, ignore_index, reduction, chunk_size, then the three gradient flags.
+# Both ops' inputs: the tensors (student_hidden, student_weight, student_bias first; row_scale, options and
+# normalizer last), then divergence, ignore_index, reduction, chunk_size, then the three gradient flags.
 _GRAD_INPUTS = (0, 1, 2)
+_ROW_SCALE = -3  # row_scale's place among the tensors
 
 
 def _register_autograd(op: str, public: str, oracle: str, n_tensors: int) -> None:
@@ -116,7 +120,7 @@ def _register_autograd(op: str, public: str, oracle: str, n_tensors: int) -> Non
             return tuple(grads)
         if ctx.none:
             tensors = list(ctx.saved_tensors)
-            tensors[-2] = grad_loss.reshape(-1).float()  # row_scale
+            tensors[_ROW_SCALE] = grad_loss.reshape(-1).float()
             flags = tuple(ctx.needs_input_grad[i] for i in _GRAD_INPUTS)
             _, gh, gw, gb = getattr(torch.ops.fastkd, op)(*tensors, *ctx.args, *flags)
         else:
@@ -135,8 +139,8 @@ def _register_autograd(op: str, public: str, oracle: str, n_tensors: int) -> Non
     torch.library.register_autograd(f"fastkd::{op}", backward, setup_context=setup_context)
 
 
-_register_autograd("fused_linear_kd_loss_fwd", _OP, "fastkd.reference.fused_linear_kd_loss", 9)
-_register_autograd("fused_linear_topk_kd_loss_fwd", _TOPK_OP, "fastkd.reference.fused_linear_topk_kd_loss", 8)
+_register_autograd("fused_linear_kd_loss_fwd", _OP, "fastkd.reference.fused_linear_kd_loss", 10)
+_register_autograd("fused_linear_topk_kd_loss_fwd", _TOPK_OP, "fastkd.reference.fused_linear_topk_kd_loss", 9)
 
 
 # ---- the public wrapper ----------------------------------------------------------------------------
@@ -264,8 +268,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                          temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5, soft_weight: float = 1.0,
                          hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "batchmean",
-                         logit_scale: float = 1.0, softcap: float | None = None,
-                         chunk_size: int | None = None) -> torch.Tensor:
+                         logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int | None = None,
+                         normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fastkd.kd_loss` of the two models' output heads, without materialising their logits.
 
     The loss of ``kd_loss(head_s(student_hidden), head_t(teacher_hidden), labels, ...)`` with
@@ -279,19 +283,27 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     fp32 (bf16/fp16 inputs are multiplied with fp32 output, never rounded to their dtype). Every other keyword
     is :func:`fastkd.kd_loss`'s. float64 inputs and torch.func transforms run the reference
     (``fastkd.reference.fused_linear_kd_loss``, which materialises the logits).
+
+    ``normalizer`` (with "batchmean"), as :func:`fastkd.kd_loss`'s: the sum divided by it instead of the number
+    of valid rows (e.g. Hugging Face's ``num_items_in_batch``), a number or a one-number tensor on the hidden
+    states' device (never read on the host); the chunks' gradients are computed already divided, so
+    ``loss.backward()`` costs no pass over them, where ``fused_linear_kd_loss(..., reduction="sum") / n`` costs
+    one per student gradient.
     """
     _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
                 temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap,
                 chunk_size)
+    norm = normalizer_arg(_OP, normalizer, reduction, student_hidden, "student_hidden")
     if use_reference_maths(student_hidden, teacher_hidden):
         return reference.fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
-            temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap)
+            temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap,
+            norm)
     chunk_size, forward_flags = _call_plan(student_hidden, student_weight, student_bias, reduction, chunk_size)
     loss, gh, gw, gb = torch.ops.fastkd.fused_linear_kd_loss_fwd(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, None,
-        _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), divergence, as_int(ignore_index),
-        reduction, as_int(chunk_size), *forward_flags)
+        _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), norm, divergence,
+        as_int(ignore_index), reduction, as_int(chunk_size), *forward_flags)
     return loss
 
 
@@ -301,7 +313,8 @@ def fused_linear_topk_kd_loss(student_hidden: torch.Tensor, student_weight: torc
                               temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
                               soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
                               reduction: str = "batchmean", logit_scale: float = 1.0, softcap: float | None = None,
-                              chunk_size: int | None = None) -> torch.Tensor:
+                              chunk_size: int | None = None,
+                              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fastkd.topk_kd_loss` of the student's output head against a sparse (e.g. cached) teacher, without
     materialising the student's logits.
 
@@ -309,29 +322,31 @@ def fused_linear_topk_kd_loss(student_hidden: torch.Tensor, student_weight: torc
     student's ``head`` as in :func:`fused_linear_kd_loss` (``logit_scale`` and ``softcap`` apply to the student;
     the teacher's values are taken as they are). ``teacher_values`` / ``teacher_indices``: (..., K) with the
     hidden states' leading shape, as :func:`fastkd.topk_kd_loss` takes them ("kl" and "jsd" with beta < 1).
-    Gradients, chunks, dtypes and the float64 / torch.func path as :func:`fused_linear_kd_loss`.
+    Gradients, chunks, dtypes, ``normalizer`` and the float64 / torch.func path as :func:`fused_linear_kd_loss`.
     """
     _check_topk_args(student_hidden, student_weight, teacher_values, teacher_indices, labels, student_bias,
                      temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale,
                      softcap, chunk_size)
+    norm = normalizer_arg(_TOPK_OP, normalizer, reduction, student_hidden, "student_hidden")
     if use_reference_maths(student_hidden, teacher_values):
         if values_on_host(teacher_indices):  # the op's kernels check them on the other paths
             topk_reference.check_topk_indices(teacher_indices, student_weight.shape[0])
         return reference.fused_linear_topk_kd_loss(
             student_hidden, student_weight, teacher_values, teacher_indices, labels, student_bias, temperature,
-            divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap)
+            divergence, beta, soft_weight, hard_weight, ignore_index, reduction, logit_scale, softcap, norm)
     chunk_size, forward_flags = _call_plan(student_hidden, student_weight, student_bias, reduction, chunk_size)
     loss, gh, gw, gb = torch.ops.fastkd.fused_linear_topk_kd_loss_fwd(
         student_hidden, student_weight, student_bias, teacher_values, teacher_indices, labels, None,
-        _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), divergence, as_int(ignore_index),
-        reduction, as_int(chunk_size), *forward_flags)
+        _options(temperature, beta, soft_weight, hard_weight, logit_scale, softcap), norm, divergence,
+        as_int(ignore_index), reduction, as_int(chunk_size), *forward_flags)
     return loss
 
 
 class FusedLinearKDLoss(KDLossOptions):
     """Module form of :func:`fastkd.fused_linear_kd_loss` with the same keywords:
     ``FusedLinearKDLoss(temperature=2.0)(student_hidden, student_head.weight, teacher_hidden, teacher_head.weight,
-    labels)``; ``logit_scale``, ``softcap`` and ``chunk_size`` are attributes too."""
+    labels)``; ``logit_scale``, ``softcap`` and ``chunk_size`` are attributes too, and ``normalizer`` is a
+    keyword of the call (it changes with every batch), as :class:`fastkd.KDLoss`'s."""
 
     def __init__(self, *, logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int | None = None,
                  **options):
@@ -342,10 +357,12 @@ class FusedLinearKDLoss(KDLossOptions):
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *,
-                student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None) -> torch.Tensor:
+                student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                     student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=self.logit_scale,
-                                    softcap=self.softcap, chunk_size=self.chunk_size, **self.options())
+                                    softcap=self.softcap, chunk_size=self.chunk_size, normalizer=normalizer,
+                                    **self.options())
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, logit_scale={self.logit_scale}, softcap={self.softcap}, "
@@ -358,7 +375,9 @@ class FusedLinearTopKKDLoss(FusedLinearKDLoss):
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_values: torch.Tensor,
                 teacher_indices: torch.Tensor, labels: torch.Tensor | None = None, *,
-                student_bias: torch.Tensor | None = None) -> torch.Tensor:
+                student_bias: torch.Tensor | None = None,
+                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
         return fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_values, teacher_indices, labels,
                                          student_bias=student_bias, logit_scale=self.logit_scale,
-                                         softcap=self.softcap, chunk_size=self.chunk_size, **self.options())
+                                         softcap=self.softcap, chunk_size=self.chunk_size, normalizer=normalizer,
+                                         **self.options())

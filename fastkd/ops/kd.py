@@ -7,6 +7,8 @@ the autograd formula and the public wrapper. The compiled kernels of the same op
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ from ..reference import kd as reference
 from ..reference._common import DIVERGENCES, REDUCTIONS
 from ._args import (
     as_int,
+    check_flag,
     check_labels,
     check_logits,
     check_loss_options,
@@ -23,7 +26,7 @@ from ._args import (
 )
 from ._autograd import register_fused_gradient
 
-__all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS"]
+__all__ = ["kd_loss", "KDLoss", "KDTerms", "DIVERGENCES", "REDUCTIONS"]
 
 _LIB = torch.library.Library("fastkd", "FRAGMENT")
 
@@ -33,10 +36,16 @@ _LIB.define(
     "int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor)"
 )  # options: float64 CPU [temperature, beta, soft_weight, hard_weight] (fastkd.ops._args.loss_options);
 #   normalizer: None or one number (the logits' device or the CPU), "batchmean"'s divisor (normalizer_arg)
+_LIB.define(
+    "kd_loss_terms_fwd(Tensor student, Tensor teacher, Tensor? labels, Tensor options, Tensor? normalizer, "
+    "str divergence, int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor, Tensor)"
+)  # kd_loss_fwd's outputs and the terms: fp32 (T^2 D, CE) unweighted, reduced as the loss ([..., 2] for "none",
+#   else [2]); one kernel pass (the CE is computed at hard_weight 0 too when there are labels)
 _LIB.define("kd_loss_scale_(Tensor(a!) grad, Tensor grad_output) -> ()")
 
 # ---- fallback (reference) kernels --------------------------------------------------------------------
 _LIB.impl("kd_loss_fwd", reference.kd_loss_fwd, "CompositeExplicitAutograd")
+_LIB.impl("kd_loss_terms_fwd", reference.kd_loss_terms_fwd, "CompositeExplicitAutograd")
 _LIB.impl("kd_loss_scale_", reference.kd_loss_scale_, "CompositeExplicitAutograd")
 
 
@@ -48,6 +57,18 @@ def _kd_loss_fwd_fake(student, teacher, labels, options, normalizer, divergence,
     return loss, grad
 
 
+def terms_fake(student, reduction):
+    """The fake terms output of a KD op's *_terms_fwd twin."""
+    return student.new_empty((*student.shape[:-1], 2) if reduction == "none" else (2,), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastkd::kd_loss_terms_fwd")
+def _kd_loss_terms_fwd_fake(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction,
+                            with_grad):
+    return (*_kd_loss_fwd_fake(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction,
+                               with_grad), terms_fake(student, reduction))
+
+
 @torch.library.register_fake("fastkd::kd_loss_scale_")
 def _kd_loss_scale_fake(grad, grad_output):
     return None
@@ -55,6 +76,21 @@ def _kd_loss_scale_fake(grad, grad_output):
 
 # ---- autograd ----------------------------------------------------------------------------------------
 register_fused_gradient("kd_loss_fwd", "fastkd.kd_loss", "fastkd.reference.kd_loss")
+register_fused_gradient("kd_loss_terms_fwd", "fastkd.kd_loss", "fastkd.reference.kd_loss")
+
+
+class KDTerms(NamedTuple):
+    """A KD loss's two terms without their weights (``return_terms=True``), reduced as the loss is (0-d, or the
+    leading shape for ``reduction="none"``): ``soft`` = T² · D, ``hard`` = the cross-entropy at T = 1 (0 without
+    labels). fp32 and never differentiated: for logging."""
+
+    soft: torch.Tensor
+    hard: torch.Tensor
+
+    @classmethod
+    def of(cls, terms: torch.Tensor) -> KDTerms:
+        """From an op's terms output ([..., 2])."""
+        return cls(terms[..., 0], terms[..., 1])
 
 
 # ---- the public wrapper ----------------------------------------------------------------------------
@@ -86,7 +122,8 @@ def _check_args(student, teacher, labels, temperature, divergence, beta, soft_we
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
             temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5, soft_weight: float = 1.0,
             hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "batchmean",
-            normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+            normalizer: float | torch.Tensor | None = None,
+            return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
     """Fused knowledge-distillation loss from raw logits.
 
     Row loss = soft_weight * T^2 * D(p_teacher, p_student) + hard_weight * CE(student, labels), with
@@ -107,18 +144,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     one-number tensor on the logits' device whose value is never read on the host. The division is part of
     the fused gradient: ``loss.backward()`` then costs no extra pass over the gradient, where
     ``kd_loss(..., reduction="sum") / n`` costs one.
+    ``return_terms=True``: returns ``(loss, KDTerms(soft, hard))``, the two terms without their weights and
+    reduced as the loss, from the same kernel pass (for logging; with labels the cross-entropy is computed even
+    at hard_weight 0).
     """
     _check_args(student_logits, teacher_logits, labels, temperature, divergence, beta, soft_weight, hard_weight,
                 ignore_index, reduction)
     norm = normalizer_arg(_OP, normalizer, reduction, student_logits)
+    check_flag(_OP, "return_terms", return_terms)
     if use_reference_maths(student_logits, teacher_logits):
-        return reference.kd_loss(student_logits, teacher_logits, labels, temperature, divergence, beta, soft_weight,
+        loss = reference.kd_loss(student_logits, teacher_logits, labels, temperature, divergence, beta, soft_weight,
                                  hard_weight, ignore_index, reduction, norm)
-    loss, _ = torch.ops.fastkd.kd_loss_fwd(
+        if not return_terms:
+            return loss
+        with torch.no_grad():
+            soft, valid = reference.kd_loss_rows(student_logits, teacher_logits, labels, temperature, divergence, beta,
+                                                 1.0, 0.0, ignore_index)
+            terms = reference.loss_terms(soft, valid, student_logits, labels, ignore_index, reduction, norm)
+        return loss, KDTerms.of(terms)
+    op = torch.ops.fastkd.kd_loss_terms_fwd if return_terms else torch.ops.fastkd.kd_loss_fwd
+    out = op(
         student_logits, teacher_logits, labels, loss_options(temperature, beta, soft_weight, hard_weight), norm,
         divergence, as_int(ignore_index), reduction, torch.is_grad_enabled() and student_logits.requires_grad,
     )
-    return loss
+    return (out[0], KDTerms.of(out[2])) if return_terms else out[0]
 
 
 class KDLossOptions(nn.Module):
@@ -153,5 +202,7 @@ class KDLoss(KDLossOptions):
     """Module form of :func:`fastkd.kd_loss` with the same keywords: ``KDLoss(temperature=2.0)(s, t, labels)``."""
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, labels, normalizer=normalizer, **self.options())
+                labels: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
+                return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
+        return kd_loss(student_logits, teacher_logits, labels, normalizer=normalizer, return_terms=return_terms,
+                       **self.options())

@@ -13,6 +13,7 @@ import torch
 from ..reference import topk as reference
 from ._args import (
     as_int,
+    check_flag,
     check_labels,
     check_logits,
     check_loss_options,
@@ -23,7 +24,7 @@ from ._args import (
     values_on_host,
 )
 from ._autograd import register_fused_gradient
-from .kd import KDLossOptions  # also defines fastkd::kd_loss_scale_, which the backward calls
+from .kd import KDLossOptions, KDTerms, terms_fake  # (kd defines kd_loss_scale_, the backward calls it)
 
 __all__ = ["topk_kd_loss", "TopKKDLoss"]
 
@@ -36,7 +37,15 @@ _LIB.define(
 )  # options and normalizer: as fastkd::kd_loss_fwd's (fastkd/ops/kd.py)
 
 # ---- fallback (reference) kernel ---------------------------------------------------------------------
+_LIB.define(
+    "topk_kd_loss_terms_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, "
+    "Tensor options, Tensor? normalizer, str divergence, int ignore_index, str reduction, bool with_grad) -> "
+    "(Tensor, Tensor, Tensor)"
+)  # topk_kd_loss_fwd's outputs and the terms, as fastkd::kd_loss_terms_fwd's
+
+# ---- fallback (reference) kernel ---------------------------------------------------------------------
 _LIB.impl("topk_kd_loss_fwd", reference.topk_kd_loss_fwd, "CompositeExplicitAutograd")
+_LIB.impl("topk_kd_loss_terms_fwd", reference.topk_kd_loss_terms_fwd, "CompositeExplicitAutograd")
 
 
 # ---- fake kernel (torch.compile, meta tensors) -------------------------------------------------------
@@ -48,8 +57,16 @@ def _topk_kd_loss_fwd_fake(student, values, indices, labels, options, normalizer
     return loss, grad
 
 
+@torch.library.register_fake("fastkd::topk_kd_loss_terms_fwd")
+def _topk_kd_loss_terms_fwd_fake(student, values, indices, labels, options, normalizer, divergence, ignore_index,
+                                 reduction, with_grad):
+    return (*_topk_kd_loss_fwd_fake(student, values, indices, labels, options, normalizer, divergence, ignore_index,
+                                    reduction, with_grad), terms_fake(student, reduction))
+
+
 # ---- autograd ----------------------------------------------------------------------------------------
 register_fused_gradient("topk_kd_loss_fwd", "fastkd.topk_kd_loss", "fastkd.reference.topk_kd_loss")
+register_fused_gradient("topk_kd_loss_terms_fwd", "fastkd.topk_kd_loss", "fastkd.reference.topk_kd_loss")
 
 
 # ---- the public wrapper ----------------------------------------------------------------------------
@@ -69,7 +86,8 @@ def _check_args(student, values, indices, labels, temperature, divergence, beta,
 def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
                  labels: torch.Tensor | None = None, *, temperature: float = 1.0, divergence: str = "kl",
                  beta: float = 0.5, soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "batchmean", normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                 reduction: str = "batchmean", normalizer: float | torch.Tensor | None = None,
+                 return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
     """Knowledge-distillation loss from a sparse teacher: its top-k logits (or log-probabilities).
 
     ``teacher_values`` (..., K) are the teacher's values at ``teacher_indices`` (..., K) (int32 or int64, in
@@ -81,24 +99,34 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
     vocabulary, beta = 0 is "kl"). ``"reverse_kl"`` and beta = 1 are refused: they are infinite whenever the
     student has mass outside the support. A row whose K values are all -inf has no soft term.
 
-    Everything else is as :func:`fastkd.kd_loss`: ignore_index rows, reductions and ``normalizer``, fp32 maths and loss, the
+    Everything else is as :func:`fastkd.kd_loss`: ignore_index rows, reductions, ``normalizer`` and ``return_terms``
+    (the soft term: T^2 * D against the renormalised top-k teacher), fp32 maths and loss, the
     gradient (dense over V, w.r.t. ``student_logits`` only) in the student's dtype, float64 and torch.func
     calls through the reference maths (``fastkd.reference.topk_kd_loss``).
     """
     _check_args(student_logits, teacher_values, teacher_indices, labels, temperature, divergence, beta, soft_weight,
                 hard_weight, ignore_index, reduction)
     norm = normalizer_arg(_OP, normalizer, reduction, student_logits)
+    check_flag(_OP, "return_terms", return_terms)
     if use_reference_maths(student_logits, teacher_values):
         if values_on_host(teacher_indices):  # the op's kernels check them on the other paths
             reference.check_topk_indices(teacher_indices, student_logits.shape[-1])
-        return reference.topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, temperature, divergence,
+        loss = reference.topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, temperature, divergence,
                                       beta, soft_weight, hard_weight, ignore_index, reduction, norm)
-    loss, _ = torch.ops.fastkd.topk_kd_loss_fwd(
+        if not return_terms:
+            return loss
+        with torch.no_grad():
+            soft, valid = reference.topk_kd_loss_rows(student_logits, teacher_values, teacher_indices, labels,
+                                                      temperature, divergence, beta, 1.0, 0.0, ignore_index)
+            terms = reference.loss_terms(soft, valid, student_logits, labels, ignore_index, reduction, norm)
+        return loss, KDTerms.of(terms)
+    op = torch.ops.fastkd.topk_kd_loss_terms_fwd if return_terms else torch.ops.fastkd.topk_kd_loss_fwd
+    out = op(
         student_logits, teacher_values, teacher_indices, labels,
         loss_options(temperature, beta, soft_weight, hard_weight), norm, divergence, as_int(ignore_index), reduction,
         torch.is_grad_enabled() and student_logits.requires_grad,
     )
-    return loss
+    return (out[0], KDTerms.of(out[2])) if return_terms else out[0]
 
 
 class TopKKDLoss(KDLossOptions):
@@ -106,6 +134,7 @@ class TopKKDLoss(KDLossOptions):
     ``TopKKDLoss(temperature=2.0)(student_logits, teacher_values, teacher_indices, labels)``."""
 
     def forward(self, student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
-                labels: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
+                return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, KDTerms]:
         return topk_kd_loss(student_logits, teacher_values, teacher_indices, labels, normalizer=normalizer,
-                            **self.options())
+                            return_terms=return_terms, **self.options())

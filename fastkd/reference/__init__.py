@@ -13,18 +13,30 @@ from .fused_linear import (
     fused_linear_topk_kd_loss_fwd,
     head_logits,
 )
-from .kd import kd_loss, kd_loss_and_grad, kd_loss_fwd, kd_loss_rows, kd_loss_scale_, textbook_kd_loss
+from .kd import (
+    kd_loss,
+    kd_loss_and_grad,
+    kd_loss_fwd,
+    kd_loss_rows,
+    kd_loss_scale_,
+    kd_loss_terms_fwd,
+    loss_terms,
+    textbook_kd_loss,
+)
 from .topk import (
     textbook_topk_kd_loss,
     topk_kd_loss,
     topk_kd_loss_and_grad,
     topk_kd_loss_fwd,
     topk_kd_loss_rows,
+    topk_kd_loss_terms_fwd,
 )
 
 __all__ = [
-    "kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_scale_", "textbook_kd_loss",
-    "topk_kd_loss_rows", "topk_kd_loss", "topk_kd_loss_and_grad", "topk_kd_loss_fwd", "textbook_topk_kd_loss",
+    "kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_terms_fwd", "kd_loss_scale_", "loss_terms",
+    "textbook_kd_loss",
+    "topk_kd_loss_rows", "topk_kd_loss", "topk_kd_loss_and_grad", "topk_kd_loss_fwd", "topk_kd_loss_terms_fwd",
+    "textbook_topk_kd_loss",
     "fused_linear_kd_loss", "fused_linear_kd_loss_fwd", "fused_linear_topk_kd_loss", "fused_linear_topk_kd_loss_fwd",
     "head_logits",
     "grad_norm", "clip_coef", "scale_grads_", "clamp_grads_", "clip_grad_norm_", "clip_grad_norm_float64",

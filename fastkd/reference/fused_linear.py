@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 
 from ._common import compute_dtype as _compute_dtype
-from .kd import _check_op_args, _reduce, kd_loss, kd_loss_and_grad, unpack_options
+from .kd import (
+    _batchmean_divisor,
+    _check_op_args,
+    _reduce,
+    check_op_normalizer,
+    kd_loss,
+    kd_loss_and_grad,
+    unpack_options,
+)
 from .topk import topk_kd_loss, topk_kd_loss_and_grad
 
 __all__ = ["head_logits", "fused_linear_kd_loss", "fused_linear_kd_loss_fwd", "fused_linear_topk_kd_loss",
@@ -46,13 +54,14 @@ def head_logits(hidden, weight, bias=None, logit_scale=1.0, softcap=None):
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                          student_bias=None, teacher_bias=None, temperature=1.0, divergence="kl", beta=0.5,
                          soft_weight=1.0, hard_weight=0.0, ignore_index=-100, reduction="batchmean", logit_scale=1.0,
-                         softcap=None):
+                         softcap=None, normalizer=None):
     """The loss of ``fastkd.fused_linear_kd_loss`` through materialised logits, differentiable by autograd
     (the oracle). The teacher is constant (detached)."""
     s = head_logits(student_hidden, student_weight, student_bias, logit_scale, softcap)
     with torch.no_grad():
         t = head_logits(teacher_hidden, teacher_weight, teacher_bias, logit_scale, softcap)
-    return kd_loss(s, t, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction)
+    return kd_loss(s, t, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index, reduction,
+                   normalizer)
 
 
 def unpack_fused_options(options: torch.Tensor):
@@ -72,13 +81,15 @@ def _empty(x):
 
 
 def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                             teacher_bias, labels, row_scale, options, divergence, ignore_index, reduction, chunk_size,
-                             grad_hidden, grad_weight, grad_bias):
+                             teacher_bias, labels, row_scale, options, normalizer, divergence, ignore_index, reduction,
+                             chunk_size, grad_hidden, grad_weight, grad_bias):
     """Fallback kernel of ``fastkd::fused_linear_kd_loss_fwd``: (loss, d/d hidden, d/d weight, d/d bias) of the
     student for grad_output = 1 (each gradient an empty [0] tensor unless asked for), the gradient rows scaled by
-    ``row_scale`` ([rows] or None) when given."""
+    ``row_scale`` ([rows] or None) when given; ``normalizer`` (None or one number): "batchmean"'s divisor instead
+    of the valid rows, as ``fastkd.reference.kd_loss_fwd``'s."""
     temperature, beta, soft_weight, hard_weight, logit_scale, softcap = unpack_fused_options(options)
     _check_op_args(temperature, divergence, beta, reduction)
+    check_op_normalizer(normalizer, reduction)
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     dtype = torch.promote_types(_compute_dtype(ht), _compute_dtype(teacher_weight))
     wt = teacher_weight.to(dtype)  # once per call (a copy only for low-precision weights)
@@ -88,12 +99,12 @@ def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teach
         return kd_loss_and_grad(s, t, lab, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
                                 "none", with_grad)
 
-    return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ignore_index, reduction,
-                    chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)
+    return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index,
+                    reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)
 
 
-def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ignore_index, reduction, chunk_size,
-             flags, logit_scale, softcap, rows_fn):
+def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index, reduction,
+             chunk_size, flags, logit_scale, softcap, rows_fn):
     """The chunk loop the fused ops share: per chunk, the student's logits, ``rows_fn(s, r0, r1, labels, with_grad)``
     -> (row losses, d rows / d s with grad_output 1 per row), the chain rule through the head, the gradients'
     GEMMs (the weight's and bias' accumulated in the maths dtype); then the reduction."""
@@ -110,13 +121,11 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ig
     gh = torch.zeros((rows, hs.shape[1]), dtype=dtype, device=hs.device) if grad_hidden else None
     gw = torch.zeros(ws.shape, dtype=dtype, device=hs.device) if grad_weight else None
     gb = torch.zeros((vocab,), dtype=dtype, device=hs.device) if grad_bias else None
-    # The reduction's factor of every gradient row, from all rows' labels (a tensor: no host sync).
-    if reduction == "batchmean":
-        count = hs.new_tensor(float(rows), dtype=dtype) if flat_labels is None else \
-            (flat_labels != ignore_index).sum().to(dtype)
-        weight = 1.0 / count.clamp_min(1)
-    else:
-        weight = None
+    valid = None if flat_labels is None else flat_labels != ignore_index
+    # The reduction's factor of every gradient row: 1 / (the normalizer, else all rows' valid labels), a tensor
+    # (no host sync).
+    like = hs.new_empty((rows,), dtype=dtype)
+    weight = 1.0 / _batchmean_divisor(like, valid, normalizer) if reduction == "batchmean" else None
     row_losses = []
     for r0 in range(0, rows, chunk_size):
         r1 = min(rows, r0 + chunk_size)
@@ -143,8 +152,7 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ig
         if grad_bias:
             gb += g.sum(0)
     rows_t = torch.cat(row_losses) if row_losses else hs.new_zeros((0,), dtype=dtype)
-    valid = None if flat_labels is None else flat_labels != ignore_index
-    loss = _reduce(rows_t, valid, reduction)
+    loss = _reduce(rows_t, valid, reduction, normalizer)
     if reduction == "none":
         loss = loss.reshape(lead)
     loss = loss.float()
@@ -158,20 +166,22 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ig
 def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_values, teacher_indices, labels=None,
                               student_bias=None, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
                               hard_weight=0.0, ignore_index=-100, reduction="batchmean", logit_scale=1.0,
-                              softcap=None):
+                              softcap=None, normalizer=None):
     """The loss of ``fastkd.fused_linear_topk_kd_loss`` through materialised student logits, differentiable by
     autograd (the oracle): ``topk_kd_loss(head(student_hidden), teacher_values, teacher_indices, ...)``."""
     s = head_logits(student_hidden, student_weight, student_bias, logit_scale, softcap)
     return topk_kd_loss(s, teacher_values, teacher_indices, labels, temperature, divergence, beta, soft_weight,
-                        hard_weight, ignore_index, reduction)
+                        hard_weight, ignore_index, reduction, normalizer)
 
 
 def fused_linear_topk_kd_loss_fwd(student_hidden, student_weight, student_bias, teacher_values, teacher_indices,
-                                  labels, row_scale, options, divergence, ignore_index, reduction, chunk_size,
-                                  grad_hidden, grad_weight, grad_bias):
-    """Fallback kernel of ``fastkd::fused_linear_topk_kd_loss_fwd`` (outputs as fused_linear_kd_loss_fwd's)."""
+                                  labels, row_scale, options, normalizer, divergence, ignore_index, reduction,
+                                  chunk_size, grad_hidden, grad_weight, grad_bias):
+    """Fallback kernel of ``fastkd::fused_linear_topk_kd_loss_fwd`` (normalizer and outputs as
+    fused_linear_kd_loss_fwd's)."""
     temperature, beta, soft_weight, hard_weight, logit_scale, softcap = unpack_fused_options(options)
     _check_op_args(temperature, divergence, beta, reduction)
+    check_op_normalizer(normalizer, reduction)
     k = teacher_values.shape[-1]
     values, indices = teacher_values.reshape(-1, k), teacher_indices.reshape(-1, k)
 
@@ -179,5 +189,5 @@ def fused_linear_topk_kd_loss_fwd(student_hidden, student_weight, student_bias, 
         return topk_kd_loss_and_grad(s, values[r0:r1], indices[r0:r1], lab, temperature, divergence, beta,
                                      soft_weight, hard_weight, ignore_index, "none", with_grad)
 
-    return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, ignore_index, reduction,
-                    chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)
+    return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index,
+                    reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from ._common import DIVERGENCES, REDUCTIONS
 from ._common import compute_dtype as _compute_dtype
 
-__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_scale_", "unpack_options",
-           "textbook_kd_loss"]
+__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_terms_fwd", "kd_loss_scale_",
+           "loss_terms", "unpack_options", "textbook_kd_loss"]
 
 
 def _if_pos(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,10 @@ def kd_loss(student, teacher, labels=None, temperature=1.0, divergence="kl", bet
 
 
 def _normalizer_tensor(normalizer):
-    return None if normalizer is None or isinstance(normalizer, torch.Tensor) else torch.tensor(float(normalizer))
+    # None and tensors as they are (a tensor's value is never read on the host), a number as a tensor.
+    if normalizer is None or isinstance(normalizer, torch.Tensor):
+        return normalizer
+    return torch.tensor(float(normalizer))
 
 
 def check_op_normalizer(normalizer, reduction: str) -> None:
@@ -141,6 +144,28 @@ def kd_loss_fwd(student, teacher, labels, options, normalizer, divergence, ignor
     temperature, beta, soft_weight, hard_weight = unpack_options(options)
     return kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight,
                             ignore_index, reduction, with_grad, normalizer)
+
+
+def kd_loss_terms_fwd(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction, with_grad):
+    """Fallback kernel of ``fastkd::kd_loss_terms_fwd``: ``kd_loss_fwd``'s outputs and the terms (``loss_terms``)."""
+    temperature, beta, _, _ = unpack_options(options)
+    loss, grad = kd_loss_fwd(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction,
+                             with_grad)
+    soft, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, 1.0, 0.0, ignore_index)
+    return loss, grad, loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer)
+
+
+def loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer=None):
+    """The KD ops' terms (their *_terms_fwd twins): each row's soft term T^2 * D (``soft``, [...], 0 on ignored
+    rows; ``valid`` its mask or None) and cross-entropy (0 without labels), unweighted, reduced as the loss is:
+    fp32 [..., 2] for "none", else [2] (the sums, divided by "batchmean"'s divisor). Shared by the KD losses."""
+    ce, _ = add_hard_term(torch.zeros_like(soft), student.to(soft.dtype), labels, 1.0, ignore_index)
+    terms = torch.stack([soft, ce], -1)
+    if reduction != "none":
+        terms = terms.reshape(-1, 2).sum(0)
+        if reduction == "batchmean":
+            terms = terms / _batchmean_divisor(soft, valid, normalizer)
+    return terms.float()
 
 
 def kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,

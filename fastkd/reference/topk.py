@@ -34,10 +34,11 @@ from .kd import (
     add_hard_term,
     check_op_normalizer,
     finish_grad,
+    loss_terms,
     unpack_options,
 )
 
-__all__ = ["topk_kd_loss_rows", "topk_kd_loss", "topk_kd_loss_and_grad", "topk_kd_loss_fwd",
+__all__ = ["topk_kd_loss_rows", "topk_kd_loss", "topk_kd_loss_and_grad", "topk_kd_loss_fwd", "topk_kd_loss_terms_fwd",
            "check_topk_divergence", "check_topk_indices", "textbook_topk_kd_loss"]
 
 
@@ -167,6 +168,18 @@ def topk_kd_loss_fwd(student, values, indices, labels, options, normalizer, dive
     temperature, beta, soft_weight, hard_weight = unpack_options(options)
     return topk_kd_loss_and_grad(student, values, indices, labels, temperature, divergence, beta, soft_weight,
                                  hard_weight, ignore_index, reduction, with_grad, normalizer)
+
+
+def topk_kd_loss_terms_fwd(student, values, indices, labels, options, normalizer, divergence, ignore_index, reduction,
+                           with_grad):
+    """Fallback kernel of ``fastkd::topk_kd_loss_terms_fwd``: ``topk_kd_loss_fwd``'s outputs and the terms
+    (``fastkd.reference.kd.loss_terms``)."""
+    temperature, beta, _, _ = unpack_options(options)
+    loss, grad = topk_kd_loss_fwd(student, values, indices, labels, options, normalizer, divergence, ignore_index,
+                                  reduction, with_grad)
+    soft, valid = topk_kd_loss_rows(student, values, indices, labels, temperature, divergence, beta, 1.0, 0.0,
+                                    ignore_index)
+    return loss, grad, loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer)
 
 
 def topk_kd_loss_and_grad(student, values, indices, labels, temperature, divergence, beta, soft_weight, hard_weight,

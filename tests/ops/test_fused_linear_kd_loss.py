@@ -251,8 +251,8 @@ def test_op_matches_its_fallback_kernel():
     """The dispatcher's kernel (C++ where built) against the fallback kernel called directly."""
     p, labels = make_problem(bias=True, seed=13)
     args = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
-            p["teacher_bias"], labels, torch.rand(37), _options(2.0, 0.3, 0.8, 0.2, 0.5, 3.0), "jsd", -100, "sum", 6,
-            True, True, True)
+            p["teacher_bias"], labels, torch.rand(37), _options(2.0, 0.3, 0.8, 0.2, 0.5, 3.0), None, "jsd", -100, "sum",
+            6, True, True, True)
     got = torch.ops.fastkd.fused_linear_kd_loss_fwd(*args)
     want = reference.fused_linear_kd_loss_fwd(*args)
     for x, y in zip(got, want, strict=True):
@@ -327,11 +327,11 @@ def test_opcheck(reduction):
             p["teacher_bias"], labels)
     opts = _options(2.0, 0.5, 1.0, 0.2, 1.0, 0.0)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fwd,
-                          (*base, None, opts, "kl", -100, reduction, 4, False, False, False))
+                          (*base, None, opts, None, "kl", -100, reduction, 4, False, False, False))
     # The gradient outputs are marked non-differentiable (autograd never differentiates them): opcheck's
     # autograd test does not apply when they are asked for.
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fwd,
-                          (*base, torch.rand(9), opts, "jsd", -100, reduction, 4, True, True, True),
+                          (*base, torch.rand(9), opts, None, "jsd", -100, reduction, 4, True, True, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -510,9 +510,9 @@ def test_topk_module_opcheck_and_compile():
     opts = _options(2.0, 0.3, 1.0, 0.2, 0.8, 3.0)
     base = (q["student_hidden"], q["student_weight"], q["student_bias"], v, i, labels)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_topk_kd_loss_fwd,
-                          (*base, None, opts, "jsd", -100, "sum", 6, False, False, False))
+                          (*base, None, opts, None, "jsd", -100, "sum", 6, False, False, False))
     torch.library.opcheck(torch.ops.fastkd.fused_linear_topk_kd_loss_fwd,
-                          (*base, torch.rand(37), opts, "kl", -100, "none", 6, True, True, True),
+                          (*base, torch.rand(37), opts, None, "kl", -100, "none", 6, True, True, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
     def step(hs, w, b, v, i, labels, T):
@@ -544,3 +544,193 @@ def test_topk_bad_input_names_the_argument(change, match):
     w = change.pop("student_weight", q["student_weight"])
     with pytest.raises((ValueError, TypeError), match=match):
         fastkd.fused_linear_topk_kd_loss(q["student_hidden"], w, v, i, labels, **change)
+
+
+# ---- normalizer: "batchmean" over a divisor the caller gives (e.g. Hugging Face's num_items_in_batch) ----------
+NORMALIZERS = {"number": 41.5, "tensor": torch.tensor(41.5), "int_tensor": torch.tensor(41),
+               "one_element": torch.tensor([41.5], dtype=torch.float64)}
+
+
+def sum_over(fn, n):
+    """The loss fn(..., reduction="sum") / n: what normalizer=n must equal, loss and gradients."""
+    def divided(*args, **kw):
+        return fn(*args, **dict(kw, reduction="sum")) / n
+    return divided
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("kind", sorted(NORMALIZERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalizer_divides_the_sum_and_its_gradients(kind, dtype):
+    """normalizer=n is the float64 oracle's sum / n, loss and the three gradients, under the tolerance rule; 41
+    or 41.5 is neither the valid rows (about 30) nor the rows (37), so a divisor left out or counted shows."""
+    n = NORMALIZERS[kind]
+    p, labels = make_problem(bias=True, seed=40)
+    kw = dict(temperature=2.0, divergence="jsd", beta=0.3, hard_weight=0.4, softcap=3.0, chunk_size=7)
+    loss, grads = check(p, labels, dtype=dtype, normalizer=n, **kw)
+    p = {k: v.to(dtype) for k, v in p.items()}
+    want, want_grads = loss_and_grads(sum_over(oracle, float(n)), p, labels, dtype=torch.float64, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), want, rtol=tol, atol=1e-6)
+    for g, r in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+def test_normalizer_with_grad_output_and_no_labels():
+    """grad_output != 1 still scales the already-divided gradients; without labels every row counts."""
+    p, _ = make_problem(seed=41)
+    check(p, None, grad_out=torch.tensor(-2.5, dtype=torch.float64), temperature=1.5, normalizer=torch.tensor(9.0),
+          chunk_size=5)
+
+
+def test_normalizer_saves_the_scaling_passes(monkeypatch):
+    """The gradients come out of the forward already divided: loss.backward() scales each of them by a grad_output
+    of 1 (free), where sum / n scales each by 1 / n (a pass over the hidden, weight and bias gradients)."""
+    seen = []
+    real = torch.ops.fastkd.kd_loss_scale_
+
+    def spy(grad, grad_output):
+        seen.append(float(grad_output))
+        return real(grad, grad_output)
+
+    monkeypatch.setattr(torch.ops.fastkd, "kd_loss_scale_", spy)
+    p, labels = make_problem(bias=True, seed=42)
+    loss_and_grads(fastkd.fused_linear_kd_loss, p, labels, normalizer=8.0)
+    loss_and_grads(sum_over(fastkd.fused_linear_kd_loss, 8.0), p, labels)
+    assert seen == [1.0] * 3 + [0.125] * 3
+
+
+def test_op_with_normalizer_matches_its_fallback_kernel():
+    """The compiled kernel (where built) and the fallback kernel with a CPU normalizer, row_scale and every
+    gradient, called directly."""
+    p, labels = make_problem(bias=True, seed=43)
+    args = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
+            p["teacher_bias"], labels, torch.rand(37), _options(2.0, 0.3, 0.8, 0.2, 0.5, 3.0), torch.tensor(19),
+            "jsd", -100, "batchmean", 6, True, True, True)
+    got = torch.ops.fastkd.fused_linear_kd_loss_fwd(*args)
+    want = reference.fused_linear_kd_loss_fwd(*args)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["dense", "topk"])
+def test_normalizer_errors(op):
+    """The wrappers' normalizer checks are kd_loss's (fastkd.ops._args.normalizer_arg), naming student_hidden."""
+    p, labels = make_problem(seed=44)
+    if op == "dense":
+        fn, name = fastkd.fused_linear_kd_loss, "fastkd.fused_linear_kd_loss"
+        args = (p["student_hidden"], p["student_weight"], p["teacher_hidden"], p["teacher_weight"], labels)
+    else:
+        fn, name = fastkd.fused_linear_topk_kd_loss, "fastkd.fused_linear_topk_kd_loss"
+        values, indices = torch.randn(37, 5).topk(5)
+        args = (p["student_hidden"], p["student_weight"], values, indices, labels)
+    for bad, match in ((0.0, "finite number > 0"), (-3, "finite number > 0"), (float("nan"), "finite number > 0"),
+                       ("8", "finite number > 0"), (torch.ones(2), "one real number"),
+                       (torch.tensor(True), "one real number"), (torch.tensor(2.0, requires_grad=True),
+                                                                  "normalizer.detach"),
+                       (torch.tensor(2.0, device="meta"), "normalizer is on meta but student_hidden on cpu")):
+        with pytest.raises(ValueError, match=f"^{name}: .*{match}"):
+            fn(*args, normalizer=bad)
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match="it needs reduction='batchmean'"):
+            fn(*args, reduction=reduction, normalizer=4.0)
+
+
+@pytest.mark.parametrize("op", ["fused_linear_kd_loss_fwd", "fused_linear_topk_kd_loss_fwd"])
+def test_op_refuses_a_normalizer_without_batchmean(op):
+    """The op's own contract (compiled and fallback kernels alike), for callers of torch.ops.fastkd directly."""
+    p, labels = make_problem(seed=45)
+    values, indices = torch.randn(37, 5).topk(5)
+    teacher = ((p["teacher_hidden"], p["teacher_weight"], None) if op == "fused_linear_kd_loss_fwd"
+               else (values, indices))
+    head = (p["student_hidden"], p["student_weight"], None, *teacher, labels, None, _options(1.0, 0.5, 1.0, 0.0, 1.0,
+                                                                                            0.0))
+    for norm, reduction, match in ((torch.tensor(3.0), "sum", "batchmean"), (torch.ones(2), "batchmean", "one")):
+        with pytest.raises(ValueError, match=f"normalizer.*{match}"):
+            getattr(torch.ops.fastkd, op)(*head, norm, "kl", -100, reduction, 8, True, True, False)
+
+
+def test_normalizer_module_opcheck_and_compile():
+    """FusedLinearKDLoss takes normalizer at call time; the op with a normalizer passes opcheck; under
+    torch.compile(fullgraph=True) a tensor normalizer (as the Trainer passes it) gives eager's results."""
+    p, labels = make_problem(rows=12, vocab=50, bias=True, seed=46)
+    n = torch.tensor(7)
+    mod = fastkd.FusedLinearKDLoss(temperature=2.0, hard_weight=0.2, chunk_size=5)
+    a = mod(p["student_hidden"], p["student_weight"], p["teacher_hidden"], p["teacher_weight"], labels,
+            student_bias=p["student_bias"], teacher_bias=p["teacher_bias"], normalizer=n)
+    b = fastkd.fused_linear_kd_loss(p["student_hidden"], p["student_weight"], p["teacher_hidden"],
+                                    p["teacher_weight"], labels, student_bias=p["student_bias"],
+                                    teacher_bias=p["teacher_bias"], temperature=2.0, hard_weight=0.2, chunk_size=5,
+                                    normalizer=n)
+    torch.testing.assert_close(a, b)
+    base = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
+            p["teacher_bias"], labels)
+    opts = _options(2.0, 0.5, 1.0, 0.2, 1.0, 0.0)
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fwd,
+                          (*base, None, opts, torch.tensor(7.0), "kl", -100, "batchmean", 4, False, False, False))
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fwd,
+                          (*base, None, opts, n, "jsd", -100, "batchmean", 4, True, True, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+    def step(hs, w, b, ht, wt, bt, labels, n):
+        return fastkd.fused_linear_kd_loss(hs, w, ht, wt, labels, student_bias=b, teacher_bias=bt, temperature=2.0,
+                                           hard_weight=0.2, chunk_size=5, normalizer=n)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        hs, w, bias = (p[k].clone().requires_grad_(True) for k in STUDENT)
+        out = fn(hs, w, bias, p["teacher_hidden"], p["teacher_weight"], p["teacher_bias"], labels, n)
+        out.backward()
+        results.append((out.detach(), hs.grad, w.grad, bias.grad))
+    for x, y in zip(*results, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("kind", ["number", "tensor", "int_tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_normalizer_divides_the_sum_and_its_gradients(kind, dtype):
+    n = NORMALIZERS[kind]
+    q, v, i, labels = make_topk_problem(dtype=dtype, bias=True, seed=47)
+    kw = dict(temperature=2.0, divergence="jsd", beta=0.3, hard_weight=0.4, softcap=3.0, chunk_size=7)
+    loss, grads = check_topk(q, v, i, labels, dtype=dtype, normalizer=n, **kw)
+    want, want_grads = topk_loss_and_grads(sum_over(topk_oracle, float(n)), q, v, i, labels, dtype=torch.float64,
+                                           **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), want, rtol=tol, atol=1e-6)
+    for g, r in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+def test_topk_normalizer_module_op_and_opcheck():
+    q, v, i, labels = make_topk_problem(bias=True, seed=48)
+    mod = fastkd.FusedLinearTopKKDLoss(temperature=2.0, hard_weight=0.2, chunk_size=8)
+    a = mod(q["student_hidden"], q["student_weight"], v, i, labels, student_bias=q["student_bias"], normalizer=11.0)
+    b = fastkd.fused_linear_topk_kd_loss(q["student_hidden"], q["student_weight"], v, i, labels,
+                                         student_bias=q["student_bias"], temperature=2.0, hard_weight=0.2,
+                                         chunk_size=8, reduction="sum") / 11.0
+    torch.testing.assert_close(a, b)
+    opts = _options(2.0, 0.3, 1.0, 0.2, 0.8, 3.0)
+    args = (q["student_hidden"], q["student_weight"], q["student_bias"], v, i, labels, torch.rand(37), opts,
+            torch.tensor(23), "jsd", -100, "batchmean", 6, True, True, True)
+    got = torch.ops.fastkd.fused_linear_topk_kd_loss_fwd(*args)
+    want = reference.fused_linear_topk_kd_loss_fwd(*args)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_topk_kd_loss_fwd, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_float64_normalizer_gradchecks():
+    """float64 runs the oracle: its normalizer path is differentiable to any order."""
+    p, labels = make_problem(rows=5, hs=3, ht=4, vocab=7, dtype=torch.float64, bias=True, seed=49)
+    hs, w, b = (p[k].clone().requires_grad_(True) for k in STUDENT)
+
+    def f(hs, w, b):
+        return fastkd.fused_linear_kd_loss(hs, w, p["teacher_hidden"], p["teacher_weight"], labels, student_bias=b,
+                                           teacher_bias=p["teacher_bias"], temperature=1.5, hard_weight=0.3,
+                                           normalizer=torch.tensor(3))
+
+    assert torch.autograd.gradcheck(f, (hs, w, b))

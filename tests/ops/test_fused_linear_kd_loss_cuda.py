@@ -118,3 +118,41 @@ def test_topk_against_float64(dtype, divergence, beta, reduction):
     assert (loss - ref_loss).abs().max() <= tol * max(1.0, ref_loss.abs().max().item())
     for g, r in zip(got, ref_grads, strict=True):
         assert (g - r).abs().max() <= tol * r.abs().max().clamp_min(1e-6)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["cuda", "cpu"])
+@pytest.mark.parametrize("op", ["dense", "topk"])
+def test_normalizer_on_the_device_or_the_cpu(dtype, where, op):
+    """normalizer: a one-number tensor on the GPU (as the HF Trainer's num_items_in_batch) or on the CPU divides
+    the sum, loss and gradients against the float64 oracle's sum / n, with no host sync."""
+    (hs, ws, bs, ht, wt, bt), labels = problem(37, 64, 48, 2049, dtype, seed=4)
+    if op == "dense":
+        fused, ref = fastkd.fused_linear_kd_loss, reference.fused_linear_kd_loss
+
+        def teacher(dt):
+            return (ht.to(dt), wt.to(dt)), dict(teacher_bias=bt.to(dt))
+    else:
+        fused, ref = fastkd.fused_linear_topk_kd_loss, reference.fused_linear_topk_kd_loss
+        values, indices = (ht.double() @ wt.double().T).topk(64, dim=-1)
+
+        def teacher(dt):
+            return (values.to(dt), indices), {}
+
+    def run(fn, dt, **extra):
+        x = [t.to(dt).clone().requires_grad_(True) for t in (hs, ws, bs)]
+        t_args, t_kw = teacher(dt)
+        loss = fn(x[0], x[1], *t_args, labels, student_bias=x[2], **t_kw, temperature=2.0, hard_weight=0.3,
+                  softcap=4.0, **extra)
+        loss.backward()
+        return loss.detach().double(), [t.grad.double() for t in x]
+
+    want, want_grads = run(lambda *a, **k: ref(*a, **k, reduction="sum") / 41, torch.float64)
+    n = torch.tensor(41, device=where)
+    with no_sync():
+        loss, got = run(fused, dtype, chunk_size=8, normalizer=n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (loss - want).abs().max() <= tol * max(1.0, want.abs().max().item())
+    for g, r in zip(got, want_grads, strict=True):
+        assert (g - r).abs().max() <= tol * r.abs().max().clamp_min(1e-6)

@@ -16,7 +16,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_against_float64, loss_and_grad, random_labels
+from conftest import (
+    LAYOUTS,
+    bytes_allocated_in,
+    check_against_float64,
+    layout_view,
+    loss_and_grad,
+    random_labels,
+)
 
 import fastkd
 from fastkd import _extension, reference
@@ -217,6 +224,45 @@ def test_non_contiguous_inputs():
     check(s3.transpose(0, 1), t3.transpose(0, 1), labels.t(), hard_weight=0.5)
 
 
+def _logits_maker(dtype, seed):
+    """make(shape): student-like logits of that shape, a new draw per call."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda shape: (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("vocab,divergence,dtype", [(300, "kl", torch.float32), (5000, "jsd", torch.bfloat16),
+                                                    (1, "reverse_kl", torch.float32)], ids=str)
+def test_strided_layouts(layout, vocab, divergence, dtype):
+    """Sliced, transposed, padded and 4-D logits views (LAYOUTS) give the float64 oracle's loss and gradient,
+    student and teacher in the layout, or only the student (the teacher contiguous)."""
+    make = _logits_maker(dtype, seed=vocab)
+    s, t = layout_view(layout, make, vocab), layout_view(layout, make, vocab)
+    labels = random_labels(s.shape[:-1], vocab, seed=3)
+    check(s, t, labels, temperature=2.0, divergence=divergence, hard_weight=0.3)
+    check(s, t.contiguous(), labels, temperature=2.0, divergence=divergence, reduction="none")
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.skipif(fastkd.kernel_info()["cpu"] == "reference", reason="the extension is disabled or not built")
+@pytest.mark.parametrize("layout", sorted(name for name, case in LAYOUTS.items() if case[3]))
+def test_strided_layouts_are_read_in_place(layout):
+    """The kernels read these views where they are: the call allocates the gradient and a few bytes per row,
+    never a copy of the logits (which would be 2 x the logits' bytes more)."""
+    vocab = 4000
+    make = _logits_maker(torch.float32, seed=7)
+    s, t = layout_view(layout, make, vocab), layout_view(layout, make, vocab)
+    logits_bytes = s[..., 0].numel() * vocab * 4
+    s.requires_grad_(True)
+    with torch.no_grad():
+        loss, allocated = bytes_allocated_in(lambda: fastkd.kd_loss(s, t, temperature=2.0))
+    assert allocated < logits_bytes / 8, (allocated, logits_bytes)
+    _, allocated = bytes_allocated_in(lambda: fastkd.kd_loss(s, t, temperature=2.0))
+    assert allocated < 1.25 * logits_bytes, (allocated, logits_bytes)  # the gradient only
+    assert torch.equal(loss, fastkd.kd_loss(s.detach().contiguous(), t.contiguous(), temperature=2.0))
+
+
 @pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("sd,td", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                    (torch.float16, torch.bfloat16)])
@@ -300,6 +346,68 @@ def test_reference_closed_form_gradient(divergence, beta, reduction):
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
+# ---- the soft and hard terms (return_terms) -----------------------------------------------------------
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence,beta,hard_weight,temperature,with_labels",
+                         [("kl", 0.5, 0.0, 2.0, True), ("jsd", 0.3, 0.4, 1.0, True), ("reverse_kl", 0.5, 0.7, 3.0, True),
+                          ("kl", 0.5, 0.0, 1.5, False)])
+def test_return_terms(reduction, divergence, beta, hard_weight, temperature, with_labels):
+    """The terms from the loss's own pass are the float64 oracle's losses of each term alone (soft_weight=1,
+    hard_weight=0 and the reverse; the hard term is 0 without labels), reduced as the loss; the loss and the
+    gradient are those of the call without return_terms (the cross-entropy computed at hard_weight 0 does not
+    enter them)."""
+    s, t = make_logits(None, 700, lead=(4, 6), seed=30)
+    labels = random_labels((4, 6), 700, seed=31) if with_labels else None
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    x = s.clone().requires_grad_(True)
+    loss, terms = fastkd.kd_loss(x, t, labels, hard_weight=hard_weight, soft_weight=0.6, return_terms=True, **kw)
+    loss.sum().backward()
+    assert isinstance(terms, fastkd.KDTerms) and terms.soft.dtype == torch.float32
+    assert terms.soft.shape == loss.shape and terms.hard.shape == loss.shape and not terms.soft.requires_grad
+    ref_soft = reference.kd_loss(s.double(), t.double(), labels, soft_weight=1.0, hard_weight=0.0, **kw)
+    torch.testing.assert_close(terms.soft.double(), ref_soft, rtol=2e-5, atol=1e-6)
+    if with_labels:
+        ref_hard = reference.kd_loss(s.double(), t.double(), labels, soft_weight=0.0, hard_weight=1.0, **kw)
+        torch.testing.assert_close(terms.hard.double(), ref_hard, rtol=2e-5, atol=1e-6)
+    else:
+        assert torch.equal(terms.hard, torch.zeros_like(terms.hard))
+    y = s.clone().requires_grad_(True)
+    plain = fastkd.kd_loss(y, t, labels, hard_weight=hard_weight, soft_weight=0.6, **kw)
+    plain.sum().backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_return_terms_float64_module_and_errors():
+    s, t = make_logits(None, 50, lead=(3, 4), seed=32)
+    labels = random_labels((3, 4), 50, seed=33)
+    _, terms = fastkd.KDLoss(temperature=2.0, hard_weight=0.5)(s.double(), t.double(), labels, return_terms=True)
+    ref = reference.kd_loss(s.double(), t.double(), labels, temperature=2.0, soft_weight=1.0, hard_weight=0.0)
+    torch.testing.assert_close(terms.soft.double(), ref, rtol=1e-6, atol=1e-7)  # the reference maths' own terms
+    ref = reference.kd_loss(s.double(), t.double(), labels, temperature=2.0, soft_weight=0.0, hard_weight=1.0)
+    torch.testing.assert_close(terms.hard.double(), ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="return_terms must be True or False"):
+        fastkd.kd_loss(s, t, return_terms=1)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_return_terms_under_torch_compile(reduction):
+    s, t = make_logits(None, 301, lead=(2, 5), seed=34)
+    labels = random_labels((2, 5), 301)
+    kw = dict(temperature=2.0, divergence="jsd", hard_weight=0.3, reduction=reduction)
+
+    def step(x, y, lab):
+        loss, terms = fastkd.kd_loss(x, y, lab, return_terms=True, **kw)
+        return loss.sum(), terms.soft, terms.hard
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, dynamic=False)(s.clone().requires_grad_(True), t, labels)
+    want = step(s.clone().requires_grad_(True), t, labels)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 # ---- the op --------------------------------------------------------------------------------------------
 def _op_args(reduction, with_grad, dtype=torch.float32):
     s, t = make_logits(6, 97, dtype=dtype, seed=27)
@@ -314,6 +422,9 @@ def test_opcheck(reduction):
     # scales in place; AOT tests that hand that buffer back to the caller as a graph output do not
     # apply (fastkd.kd_loss never returns it; its torch.compile path is tested below).
     torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd, _op_args(reduction, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_terms_fwd, _op_args(reduction, False))
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_terms_fwd, _op_args(reduction, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     g = torch.randn(6, 97)
     torch.library.opcheck(torch.ops.fastkd.kd_loss_scale_, (g, torch.tensor(2.0)))
@@ -617,3 +728,18 @@ def test_normalizer_errors():
             fastkd.kd_loss(s, t, normalizer=bad)
     with pytest.raises(ValueError, match="it needs reduction='batchmean'"):
         fastkd.kd_loss(s, t, reduction="sum", normalizer=4.0)
+
+
+@pytest.mark.parametrize("n", [41.5, torch.tensor(41.5), torch.tensor(41), torch.tensor([41.5])])
+def test_float64_normalizer_divides_the_sum(n):
+    """float64 logits run the reference maths: a tensor normalizer divides the sum there too (the oracle once
+    dropped tensors and divided by the valid rows), for kd_loss and topk_kd_loss."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(6, 5, 33, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 5, 33, generator=g, dtype=torch.float64)
+    labels = random_labels((6, 5), 33)
+    want = fastkd.kd_loss(s, t, labels, temperature=2.0, hard_weight=0.5, reduction="sum") / float(n)
+    torch.testing.assert_close(fastkd.kd_loss(s, t, labels, temperature=2.0, hard_weight=0.5, normalizer=n), want)
+    top = t.topk(7)
+    want = fastkd.topk_kd_loss(s, top.values, top.indices, labels, reduction="sum") / float(n)
+    torch.testing.assert_close(fastkd.topk_kd_loss(s, top.values, top.indices, labels, normalizer=n), want)

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_cuda_op, cuda_labels, cuda_logits, no_sync, rows_for
+from conftest import (
+    LAYOUTS,
+    check_cuda_op,
+    cuda_labels,
+    cuda_logits,
+    layout_view,
+    no_sync,
+    random_labels,
+    rows_for,
+)
 
 import fastkd
 from fastkd import _extension, reference
@@ -313,3 +322,22 @@ def test_padded_row_stride(vocab, width, dtypes):
         ref_loss, ref_grad = run_ref(s, t, *args)
         assert grad.is_contiguous() and grad.shape == (rows, vocab)
         check_cuda_op(loss, grad, ref_loss, ref_grad, dtypes[0])
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("vocab", [769, 50257])  # the one-warp-per-row kernel and the block kernel
+def test_strided_layouts(layout, vocab):
+    # Sliced, transposed, padded and 4-D views (conftest's LAYOUTS): rows in blocks, read in place.
+    g = torch.Generator().manual_seed(vocab)
+
+    def make(shape):
+        return (torch.randn(shape, generator=g) * 3).to(torch.bfloat16).cuda()
+
+    s, t = layout_view(layout, make, vocab), layout_view(layout, make, vocab)
+    labels = random_labels(s.shape[:-1], vocab, seed=5).cuda()
+    for div in DIVERGENCES:
+        args = (labels, 2.0, div, 0.5, 0.8, 0.2, -100, "batchmean")
+        loss, grad = run_op(s, t, *args)
+        ref_loss, ref_grad = run_ref(s, t, *args)
+        assert grad.is_contiguous() and grad.shape == s.shape
+        check_cuda_op(loss, grad, ref_loss, ref_grad, s.dtype)

@@ -14,7 +14,14 @@ import math
 
 import pytest
 import torch
-from conftest import check_against_float64, loss_and_grad, random_labels
+from conftest import (
+    LAYOUTS,
+    bytes_allocated_in,
+    check_against_float64,
+    layout_view,
+    loss_and_grad,
+    random_labels,
+)
 
 import fastkd
 from fastkd import reference
@@ -304,6 +311,47 @@ def test_non_contiguous_inputs():
     check(s3.transpose(0, 1), v3.transpose(0, 1), i3.transpose(0, 1), labels.t(), hard_weight=0.5)
 
 
+def _layout_case(layout, vocab, k, dtype=torch.float32, seed=0):
+    """Student logits in the LAYOUTS view and a top-k teacher of the same leading shape, its values and indices
+    in another memory order (views of a [..., K] tensor whose last two dimensions are swapped in memory)."""
+    g = torch.Generator().manual_seed(seed)
+    s = layout_view(layout, lambda shape: (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype), vocab)
+    t = torch.randn(s.shape, generator=g, dtype=torch.float64) * 3 + 0.5 * s.double()
+    values, indices = t.topk(k, dim=-1)
+    order = torch.rand(values.shape, generator=g).argsort(-1)
+    values, indices = values.gather(-1, order).to(dtype), indices.gather(-1, order)
+    return s, values.transpose(-1, -2).contiguous().transpose(-1, -2), indices
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("vocab,k,divergence,dtype", [(300, 20, "kl", torch.float32),
+                                                      (5000, 64, "jsd", torch.bfloat16)], ids=str)
+def test_strided_layouts(layout, vocab, k, divergence, dtype):
+    """Sliced, transposed, padded and 4-D student views (LAYOUTS) give the float64 oracle's loss and gradient."""
+    s, v, i = _layout_case(layout, vocab, k, dtype, seed=vocab)
+    labels = random_labels(s.shape[:-1], vocab, seed=4)
+    check(s, v, i, labels, temperature=2.0, divergence=divergence, hard_weight=0.3)
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.skipif(fastkd.kernel_info()["cpu"] == "reference", reason="the extension is disabled or not built")
+@pytest.mark.parametrize("layout", sorted(name for name, case in LAYOUTS.items() if case[3]))
+def test_strided_layouts_are_read_in_place(layout):
+    """The kernel reads these student views where they are: no copy of the logits (the top-k teacher's K
+    columns may be copied: they are K / V of the logits' size)."""
+    vocab, k = 4000, 32
+    s, v, i = _layout_case(layout, vocab, k, seed=8)
+    logits_bytes = s[..., 0].numel() * vocab * 4
+    with torch.no_grad():
+        loss, allocated = bytes_allocated_in(lambda: fastkd.topk_kd_loss(s, v, i, temperature=2.0))
+    assert allocated < logits_bytes / 8, (allocated, logits_bytes)
+    s.requires_grad_(True)
+    _, allocated = bytes_allocated_in(lambda: fastkd.topk_kd_loss(s, v, i, temperature=2.0))
+    assert allocated < 1.25 * logits_bytes, (allocated, logits_bytes)  # the gradient only
+    assert torch.equal(loss, fastkd.topk_kd_loss(s.detach().contiguous(), v, i, temperature=2.0))
+
+
 @pytest.mark.usefixtures("cpu_kernel")
 def test_deterministic_and_no_grad_forward_matches():
     s, v, i = make_case(64, 4000, 64, seed=20)
@@ -403,6 +451,33 @@ def test_opcheck(reduction, idx_dtype):
     # place (as kd_loss_fwd's: tests/ops/test_kd_loss.py::test_opcheck says why the AOT tests do not apply).
     torch.library.opcheck(torch.ops.fastkd.topk_kd_loss_fwd, _op_args(reduction, True, idx_dtype),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastkd.topk_kd_loss_terms_fwd, _op_args(reduction, False, idx_dtype))
+    torch.library.opcheck(torch.ops.fastkd.topk_kd_loss_terms_fwd, _op_args(reduction, True, idx_dtype),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence,hard_weight,temperature", [("kl", 0.0, 2.0), ("jsd", 0.4, 1.0)])
+def test_return_terms(reduction, divergence, hard_weight, temperature):
+    """As test_kd_loss.py's: the terms of the loss's own pass are the float64 oracle's terms alone; the loss and
+    gradient are those without return_terms. One row's teacher values are all -inf (no soft term)."""
+    s, v, i = make_case(None, 500, 24, seed=35, lead=(3, 5))
+    v[1, 2] = -math.inf
+    labels = random_labels((3, 5), 500, seed=36)
+    kw = dict(temperature=temperature, divergence=divergence, beta=0.3, reduction=reduction)
+    x = s.clone().requires_grad_(True)
+    loss, terms = fastkd.topk_kd_loss(x, v, i, labels, hard_weight=hard_weight, return_terms=True, **kw)
+    loss.sum().backward()
+    ref_soft = reference.topk_kd_loss(s.double(), v.double(), i, labels, soft_weight=1.0, hard_weight=0.0, **kw)
+    ref_hard = reference.topk_kd_loss(s.double(), v.double(), i, labels, soft_weight=0.0, hard_weight=1.0, **kw)
+    torch.testing.assert_close(terms.soft.double(), ref_soft, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(terms.hard.double(), ref_hard, rtol=2e-5, atol=1e-6)
+    y = s.clone().requires_grad_(True)
+    plain = fastkd.topk_kd_loss(y, v, i, labels, hard_weight=hard_weight, **kw)
+    plain.sum().backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_cuda_op, cuda_labels, cuda_logits, no_sync, rows_for
+from conftest import (
+    LAYOUTS,
+    check_cuda_op,
+    cuda_labels,
+    cuda_logits,
+    layout_view,
+    no_sync,
+    random_labels,
+    rows_for,
+)
 
 import fastkd
 from fastkd import _extension, reference
@@ -338,3 +347,22 @@ def test_device_asserts(vocab, k, case):
     expect = {"duplicate": "holds an index twice", "too_large": "teacher_indices entry is outside",
               "negative": "teacher_indices entry is outside", "label": "a label is outside"}[case]
     assert expect in text, text
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("vocab,k", [(769, 16), (50257, 64)])
+def test_strided_layouts(layout, vocab, k):
+    # Sliced, transposed, padded and 4-D student views (conftest's LAYOUTS), read in place.
+    g = torch.Generator().manual_seed(vocab)
+
+    def make(shape):
+        return (torch.randn(shape, generator=g) * 3).to(torch.bfloat16).cuda()
+
+    s = layout_view(layout, make, vocab)
+    rows = s[..., 0].numel()
+    v, i = make_topk(rows, vocab, k, 36)
+    v, i = v.view(*s.shape[:-1], k), i.view(*s.shape[:-1], k)
+    labels = random_labels(s.shape[:-1], vocab, seed=6).cuda()
+    for div in ("kl", "jsd"):
+        loss, grad = compare(s, v, i, labels, 2.0, div, 0.3, 0.8, 0.2, -100, "batchmean")
+        assert grad.is_contiguous() and grad.shape == s.shape
