@@ -13,6 +13,25 @@
   computes GKDTrainer's training loss with it, and without slicing the logits: fastkd reads a
   ``logits[:, :-1]`` view in place, but the slice's backward allocates a zero-filled (B, S, V) gradient; the
   mixin passes the whole logits with the labels shifted instead (``fastkd.shift_labels``), the same loss.
+- :class:`DistillationLossMixin` put before TRL's on-policy ``trl.DistillationTrainer`` in a subclass
+  (``class FastDistill(DistillationLossMixin, DistillationTrainer)``) computes that trainer's loss with one
+  ``fastkd.kd_loss`` call. TRL's conventions, kept exactly: ``args.beta`` 0 is the forward KL(teacher ||
+  student), 1 the reverse KL(student || teacher), between them the generalised JSD with the mixture
+  ``beta * p_teacher + (1 - beta) * p_student``; ``args.temperature`` divides both models' logits and there
+  is no T² factor; the positions are the completion's (``completion_mask``, times ``tool_mask`` in
+  multi-turn tool use); the sum is divided by ``num_items_in_batch`` (TRL's count over the generated
+  completions of the accumulated batch, over all ranks, divided by the number of processes) in training, by
+  the micro-batch's own valid positions (at least 1) in evaluation: ``kd_loss``'s ``normalizer``, the
+  division inside the fused gradient. The student's mean entropy (TRL's ``entropy`` metric, at the
+  temperature) is logged as TRL logs it.
+  TRL's own loss projects hidden states through both heads chunk by chunk; the mixin takes each model's
+  logits over the completion (and the prompt's last position), ``logits_to_keep`` positions as TRL asks of
+  the models, and reads them in place with the labels shifted (no slices, no (tokens x V) temporaries in the
+  loss). The logits are the models' own, so a head's post-processing (Gemma's softcapping, Cohere's and
+  Granite's logit scales) is the model's. Options fastkd cannot compute exactly are errors at the first
+  loss, never a different objective: a temperature outside ``[0.05, 100]``, logits of different shapes.
+  With ``fastkd_fused_linear = True`` the loss is ``fastkd.fused_linear_kd_loss`` on TRL's own hidden
+  states and both heads instead: no logits at all, as in TRL (see the class's docstring).
 """
 
 from __future__ import annotations
@@ -20,10 +39,11 @@ from __future__ import annotations
 import torch
 
 from ..ops._args import check_loss_options
+from ..ops.fused_linear import fused_linear_kd_loss
 from ..ops.kd import kd_loss
 from ..ops.labels import shift_labels
 
-__all__ = ["generalized_jsd_loss", "GKDLossMixin"]
+__all__ = ["generalized_jsd_loss", "GKDLossMixin", "DistillationLossMixin"]
 
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
 IGNORE = -100  # TRL's padding label
@@ -91,3 +111,172 @@ class GKDLossMixin:
         loss = generalized_jsd_loss(student_outputs.logits, teacher_outputs.logits, shift_labels(inputs["labels"], IGNORE),
                                     beta=self.beta, num_items_in_batch=num_items_in_batch)
         return (loss, student_outputs) if return_outputs else loss
+
+
+# The extra model inputs of vision-language batches that trl.DistillationTrainer passes on to both models.
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+class DistillationLossMixin:
+    """Before ``trl.DistillationTrainer`` in a subclass: its distillation loss on ``fastkd.kd_loss`` (see the
+    module's docstring); generation, batching, ``num_items_in_batch``, metrics and everything else stay TRL's
+    (``class FastDistill(DistillationLossMixin, DistillationTrainer): pass``).
+
+    It replaces ``DistillationTrainer._compute_loss(unwrapped_student, inputs, num_items_in_batch)``, which
+    TRL's ``compute_loss`` calls through the student's DDP/FSDP wrapper and which returns the loss, the
+    student's entropy summed over the valid positions and their count.
+
+    ``fastkd_fused_linear = True`` (a class attribute of the subclass) computes the loss with
+    ``fastkd.fused_linear_kd_loss`` on the hidden states TRL's own ``_get_last_hidden_state`` returns and both
+    models' output heads, as TRL's loss does: neither model's logits exist. The heads' post-processing is
+    the one TRL reads from the configs (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``,
+    ``logits_scaling``, ``final_logit_softcapping``); fastkd applies one to both models, so a student and a
+    teacher whose post-processing differs, and a scale fastkd refuses (not > 0), are errors; FSDP2-sharded
+    (DTensor) heads too. There are no logits to take the entropy of: the entropy returned is NaN, which
+    TRL's metrics leave out (``entropy`` is logged as None)."""
+
+    fastkd_fused_linear = False
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        name = f"{type(self).__name__} (fastkd.integrations.trl.DistillationLossMixin)"
+        temperature, beta = self.temperature, self.beta
+        check_loss_options(name, temperature, "jsd", beta, 1.0, 0.0, IGNORE, "batchmean")
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        loss_mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # multi-turn tool use: the tools' tokens are not the student's to learn
+            loss_mask = loss_mask * inputs["tool_mask"]
+        keep = completion_ids.size(1)
+        multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
+        if self.fastkd_fused_linear:
+            return self._fastkd_fused_loss(name, unwrapped_student, input_ids, attention_mask, completion_ids,
+                                           loss_mask, multimodal, num_items_in_batch)
+
+        student = self._fastkd_logits(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
+        # The teacher through its own wrapper too, as TRL does (FSDP/DeepSpeed gather its shards in forward).
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._fastkd_logits,
+                                                unwrapped_teacher, input_ids, attention_mask, keep, **multimodal)
+        teacher = teacher.to(student.device)
+        if teacher.shape != student.shape:
+            raise ValueError(f"{name}: the teacher's logits {tuple(teacher.shape)} and the student's "
+                             f"{tuple(student.shape)} differ; the models must share the vocabulary")
+
+        # HF-convention labels over the logits' positions (label i is token i; the prompt's and the masked
+        # completion tokens are ignored), shifted: position i is distilled where it predicts a kept token.
+        tokens = torch.cat([torch.full_like(prompt_ids, IGNORE), completion_ids.masked_fill(loss_mask == 0, IGNORE)],
+                           dim=1)
+        labels = shift_labels(tokens[:, -student.size(1):].to(student.device), IGNORE)
+        valid = labels != IGNORE
+        n_valid = valid.sum()
+        # fastkd's soft term is T^2 * D: a soft weight of 1 / T^2 gives TRL's D, exactly scaled.
+        loss = kd_loss(student, teacher, labels, temperature=temperature, divergence="jsd", beta=beta,
+                       soft_weight=1.0 / (temperature * temperature), ignore_index=IGNORE, reduction="batchmean",
+                       normalizer=_normalizer(num_items_in_batch, n_valid))
+        return loss, _entropy_sum(student.detach(), valid, temperature), n_valid
+
+    def _fastkd_fused_loss(self, name, unwrapped_student, input_ids, attention_mask, completion_ids, loss_mask,
+                           multimodal, num_items_in_batch):
+        """fastkd_fused_linear: the loss from both models' hidden states (TRL's own _get_last_hidden_state:
+        (B, K, H), aligned with the completion tokens) and heads, no logits."""
+        keep = completion_ids.size(1)
+        hs = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            ht = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+                                           unwrapped_teacher, input_ids, attention_mask, keep, **multimodal)
+        s_head, t_head = unwrapped_student.get_output_embeddings(), unwrapped_teacher.get_output_embeddings()
+        for who, head in (("student", s_head), ("teacher", t_head)):
+            if not isinstance(head, torch.nn.Linear):
+                raise ValueError(f"{name}: fastkd_fused_linear needs nn.Linear output heads, the {who}'s is "
+                                 f"{type(head).__name__}; use fastkd_fused_linear = False")
+            if _is_dtensor(head.weight):
+                raise ValueError(f"{name}: fastkd_fused_linear does not take sharded (FSDP2 DTensor) heads; use "
+                                 "fastkd_fused_linear = False")
+        transform = _trl_head_transform(unwrapped_student)
+        if _trl_head_transform(unwrapped_teacher) != transform:
+            raise ValueError(f"{name}: the student's head post-processing {transform} and the teacher's "
+                             f"{_trl_head_transform(unwrapped_teacher)} differ, and fastkd_fused_linear applies one "
+                             "to both models; use fastkd_fused_linear = False")
+        device = s_head.weight.device
+        labels = completion_ids.to(device).masked_fill(loss_mask.to(device) == 0, IGNORE)  # aligned: no shift
+        n_valid = (labels != IGNORE).sum()
+        temperature = self.temperature
+        loss = fused_linear_kd_loss(hs.to(device), s_head.weight, ht.to(device), t_head.weight, labels,
+                                    student_bias=s_head.bias, teacher_bias=t_head.bias, temperature=temperature,
+                                    divergence="jsd", beta=self.beta, soft_weight=1.0 / (temperature * temperature),
+                                    ignore_index=IGNORE, reduction="batchmean",
+                                    normalizer=_normalizer(num_items_in_batch, n_valid), **transform)
+        return loss, torch.full((), float("nan"), device=device), n_valid
+
+    def _fastkd_logits(self, model, input_ids, attention_mask, keep: int, **multimodal) -> torch.Tensor:
+        """A model's own logits for the positions that predict the ``keep`` completion tokens, and the last
+        one (which predicts nothing): ``logits_to_keep = keep + 1`` where the model takes it (as TRL asks),
+        else the whole sequence (the labels then ignore the prompt: nothing is sliced or copied)."""
+        from accelerate.utils import is_peft_model  # noqa: PLC0415 (trl's dependency: imported with the trainer)
+
+        if is_peft_model(model):  # the adapted transformers model, as TRL takes it
+            model = model.base_model.model
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **multimodal}
+        if "logits_to_keep" in self.model_kwarg_keys:
+            kwargs["logits_to_keep"] = keep + 1
+        # The model's forward itself, as TRL runs its backbone: this runs inside the model's (redirected)
+        # wrapper call, and under mixed precision accelerate's prepare wraps ``forward`` in autocast, which
+        # TRL's loss path never enters (its models run in their own dtype): the unwrapped forward is kept in
+        # ``_original_forward``.
+        out = getattr(model, "_original_forward", model.forward)(**kwargs)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _normalizer(num_items_in_batch, n_valid: torch.Tensor):
+    """TRL's divisor: num_items_in_batch as its compute_loss passes it (training), else the micro-batch's valid
+    positions, at least one (evaluation)."""
+    if num_items_in_batch is None:
+        return n_valid.clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.detach().to(n_valid.device)
+    return num_items_in_batch
+
+
+def _is_dtensor(x) -> bool:
+    # (no DTensor exists unless torch.distributed.tensor was imported)
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    return dtensor is not None and isinstance(x, dtensor)
+
+
+def _trl_head_transform(model) -> dict:
+    """The head post-processing trl.DistillationTrainer._compute_loss reads from a model's config, as
+    fused_linear_kd_loss's logit_scale and softcap (the same attributes, in the same order of precedence)."""
+    cfg = model.config.get_text_config()
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by logits_scaling, HyperCLOVA X multiplies by it.
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": None if softcap is None else float(softcap)}
+
+
+def _entropy_sum(logits: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The entropy of softmax(logits / T) summed over the valid positions (TRL's ``entropy`` metric before its
+    mean), without gradients, in row chunks whose fp32 temporaries are ~16 MiB each (never (tokens x V))."""
+    vocab = logits.size(-1)
+    rows = logits.reshape(-1, vocab)  # a view of the models' contiguous logits
+    keep = valid.reshape(-1)
+    step = max(1, (1 << 22) // vocab)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    with torch.no_grad():
+        for i in range(0, rows.size(0), step):
+            lp = torch.log_softmax(rows[i:i + step].float() / temperature, dim=-1)
+            p = lp.exp()
+            h = -torch.where(p > 0, p * lp, 0.0).sum(-1)
+            total += h.masked_fill(~keep[i:i + step], 0.0).sum()
+    return total

@@ -40,13 +40,13 @@ def test_grid_writes_every_file(quick_run):
     assert sorted(p.name for p in out.iterdir()) == [
         "cache_cpu_quick.csv", "clip_cpu_quick.csv", "clip_cpu_quick.png", "fused_linear_cpu_quick.csv",
         "fused_linear_cpu_quick.png", "hf_step_cpu_quick.csv", "kd_loss_causal_cpu_quick.csv", "kd_loss_cpu_quick.csv",
-        "kd_loss_cpu_quick.png",
-        "report_quick.md", "step_cpu_quick.csv", "topk_kd_loss_cpu_quick.csv"]
+        "kd_loss_cpu_quick.png", "report_quick.md", "step_cpu_quick.csv", "topk_kd_loss_cpu_quick.csv",
+        "trl_loss_cpu_quick.csv"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report_quick.md").read_text()
     for stem in ("headline", "kd_loss_cpu_quick", "kd_loss_causal_cpu_quick", "topk_kd_loss_cpu_quick",
-                 "clip_cpu_quick", "step_cpu_quick", "cache_cpu_quick", "fused_linear_cpu_quick"):
+                 "clip_cpu_quick", "step_cpu_quick", "cache_cpu_quick", "fused_linear_cpu_quick", "trl_loss_cpu_quick"):
         assert f"## {stem}\n" in md
     for stem in ("kd_loss_cpu_quick", "clip_cpu_quick", "fused_linear_cpu_quick"):
         assert f"![{stem}]({stem}.png)" in md
@@ -130,6 +130,16 @@ def test_hf_step_rows(quick_run):
     assert float(rows[0]["first_loss"]) == pytest.approx(float(rows[1]["first_loss"]), rel=1e-3)
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["tokens_per_s"]) > 0 and all(k in r for k in MACHINE)
+
+
+def test_trl_loss_rows(quick_run):
+    rows = rows_of(quick_run[1] / "trl_loss_cpu_quick.csv")
+    assert [r["provider"] for r in rows] == ["trl", "fastkd", "fastkd_fused"]
+    for r in rows[1:]:
+        assert float(r["loss"]) == pytest.approx(float(rows[0]["loss"]), rel=1e-5, abs=1e-6)
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and int(r["tokens"]) == int(r["batch"]) * int(r["completion"])
+        assert all(k in r for k in MACHINE)
 
 
 def test_cache_rows(quick_run):
