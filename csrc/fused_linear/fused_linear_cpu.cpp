@@ -52,13 +52,14 @@ FusedOutputs forward_cpu(const FusedLinearArgs& a, at::IntArrayRef hidden_shape)
   }
   if (!keep.defined()) return fused_linear_forward<Teacher>(a, weight, gemms);
   FusedOutputs o = fused_linear_forward<Teacher>(select_rows(a, keep), weight, gemms);
-  if (a.reduction == Reduction::None) {
-    o.loss = at::zeros({a.rows}, o.loss.options()).index_copy_(0, keep, o.loss).view(a.lead);
-    if (a.with_terms) {
-      std::vector<int64_t> shape = a.lead;
-      shape.push_back(2);
-      o.terms = at::zeros({a.rows, 2}, o.terms.options()).index_copy_(0, keep, o.terms).view(shape);
-    }
+  if (a.reduction == Reduction::None) {  // the kept rows' values back among zeros: per row, then a's shape
+    const auto put_back = [&](const at::Tensor& kept) {
+      std::vector<int64_t> rows_shape = kept.sizes().vec();
+      rows_shape[0] = a.rows;
+      return reduce_rows(a, at::zeros(rows_shape, kept.options()).index_copy_(0, keep, kept), weight);
+    };
+    o.loss = put_back(o.loss);
+    if (a.with_terms) o.terms = put_back(o.terms);
   }
   if (a.grad_hidden) o.gh = at::zeros(a.student.sizes(), o.gh.options()).index_copy_(0, keep, o.gh).view(hidden_shape);
   return o;
@@ -73,9 +74,9 @@ auto fused_linear_kd_loss_fwd_cpu(
     const std::optional<at::Tensor>& normalizer, c10::string_view divergence, int64_t ignore_index,
     c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
   FusedLinearArgs a = make_fused_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
-                                                   teacher_weight, teacher_bias, labels, row_scale, options, normalizer,
-                                                   divergence, ignore_index, reduction, chunk_size, grad_hidden,
-                                                   grad_weight, grad_bias);
+                                             teacher_weight, teacher_bias, labels, row_scale, options, normalizer,
+                                             divergence, ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
+                                             grad_bias);
   a.with_terms = kTerms;
   return fused_outputs<kTerms>(forward_cpu<DenseTeacher<CpuGemms>>(a, student_hidden.sizes()));
 }
@@ -89,9 +90,8 @@ auto fused_linear_topk_kd_loss_fwd_cpu(
     c10::string_view divergence, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
     bool grad_hidden, bool grad_weight, bool grad_bias) {
   FusedLinearArgs a = make_fused_topk_args(student_hidden, student_weight, student_bias, teacher_values,
-                                                 teacher_indices, labels, row_scale, options, normalizer, divergence,
-                                                 ignore_index, reduction, chunk_size, grad_hidden, grad_weight,
-                                                 grad_bias);
+                                           teacher_indices, labels, row_scale, options, normalizer, divergence,
+                                           ignore_index, reduction, chunk_size, grad_hidden, grad_weight, grad_bias);
   a.with_terms = kTerms;
   return fused_outputs<kTerms>(forward_cpu<TopkTeacher<CpuGemms>>(a, student_hidden.sizes()));
 }

@@ -294,26 +294,25 @@ auto op_outputs(KdOpOutputs o) {
   }
 }
 
-// The op's loss output from the per-row losses (ignored rows hold 0); Args as for row_weight.
+// The op's output from per-row values ([rows, ...]: the row losses, ignored rows holding 0, or the rows'
+// terms [rows, 2]): the leading shape for "none" ([..., ...]), else their sum over the rows (times the batch
+// mean's weight). Args as for row_weight.
 template <typename Args>
-at::Tensor reduce_rows(const Args& a, const at::Tensor& row_losses, const at::Tensor& weight) {
-  if (a.reduction == Reduction::None) return row_losses.view(a.lead);
-  at::Tensor total = row_losses.sum();
+at::Tensor reduce_rows(const Args& a, const at::Tensor& per_row, const at::Tensor& weight) {
+  if (a.reduction == Reduction::None) {
+    std::vector<int64_t> shape = a.lead;
+    for (int64_t d = 1; d < per_row.dim(); ++d) shape.push_back(per_row.size(d));
+    return per_row.view(shape);
+  }
+  at::Tensor total = per_row.sum(0);
   return a.reduction == Reduction::BatchMean ? total * weight : total;
 }
 
-// The op's terms output from the rows' terms ([rows, 2]: T^2 * D and CE, unweighted), reduced as the loss
-// is: [..., 2] for "none", else [2] (the sums, times the batch mean's weight); undefined without them.
+// The op's terms output (reduce_rows of the rows' terms [rows, 2]: T^2 * D and CE, unweighted), or an
+// undefined tensor without them.
 template <typename Args>
 at::Tensor reduce_terms(const Args& a, const at::Tensor& row_terms, const at::Tensor& weight) {
-  if (!row_terms.defined()) return row_terms;
-  if (a.reduction == Reduction::None) {
-    std::vector<int64_t> shape = a.lead;
-    shape.push_back(2);
-    return row_terms.view(shape);
-  }
-  at::Tensor total = row_terms.sum(0);
-  return a.reduction == Reduction::BatchMean ? total * weight : total;
+  return row_terms.defined() ? reduce_rows(a, row_terms, weight) : row_terms;
 }
 
 inline void check_scale_args(const at::Tensor& grad, const at::Tensor& grad_output) {
