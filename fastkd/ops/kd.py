@@ -154,11 +154,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
                                  hard_weight, ignore_index, reduction, norm)
         if not return_terms:
             return loss
-        with torch.no_grad():
-            soft, valid = reference.kd_loss_rows(student_logits, teacher_logits, labels, temperature, divergence, beta,
-                                                 1.0, 0.0, ignore_index)
-            terms = reference.loss_terms(soft, valid, student_logits, labels, ignore_index, reduction, norm)
-        return loss, KDTerms.of(terms)
+        return loss, KDTerms.of(reference.kd_loss_terms(student_logits, teacher_logits, labels, temperature,
+                                                        divergence, beta, ignore_index, reduction, norm))
     op = torch.ops.fastkd.kd_loss_terms_fwd if return_terms else torch.ops.fastkd.kd_loss_fwd
     out = op(
         student_logits, teacher_logits, labels, loss_options(temperature, beta, soft_weight, hard_weight), norm,

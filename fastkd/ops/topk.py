@@ -111,11 +111,9 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
                                       beta, soft_weight, hard_weight, ignore_index, reduction, norm)
         if not return_terms:
             return loss
-        with torch.no_grad():
-            soft, valid = reference.topk_kd_loss_rows(student_logits, teacher_values, teacher_indices, labels,
-                                                      temperature, divergence, beta, 1.0, 0.0, ignore_index)
-            terms = reference.loss_terms(soft, valid, student_logits, labels, ignore_index, reduction, norm)
-        return loss, KDTerms.of(terms)
+        return loss, KDTerms.of(reference.topk_kd_loss_terms(student_logits, teacher_values, teacher_indices, labels,
+                                                             temperature, divergence, beta, ignore_index, reduction,
+                                                             norm))
     op = torch.ops.fastkd.topk_kd_loss_terms_fwd if return_terms else torch.ops.fastkd.topk_kd_loss_fwd
     out = op(
         student_logits, teacher_values, teacher_indices, labels,

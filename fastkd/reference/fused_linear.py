@@ -31,12 +31,12 @@ from .kd import (
     kd_loss,
     kd_loss_and_grad,
     kd_loss_rows,
-    loss_terms,
+    kd_loss_terms,
     reduce_terms,
     term_rows,
     unpack_options,
 )
-from .topk import topk_kd_loss, topk_kd_loss_and_grad, topk_kd_loss_rows
+from .topk import topk_kd_loss, topk_kd_loss_and_grad, topk_kd_loss_rows, topk_kd_loss_terms
 
 __all__ = ["head_logits", "fused_linear_kd_loss", "fused_linear_kd_loss_fwd", "fused_linear_kd_loss_terms_fwd",
            "fused_linear_kd_loss_terms", "fused_linear_topk_kd_loss", "fused_linear_topk_kd_loss_fwd",
@@ -75,12 +75,12 @@ def fused_linear_kd_loss_terms(student_hidden, student_weight, teacher_hidden, t
                                ignore_index=-100, reduction="batchmean", logit_scale=1.0, softcap=None,
                                normalizer=None):
     """The soft and hard terms of ``fastkd.fused_linear_kd_loss(..., return_terms=True)`` through materialised
-    logits (``fastkd.reference.kd.loss_terms``; the float64 and torch.func paths)."""
+    logits (``fastkd.reference.kd.kd_loss_terms``; the float64 and torch.func paths)."""
     with torch.no_grad():
         s = head_logits(student_hidden, student_weight, student_bias, logit_scale, softcap)
         t = head_logits(teacher_hidden, teacher_weight, teacher_bias, logit_scale, softcap)
-        soft, valid = kd_loss_rows(s, t, labels, temperature, divergence, beta, 1.0, 0.0, ignore_index)
-        return loss_terms(soft, valid, s, labels, ignore_index, reduction, _normalizer_tensor(normalizer))
+        return kd_loss_terms(s, t, labels, temperature, divergence, beta, ignore_index, reduction,
+                             _normalizer_tensor(normalizer))
 
 
 def unpack_fused_options(options: torch.Tensor):
@@ -113,18 +113,16 @@ def fused_linear_kd_loss_fwd(student_hidden, student_weight, student_bias, teach
     dtype = torch.promote_types(_compute_dtype(ht), _compute_dtype(teacher_weight))
     wt = teacher_weight.to(dtype)  # once per call (a copy only for low-precision weights)
 
-    def rows_fn(s, r0, r1, lab, with_grad):
-        t = head_logits(ht[r0:r1], wt, teacher_bias, logit_scale, softcap)
-        return kd_loss_and_grad(s, t, lab, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
-                                "none", with_grad)
-
-    def terms_fn(s, r0, r1, lab):
-        t = head_logits(ht[r0:r1], wt, teacher_bias, logit_scale, softcap)
-        return kd_loss_rows(s, t, lab, temperature, divergence, beta, 1.0, 0.0, ignore_index)[0]
+    def rows_fn(s, r0, r1, lab, with_grad, with_terms):
+        t = head_logits(ht[r0:r1], wt, teacher_bias, logit_scale, softcap)  # once per chunk, for both
+        rl, g = kd_loss_and_grad(s, t, lab, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,
+                                 "none", with_grad)
+        soft = kd_loss_rows(s, t, lab, temperature, divergence, beta, 1.0, 0.0, ignore_index)[0] if with_terms else None
+        return rl, g, soft
 
     return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index,
                     reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn,
-                    terms_fn if with_terms else None)
+                    with_terms)
 
 
 def fused_linear_kd_loss_terms_fwd(*args):
@@ -134,11 +132,11 @@ def fused_linear_kd_loss_terms_fwd(*args):
 
 
 def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index, reduction,
-             chunk_size, flags, logit_scale, softcap, rows_fn, terms_fn=None):
-    """The chunk loop the fused ops share: per chunk, the student's logits, ``rows_fn(s, r0, r1, labels, with_grad)``
-    -> (row losses, d rows / d s with grad_output 1 per row), the chain rule through the head, the gradients'
-    GEMMs (the weight's and bias' accumulated in the maths dtype); then the reduction. With ``terms_fn(s, r0, r1,
-    labels)`` -> the chunk's soft terms, a fifth output: the terms (``fastkd.reference.kd.loss_terms``)."""
+             chunk_size, flags, logit_scale, softcap, rows_fn, with_terms=False):
+    """The chunk loop the fused ops share: per chunk, the student's logits, ``rows_fn(s, r0, r1, labels, with_grad,
+    with_terms)`` -> (row losses, d rows / d s with grad_output 1 per row, the rows' soft terms or None), the chain
+    rule through the head, the gradients' GEMMs (the weight's and bias' accumulated in the maths dtype); then the
+    reduction. ``with_terms``: a fifth output, the terms (``fastkd.reference.kd.loss_terms``)."""
     if chunk_size <= 0:
         raise ValueError(f"fastkd: argument 'chunk_size': must be > 0, got {chunk_size}")
     grad_hidden, grad_weight, grad_bias = flags
@@ -163,10 +161,10 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, no
         h = hs[r0:r1].to(dtype)
         s = head_logits(h, ws, student_bias, logit_scale, softcap)
         lab = None if flat_labels is None else flat_labels[r0:r1]
-        rl, g = rows_fn(s, r0, r1, lab, with_grad)
+        rl, g, soft = rows_fn(s, r0, r1, lab, with_grad, with_terms)
         row_losses.append(rl)
-        if terms_fn is not None:
-            term_chunks.append(term_rows(terms_fn(s, r0, r1, lab), s, lab, ignore_index))
+        if with_terms:
+            term_chunks.append(term_rows(soft, s, lab, ignore_index))
         if not with_grad:
             continue
         if weight is not None:
@@ -193,7 +191,7 @@ def _chunked(student_hidden, student_weight, student_bias, labels, row_scale, no
            gh.to(student_hidden.dtype).reshape(student_hidden.shape) if grad_hidden else _empty(student_hidden),
            gw.to(student_weight.dtype) if grad_weight else _empty(student_weight),
            gb.to(student_bias.dtype) if grad_bias else _empty(student_weight))
-    if terms_fn is None:
+    if not with_terms:
         return out
     terms = torch.cat(term_chunks) if term_chunks else hs.new_zeros((0, 2), dtype=dtype)
     terms = reduce_terms(terms, valid, reduction, normalizer)
@@ -223,17 +221,17 @@ def fused_linear_topk_kd_loss_fwd(student_hidden, student_weight, student_bias, 
     k = teacher_values.shape[-1]
     values, indices = teacher_values.reshape(-1, k), teacher_indices.reshape(-1, k)
 
-    def rows_fn(s, r0, r1, lab, with_grad):
-        return topk_kd_loss_and_grad(s, values[r0:r1], indices[r0:r1], lab, temperature, divergence, beta,
-                                     soft_weight, hard_weight, ignore_index, "none", with_grad)
-
-    def terms_fn(s, r0, r1, lab):
-        return topk_kd_loss_rows(s, values[r0:r1], indices[r0:r1], lab, temperature, divergence, beta, 1.0, 0.0,
-                                 ignore_index)[0]
+    def rows_fn(s, r0, r1, lab, with_grad, with_terms):
+        v, i = values[r0:r1], indices[r0:r1]
+        rl, g = topk_kd_loss_and_grad(s, v, i, lab, temperature, divergence, beta, soft_weight, hard_weight,
+                                      ignore_index, "none", with_grad)
+        soft = (topk_kd_loss_rows(s, v, i, lab, temperature, divergence, beta, 1.0, 0.0, ignore_index)[0]
+                if with_terms else None)
+        return rl, g, soft
 
     return _chunked(student_hidden, student_weight, student_bias, labels, row_scale, normalizer, ignore_index,
                     reduction, chunk_size, (grad_hidden, grad_weight, grad_bias), logit_scale, softcap, rows_fn,
-                    terms_fn if with_terms else None)
+                    with_terms)
 
 
 def fused_linear_topk_kd_loss_terms_fwd(*args):
@@ -247,6 +245,5 @@ def fused_linear_topk_kd_loss_terms(student_hidden, student_weight, teacher_valu
     """The terms of ``fastkd.fused_linear_topk_kd_loss(..., return_terms=True)`` through materialised logits."""
     with torch.no_grad():
         s = head_logits(student_hidden, student_weight, student_bias, logit_scale, softcap)
-        soft, valid = topk_kd_loss_rows(s, teacher_values, teacher_indices, labels, temperature, divergence, beta, 1.0,
-                                        0.0, ignore_index)
-        return loss_terms(soft, valid, s, labels, ignore_index, reduction, _normalizer_tensor(normalizer))
+        return topk_kd_loss_terms(s, teacher_values, teacher_indices, labels, temperature, divergence, beta,
+                                  ignore_index, reduction, _normalizer_tensor(normalizer))

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from ._common import DIVERGENCES, REDUCTIONS
 from ._common import compute_dtype as _compute_dtype
 
-__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_terms_fwd", "kd_loss_scale_",
+__all__ = ["kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_terms_fwd", "kd_loss_terms",
+           "kd_loss_scale_",
            "loss_terms", "unpack_options", "textbook_kd_loss"]
 
 
@@ -147,12 +148,20 @@ def kd_loss_fwd(student, teacher, labels, options, normalizer, divergence, ignor
 
 
 def kd_loss_terms_fwd(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction, with_grad):
-    """Fallback kernel of ``fastkd::kd_loss_terms_fwd``: ``kd_loss_fwd``'s outputs and the terms (``loss_terms``)."""
+    """Fallback kernel of ``fastkd::kd_loss_terms_fwd``: ``kd_loss_fwd``'s outputs and ``kd_loss_terms``."""
     temperature, beta, _, _ = unpack_options(options)
     loss, grad = kd_loss_fwd(student, teacher, labels, options, normalizer, divergence, ignore_index, reduction,
                              with_grad)
-    soft, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, 1.0, 0.0, ignore_index)
-    return loss, grad, loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer)
+    return loss, grad, kd_loss_terms(student, teacher, labels, temperature, divergence, beta, ignore_index, reduction,
+                                     normalizer)
+
+
+def kd_loss_terms(student, teacher, labels, temperature, divergence, beta, ignore_index, reduction, normalizer=None):
+    """The terms of ``fastkd.kd_loss(..., return_terms=True)`` (``loss_terms``), never differentiated; normalizer:
+    None or a one-number tensor."""
+    with torch.no_grad():
+        soft, valid = kd_loss_rows(student, teacher, labels, temperature, divergence, beta, 1.0, 0.0, ignore_index)
+        return loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer)
 
 
 def loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer=None):
@@ -170,11 +179,8 @@ def term_rows(soft, student, labels, ignore_index):
 
 
 def reduce_terms(rows, valid, reduction, normalizer=None):
-    """term_rows' [..., 2] reduced as the loss is (``loss_terms``), fp32."""
-    if reduction != "none":
-        total = rows.reshape(-1, 2).sum(0)
-        rows = total / _batchmean_divisor(rows[..., 0], valid, normalizer) if reduction == "batchmean" else total
-    return rows.float()
+    """term_rows' [..., 2] reduced as the loss is (``loss_terms``: each term by ``_reduce``), fp32."""
+    return torch.stack([_reduce(rows[..., i], valid, reduction, normalizer) for i in range(2)], -1).float()
 
 
 def kd_loss_and_grad(student, teacher, labels, temperature, divergence, beta, soft_weight, hard_weight, ignore_index,

@@ -39,6 +39,7 @@ from .kd import (
 )
 
 __all__ = ["topk_kd_loss_rows", "topk_kd_loss", "topk_kd_loss_and_grad", "topk_kd_loss_fwd", "topk_kd_loss_terms_fwd",
+           "topk_kd_loss_terms",
            "check_topk_divergence", "check_topk_indices", "textbook_topk_kd_loss"]
 
 
@@ -172,14 +173,22 @@ def topk_kd_loss_fwd(student, values, indices, labels, options, normalizer, dive
 
 def topk_kd_loss_terms_fwd(student, values, indices, labels, options, normalizer, divergence, ignore_index, reduction,
                            with_grad):
-    """Fallback kernel of ``fastkd::topk_kd_loss_terms_fwd``: ``topk_kd_loss_fwd``'s outputs and the terms
-    (``fastkd.reference.kd.loss_terms``)."""
+    """Fallback kernel of ``fastkd::topk_kd_loss_terms_fwd``: ``topk_kd_loss_fwd``'s outputs and
+    ``topk_kd_loss_terms``."""
     temperature, beta, _, _ = unpack_options(options)
     loss, grad = topk_kd_loss_fwd(student, values, indices, labels, options, normalizer, divergence, ignore_index,
                                   reduction, with_grad)
-    soft, valid = topk_kd_loss_rows(student, values, indices, labels, temperature, divergence, beta, 1.0, 0.0,
-                                    ignore_index)
-    return loss, grad, loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer)
+    return loss, grad, topk_kd_loss_terms(student, values, indices, labels, temperature, divergence, beta,
+                                          ignore_index, reduction, normalizer)
+
+
+def topk_kd_loss_terms(student, values, indices, labels, temperature, divergence, beta, ignore_index, reduction,
+                       normalizer=None):
+    """The terms of ``fastkd.topk_kd_loss(..., return_terms=True)`` (``fastkd.reference.kd.loss_terms``)."""
+    with torch.no_grad():
+        soft, valid = topk_kd_loss_rows(student, values, indices, labels, temperature, divergence, beta, 1.0, 0.0,
+                                        ignore_index)
+        return loss_terms(soft, valid, student, labels, ignore_index, reduction, normalizer)
 
 
 def topk_kd_loss_and_grad(student, values, indices, labels, temperature, divergence, beta, soft_weight, hard_weight,
