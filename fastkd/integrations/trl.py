@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..ops._args import check_loss_options
+from ..ops.clip import _is_dtensor  # (never imports torch.distributed.tensor itself)
 from ..ops.fused_linear import fused_linear_kd_loss
 from ..ops.kd import kd_loss
 from ..ops.labels import shift_labels
@@ -241,12 +242,6 @@ def _normalizer(num_items_in_batch, n_valid: torch.Tensor):
     if isinstance(num_items_in_batch, torch.Tensor):
         return num_items_in_batch.detach().to(n_valid.device)
     return num_items_in_batch
-
-
-def _is_dtensor(x) -> bool:
-    # (no DTensor exists unless torch.distributed.tensor was imported)
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    return dtensor is not None and isinstance(x, dtensor)
 
 
 def _trl_head_transform(model) -> dict:
