@@ -46,6 +46,21 @@ def cpu_kernel(request):
         yield request.param
 
 
+@pytest.fixture
+def scale_factors(monkeypatch):
+    """The grad_output of every fastkd::kd_loss_scale_ call during the test (a list, filled as the calls come):
+    1 costs nothing, anything else is a pass over a fused gradient."""
+    seen = []
+    real = torch.ops.fastkd.kd_loss_scale_
+
+    def spy(grad, grad_output):
+        seen.append(float(grad_output))
+        return real(grad, grad_output)
+
+    monkeypatch.setattr(torch.ops.fastkd, "kd_loss_scale_", spy)
+    return seen
+
+
 # ---- helpers of the op tests (imported by them: `from conftest import ...`) ------------------------------
 @contextlib.contextmanager
 def no_sync():

@@ -320,12 +320,17 @@ def test_default_chunk_size():
 
 
 # ---- torch.library / torch.compile ---------------------------------------------------------------------
+def _op_inputs(p, labels):
+    """The dense op's tensors up to row_scale (make_problem's, with biases) and an options tensor, for opcheck."""
+    base = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
+            p["teacher_bias"], labels)
+    return base, _options(2.0, 0.5, 1.0, 0.2, 1.0, 0.0)
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_opcheck(reduction):
     p, labels = make_problem(rows=9, vocab=40, bias=True, seed=18)
-    base = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
-            p["teacher_bias"], labels)
-    opts = _options(2.0, 0.5, 1.0, 0.2, 1.0, 0.0)
+    base, opts = _op_inputs(p, labels)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fwd,
                           (*base, None, opts, None, "kl", -100, reduction, 4, False, False, False))
     # The gradient outputs are marked non-differentiable (autograd never differentiates them): opcheck's
@@ -584,21 +589,13 @@ def test_normalizer_with_grad_output_and_no_labels():
           chunk_size=5)
 
 
-def test_normalizer_saves_the_scaling_passes(monkeypatch):
+def test_normalizer_saves_the_scaling_passes(scale_factors):
     """The gradients come out of the forward already divided: loss.backward() scales each of them by a grad_output
     of 1 (free), where sum / n scales each by 1 / n (a pass over the hidden, weight and bias gradients)."""
-    seen = []
-    real = torch.ops.fastkd.kd_loss_scale_
-
-    def spy(grad, grad_output):
-        seen.append(float(grad_output))
-        return real(grad, grad_output)
-
-    monkeypatch.setattr(torch.ops.fastkd, "kd_loss_scale_", spy)
     p, labels = make_problem(bias=True, seed=42)
     loss_and_grads(fastkd.fused_linear_kd_loss, p, labels, normalizer=8.0)
     loss_and_grads(sum_over(fastkd.fused_linear_kd_loss, 8.0), p, labels)
-    assert seen == [1.0] * 3 + [0.125] * 3
+    assert scale_factors == [1.0] * 3 + [0.125] * 3
 
 
 def test_op_with_normalizer_matches_its_fallback_kernel():
@@ -664,9 +661,7 @@ def test_normalizer_module_opcheck_and_compile():
                                     teacher_bias=p["teacher_bias"], temperature=2.0, hard_weight=0.2, chunk_size=5,
                                     normalizer=n)
     torch.testing.assert_close(a, b)
-    base = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
-            p["teacher_bias"], labels)
-    opts = _options(2.0, 0.5, 1.0, 0.2, 1.0, 0.0)
+    base, opts = _op_inputs(p, labels)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fwd,
                           (*base, None, opts, torch.tensor(7.0), "kl", -100, "batchmean", 4, False, False, False))
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fwd,
@@ -790,9 +785,7 @@ def test_return_terms(reduction, teacher):
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_return_terms_opcheck_compile_and_float64(reduction):
     p, labels = make_problem(rows=9, vocab=40, bias=True, seed=41)
-    base = (p["student_hidden"], p["student_weight"], p["student_bias"], p["teacher_hidden"], p["teacher_weight"],
-            p["teacher_bias"], labels)
-    opts = _options(2.0, 0.5, 1.0, 0.2, 1.0, 0.0)
+    base, opts = _op_inputs(p, labels)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_terms_fwd,
                           (*base, None, opts, None, "kl", -100, reduction, 4, False, False, False))
     values, indices = torch.randn(9, 5), torch.stack([torch.randperm(40)[:5] for _ in range(9)])
