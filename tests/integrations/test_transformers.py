@@ -13,6 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import spawn_ranks  # noqa: E402
+
 import fastkd  # noqa: E402
 from fastkd.integrations.transformers import DistillationTrainer  # noqa: E402
 
@@ -252,12 +254,7 @@ def test_shift_labels():
         fastkd.shift_labels(torch.zeros(3))
 
 
-def _ddp_worker(rank, port, out_dir, result):
-    import os  # noqa: PLC0415
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _ddp_worker(rank, out_dir, result):
     teacher, student = llama(1, layers=2), llama(2)
     tr = DistillationTrainer(model=student, teacher_model=teacher,
                              args=args(Path(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
@@ -266,17 +263,14 @@ def _ddp_worker(rank, port, out_dir, result):
     tr.train()
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, result)
-    torch.distributed.barrier()
 
 
 @pytest.mark.backend_independent
-def test_two_process_ddp_equals_the_single_process_batch(tmp_path, free_port):
+def test_two_process_ddp_equals_the_single_process_batch(tmp_path):
     """2 ranks x 2 micro-batches of 2 (gloo, DistributedSampler) = one batch of 8 in one process: the count
     of valid targets is summed over the ranks and the loss multiplied by the world size (DDP averages)."""
-    import torch.multiprocessing as mp  # noqa: PLC0415
-
     result = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(free_port, str(tmp_path), str(result)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, str(tmp_path), str(result), init=False)  # (the trainer makes the group)
     ref, _ = reference_step(llama(2), llama(1, layers=2), examples())
     got = torch.load(result)
     for name, b in ref.state_dict().items():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # (trl.experimental says it is experimental)
 pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
+from conftest import spawn_ranks  # noqa: E402
 from trl import DistillationConfig, DistillationTrainer  # noqa: E402
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
 
@@ -362,10 +362,7 @@ def test_distillation_training_equals_trls_trainer(tmp_path, beta, fast):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _ddp_worker(rank, port, out_dir, fused, result):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _ddp_worker(rank, out_dir, fused, result):
     cls = DistillationTrainer if fused is None else (FusedDistill if fused else FastDistill)
     student = lm("llama", 2)
     tr = cls(model=student, teacher_model=lm("llama", 1, layers=2), train_dataset=prompts(),
@@ -374,10 +371,6 @@ def _ddp_worker(rank, port, out_dir, fused, result):
     tr.train()
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, result)
-    torch.distributed.barrier()
-    # (a process group left to the interpreter's exit can abort it: "terminate called without an active
-    # exception" from gloo's threads, seen when the full suite ran)
-    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow  # (three 2-process runs: ~35 s on 2 cores)
@@ -385,15 +378,10 @@ def _ddp_worker(rank, port, out_dir, fused, result):
 def test_two_process_ddp_equals_trls_trainer(tmp_path):
     """2 ranks (gloo) x 2 accumulated micro-batches: FastDistill and FusedDistill make the update of TRL's
     stock trainer (the student through the DDP wrapper, TRL's count over the ranks)."""
-    import torch.multiprocessing as mp  # noqa: PLC0415
-
     results = {}
     for i, fused in enumerate((None, False, True)):
-        with socket.socket() as sock:  # a free port for each run's process group
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         results[fused] = tmp_path / f"ddp{i}.pt"
-        mp.spawn(_ddp_worker, args=(port, str(tmp_path / str(i)), fused, str(results[fused])), nprocs=2, join=True)
+        spawn_ranks(_ddp_worker, str(tmp_path / str(i)), fused, str(results[fused]), init=False)
     ref = torch.load(results[None])
     start = lm("llama", 2).state_dict()
     assert max(float((ref[k] - start[k]).abs().max()) for k in ref) > 1e-4  # (the step moved the weights)

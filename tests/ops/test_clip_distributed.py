@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -117,19 +117,12 @@ def _check_fsdp2(rank):
 CHECKS = {"process_group": _check_process_group, "dtensor": _check_dtensor, "fsdp2": _check_fsdp2}
 
 
-def _worker(rank, port, check):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        CHECKS[check](rank)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
+def _worker(rank, check):
+    CHECKS[check](rank)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
-def test_sharded_global_norm(check, free_port):
+def test_sharded_global_norm(check):
     if not dist.is_available():
         pytest.fail("torch.distributed is not available in this torch build")
-    mp.spawn(_worker, args=(free_port, check), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, check, world=WORLD)

@@ -1,4 +1,4 @@
-"""fastkd.Distiller under DDP: 2 CPU processes (gloo) spawned from pytest on a free port."""
+"""fastkd.Distiller under DDP: 2 CPU processes (gloo) spawned from pytest."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import csv
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -51,35 +50,26 @@ def _setup(cache_dir):
     return None, student, CachedTeacherDataset(data, cache), cache
 
 
-def _worker(rank, port, run_dir, out, cache_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        teacher, student, data, cache = _setup(cache_dir)
-        sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
-        # Per rank: micro-batches of 6, 2 per step -> a global window of 24 rows before masking.
-        d = Distiller(teacher, student, _opt, accumulation_steps=2, run_dir=run_dir, teacher_cache=cache, **KW)
-        d.fit(DataLoader(data, batch_size=6, sampler=sampler), epochs=2,
-              eval_loader=DataLoader(data, batch_size=8, sampler=sampler))
-        if rank == 0:
-            torch.save({"weights": d.student.state_dict(), "history": d.state.history}, out)
-        # Both ranks done before either tears its group down: a rank destroying the gloo group while the
-        # other still talks to it can abort that process ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
+def _worker(rank, run_dir, out, cache_dir):
+    teacher, student, data, cache = _setup(cache_dir)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    # Per rank: micro-batches of 6, 2 per step -> a global window of 24 rows before masking.
+    d = Distiller(teacher, student, _opt, accumulation_steps=2, run_dir=run_dir, teacher_cache=cache, **KW)
+    d.fit(DataLoader(data, batch_size=6, sampler=sampler), epochs=2,
+          eval_loader=DataLoader(data, batch_size=8, sampler=sampler))
+    if rank == 0:
+        torch.save({"weights": d.student.state_dict(), "history": d.state.history}, out)
 
 
 @pytest.mark.parametrize("teacher_kind", ["online", "offline"])
-def test_two_process_ddp_equals_one_process_global_batch(tmp_path, free_port, teacher_kind):
+def test_two_process_ddp_equals_one_process_global_batch(tmp_path, teacher_kind):
     """Also offline (a teacher cache, top-3 of 5 classes): DistributedSampler over CachedTeacherDataset."""
     out = tmp_path / "ddp.pt"
     cache_dir = None
     if teacher_kind == "offline":
         cache_dir = str(tmp_path / "cache")
         TeacherCache.build(cache_dir, _models()[0], _data(), top_k=3, progress=False)
-    mp.spawn(_worker, args=(free_port, str(tmp_path / "run"), str(out), cache_dir), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, str(tmp_path / "run"), str(out), cache_dir, world=WORLD)
     ddp = torch.load(out)
 
     # One process, one batch of 24 = the union of the two ranks' windows (DistributedSampler interleaves).
