@@ -56,14 +56,14 @@ demo: $(EXT_CPU)
 	@echo "[3/3] fastkd demo"
 	@$(PY) -m fastkd demo
 
-# The trainers the integrations adapt (tests/integrations; pyproject.toml's extras hf, trl, lightning): the
-# test command installs them, the demo does not.
+# The trainers the integrations adapt, and peft for LoRA students (tests/integrations; pyproject.toml's extras
+# hf, trl, lightning, peft): the test command installs them, the demo does not.
 TEST_EXTRAS := $(VENV)/.fastkd-test-extras
-INTEGRATIONS := .[hf,trl,lightning]
+INTEGRATIONS := .[hf,trl,lightning,peft]
 $(TEST_EXTRAS): pyproject.toml $(STAMP)
-	@echo "[test] the integrations' trainers: transformers, accelerate, trl, lightning ($(LOGS)/test-extras.log)"
+	@echo "[test] the integrations' trainers: transformers, accelerate, trl, lightning, peft ($(LOGS)/test-extras.log)"
 	@$(call logged,test-extras,FASTKD_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e "$(INTEGRATIONS)" && \
-		$(PY) -c "import transformers; import accelerate; import trl; import lightning")
+		$(PY) -c "import transformers; import accelerate; import trl; import lightning; import peft")
 	@touch $@
 
 test: $(EXT_FULL) $(TEST_EXTRAS)

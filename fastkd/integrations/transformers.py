@@ -235,9 +235,13 @@ class DistillationTrainer(transformers.Trainer):
         sides = []
         for m, o in ((student, out), (self.teacher_model, t_out)):
             head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-            if not isinstance(head, torch.nn.Linear) or not getattr(o, "hidden_states", None):
-                raise ValueError(f"DistillationTrainer(fused_linear=True): {type(m).__name__} has no nn.Linear output "
-                                 "head (get_output_embeddings) or returns no hidden states; use fused_linear=False")
+            if not isinstance(head, torch.nn.Linear):
+                raise ValueError(f"DistillationTrainer(fused_linear=True): {type(m).__name__}'s output head "
+                                 f"(get_output_embeddings) is {type(head).__module__}.{type(head).__qualname__}, not an nn.Linear (an adapter on "
+                                 "the head, e.g. LoRA on lm_head, makes it another layer); use fused_linear=False")
+            if not getattr(o, "hidden_states", None):
+                raise ValueError(f"DistillationTrainer(fused_linear=True): {type(m).__name__} returns no hidden "
+                                 "states; use fused_linear=False")
             sides.append((o.hidden_states[-1], head, _head_transform(m)))
         if sides[0][2] != sides[1][2]:
             raise ValueError(f"DistillationTrainer(fused_linear=True): the student's head transform {sides[0][2]} and the "

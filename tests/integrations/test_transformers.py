@@ -447,3 +447,52 @@ def test_torch_compile_trains_as_eager(tmp_path, monkeypatch, fused):
         assert breaks and all(any(h in reason for h in hooks) for reason in breaks), breaks
     else:
         assert not breaks, breaks
+
+
+def lora(model):
+    """A LoRA student (peft): adapters on the attention's q and v, both factors random (peft's default B = 0
+    would leave A without a gradient on the first step), the base frozen."""
+    import peft  # noqa: PLC0415
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0, init_lora_weights=False))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_lora_student_trains_its_adapters_as_the_direct_computation(tmp_path, fused):
+    """A peft LoRA student on both paths, 4 accumulated micro-batches: the adapters take the update of the
+    batch's direct computation (1e-6), the base stays put, and the saved model is the adapter alone."""
+    teacher, student = llama(1, layers=2), lora(llama(2))
+    ref, ref_loss = reference_step(student, teacher, examples())
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    tr = DistillationTrainer(model=student, teacher_model=teacher, fused_linear=fused, train_dataset=examples(),
+                             args=args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                       max_steps=1), **KD)
+    tr.train()
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n, _ in trained)
+    for (name, a), b in zip(student.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved == {k for k, v in student.state_dict().items() if "lora_" in k}, sorted(moved)  # every adapter, only
+    logged = next(h for h in tr.state.log_history if "loss" in h)
+    assert logged["loss"] == pytest.approx(ref_loss, rel=1e-5)
+
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    tr.save_model(str(tmp_path / "saved"))
+    saved = load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved), sorted(saved)
+    assert len(saved) == len(trained)  # (each adapter factor, nothing of the base or the teacher)
+
+
+def test_fused_heads_refuse_an_adapter_on_the_head(tmp_path):
+    """LoRA on lm_head makes the head a peft layer (base weight plus the adapter's product): the fused loss,
+    which takes one weight, refuses it rather than distil through the base weight alone."""
+    import peft  # noqa: PLC0415
+
+    student = peft.get_peft_model(llama(2), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    tr = DistillationTrainer(model=student, teacher_model=llama(1), fused_linear=True, train_dataset=examples(),
+                             args=args(tmp_path, max_steps=1), **KD)
+    with pytest.raises(ValueError, match=r"output head \(get_output_embeddings\) is peft\.tuners\.lora\..*, not an nn.Linear"):
+        tr.train()

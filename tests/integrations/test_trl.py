@@ -333,31 +333,45 @@ class FusedDistill(fkd_trl.DistillationLossMixin, DistillationTrainer):
     fastkd_fused_linear = True
 
 
-@pytest.mark.parametrize("beta, fast", [(0.0, FastDistill), (0.5, FastDistill), (1.0, FastDistill),
-                                        (0.5, FusedDistill)])
-def test_distillation_training_equals_trls_trainer(tmp_path, beta, fast):
+def lora_config():
+    """LoRA on the attention's q and v; both factors random (peft's default B = 0 leaves A no gradient on the
+    first step). TRL wraps the student with it, after seeding: both trainers start from the same adapters."""
+    import peft  # noqa: PLC0415
+
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           init_lora_weights=False)
+
+
+@pytest.mark.parametrize("beta, fast, lora", [(0.0, FastDistill, False), (0.5, FastDistill, False),
+                                              (1.0, FastDistill, False), (0.5, FusedDistill, False),
+                                              (0.5, FastDistill, True), (0.5, FusedDistill, True)])
+def test_distillation_training_equals_trls_trainer(tmp_path, beta, fast, lora):
     """Two optimizer steps (2 accumulated micro-batches each, on-policy generation) of FastDistill (and of
     FusedDistill) and of TRL's stock trainer from the same student: the same completions, logged losses and
-    entropies (None on the fused path), and parameters; evaluation too."""
+    entropies (None on the fused path), and parameters; evaluation too. Also a LoRA student (TRL's
+    peft_config): the same adapters trained, the base frozen."""
     student0, teacher = lm("llama", 2), lm("llama", 1, layers=2)
     runs = []
     for cls in (DistillationTrainer, fast):
-        student = copy.deepcopy(student0)
-        tr = cls(model=student, teacher_model=teacher, train_dataset=prompts(), eval_dataset=prompts(4, seed=1),
+        tr = cls(model=copy.deepcopy(student0), teacher_model=teacher, train_dataset=prompts(),
+                 eval_dataset=prompts(4, seed=1), peft_config=lora_config() if lora else None,
                  args=distill_config(tmp_path, beta=beta, temperature=1.5, per_device_eval_batch_size=2),
                  processing_class=tokenizer())
+        start = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         tr.train()
         logs = [h for h in tr.state.log_history if "loss" in h]
-        runs.append((student, logs, tr.evaluate()))
-    (ref, ref_logs, ref_eval), (ours, our_logs, our_eval) = runs
+        moved = {n for n, p in tr.model.named_parameters() if float((p - start[n]).abs().max()) > 1e-4}
+        runs.append((tr.model, logs, tr.evaluate(), moved))
+    (ref, ref_logs, ref_eval, ref_moved), (ours, our_logs, our_eval, our_moved) = runs
     assert len(ref_logs) == len(our_logs) == 2
     for a, b in zip(our_logs, ref_logs):
         assert a["num_tokens"] == b["num_tokens"]  # the same generated completions
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and b["loss"] > 1e-3
         assert a["entropy"] is None if fast is FusedDistill else a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
     assert our_eval["eval_loss"] == pytest.approx(ref_eval["eval_loss"], rel=1e-5)
-    moved = max(float((p - q).detach().abs().max()) for p, q in zip(ref.parameters(), student0.parameters()))
-    assert moved > 1e-4
+    assert ref_moved and our_moved == ref_moved
+    if lora:
+        assert all("lora_" in n for n in ref_moved)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
