@@ -156,12 +156,7 @@ class DistillationLossMixin:
                                            loss_mask, multimodal, num_items_in_batch)
 
         student = self._fastkd_logits(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
-        # The teacher through its own wrapper too, as TRL does (FSDP/DeepSpeed gather its shards in forward).
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            teacher = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._fastkd_logits,
-                                                unwrapped_teacher, input_ids, attention_mask, keep, **multimodal)
+        _, teacher = self._fastkd_teacher(self._fastkd_logits, input_ids, attention_mask, keep, **multimodal)
         teacher = teacher.to(student.device)
         if teacher.shape != student.shape:
             raise ValueError(f"{name}: the teacher's logits {tuple(teacher.shape)} and the student's "
@@ -186,11 +181,8 @@ class DistillationLossMixin:
         (B, K, H), aligned with the completion tokens) and heads, no logits."""
         keep = completion_ids.size(1)
         hs = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            ht = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
-                                           unwrapped_teacher, input_ids, attention_mask, keep, **multimodal)
+        unwrapped_teacher, ht = self._fastkd_teacher(self._get_last_hidden_state, input_ids, attention_mask, keep,
+                                                     **multimodal)
         s_head, t_head = unwrapped_student.get_output_embeddings(), unwrapped_teacher.get_output_embeddings()
         for who, head in (("student", s_head), ("teacher", t_head)):
             if not isinstance(head, torch.nn.Linear):
@@ -214,6 +206,14 @@ class DistillationLossMixin:
                                     ignore_index=IGNORE, reduction="batchmean",
                                     normalizer=_normalizer(num_items_in_batch, n_valid), **transform)
         return loss, torch.full((), float("nan"), device=device), n_valid
+
+    def _fastkd_teacher(self, fn, *args, **kwargs):
+        """(the unwrapped teacher, ``fn(unwrapped_teacher, *args, **kwargs)``): in eval mode, under no_grad,
+        through the teacher's own wrapper as TRL runs it (FSDP/DeepSpeed gather its shards in forward)."""
+        self.teacher_model.eval()
+        unwrapped = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            return unwrapped, self._forward_redirection(self.teacher_model, unwrapped, fn, unwrapped, *args, **kwargs)
 
     def _fastkd_logits(self, model, input_ids, attention_mask, keep: int, **multimodal) -> torch.Tensor:
         """A model's own logits for the positions that predict the ``keep`` completion tokens, and the last
