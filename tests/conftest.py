@@ -65,6 +65,15 @@ def _rank_main(rank, fn, args, world, port, init):
     os._exit(0)
 
 
+def lora_config():
+    """The LoRA students' adapters (peft): rank 4 on the attention's q and v, both factors random (peft's
+    default B = 0 would leave A without a gradient on the first step)."""
+    import peft  # noqa: PLC0415 (the integrations' test extra; imported by the tests that use it)
+
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           init_lora_weights=False)
+
+
 @pytest.fixture(params=sorted(_extension.cpu_kernel_tables()) or ["reference"])
 def cpu_kernel(request):
     """Runs a test with each copy of the CPU kernels (AVX2 and AVX-512 here), then restores the one in use;

@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import spawn_ranks  # noqa: E402
+from conftest import lora_config, spawn_ranks  # noqa: E402
 
 import fastkd  # noqa: E402
 from fastkd.integrations.transformers import DistillationTrainer  # noqa: E402
@@ -450,12 +450,10 @@ def test_torch_compile_trains_as_eager(tmp_path, monkeypatch, fused):
 
 
 def lora(model):
-    """A LoRA student (peft): adapters on the attention's q and v, both factors random (peft's default B = 0
-    would leave A without a gradient on the first step), the base frozen."""
+    """A LoRA student (peft; conftest's lora_config), the base frozen."""
     import peft  # noqa: PLC0415
 
-    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    return peft.get_peft_model(model, lora_config())
 
 
 @pytest.mark.parametrize("fused", [False, True])

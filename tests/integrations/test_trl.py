@@ -15,7 +15,7 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # (trl.experimental says it is experimental)
 pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
-from conftest import spawn_ranks  # noqa: E402
+from conftest import lora_config, spawn_ranks  # noqa: E402
 from trl import DistillationConfig, DistillationTrainer  # noqa: E402
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
 
@@ -333,15 +333,6 @@ class FusedDistill(fkd_trl.DistillationLossMixin, DistillationTrainer):
     fastkd_fused_linear = True
 
 
-def lora_config():
-    """LoRA on the attention's q and v; both factors random (peft's default B = 0 leaves A no gradient on the
-    first step). TRL wraps the student with it, after seeding: both trainers start from the same adapters."""
-    import peft  # noqa: PLC0415
-
-    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                           init_lora_weights=False)
-
-
 @pytest.mark.parametrize("beta, fast, lora", [(0.0, FastDistill, False), (0.5, FastDistill, False),
                                               (1.0, FastDistill, False), (0.5, FusedDistill, False),
                                               (0.5, FastDistill, True), (0.5, FusedDistill, True)])
@@ -349,7 +340,8 @@ def test_distillation_training_equals_trls_trainer(tmp_path, beta, fast, lora):
     """Two optimizer steps (2 accumulated micro-batches each, on-policy generation) of FastDistill (and of
     FusedDistill) and of TRL's stock trainer from the same student: the same completions, logged losses and
     entropies (None on the fused path), and parameters; evaluation too. Also a LoRA student (TRL's
-    peft_config): the same adapters trained, the base frozen."""
+    peft_config, conftest's lora_config; TRL seeds before wrapping: both trainers start from the same
+    adapters): the same adapters trained, the base frozen."""
     student0, teacher = lm("llama", 2), lm("llama", 1, layers=2)
     runs = []
     for cls in (DistillationTrainer, fast):
