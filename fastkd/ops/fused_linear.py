@@ -104,13 +104,13 @@ _GRAD_INPUTS = (0, 1, 2)
 _ROW_SCALE = -3  # row_scale's place among the tensors
 
 
-def _register_autograd(op: str, public: str, oracle: str, n_tensors: int, base_op: str | None = None) -> None:
+def _register_autograd(op: str, public: str, oracle: str, n_tensors: int) -> None:
     """The autograd of ``fastkd::<op>``: the gradients computed in the forward and scaled in place by grad_output,
     or, for reduction="none" (a per-row grad_output weighs every row's share of the weight gradient), computed in
-    the backward by ``base_op`` (the op itself, or the op a *_terms_fwd twin extends) with row_scale = grad_output
-    (the forward ran without them). The outputs after the gradients (a twin's terms) are not differentiable."""
+    the backward with row_scale = grad_output (the forward ran without them) by the op itself, or by the op a
+    *_terms_fwd twin extends. The outputs after the gradients (a twin's terms) are not differentiable."""
     reduction_at = n_tensors + 2
-    recompute = base_op or op
+    recompute = op.replace("_terms_fwd", "_fwd")  # (the twin's terms are not needed for the gradients)
 
     def setup_context(ctx, inputs, output):
         gh, gw, gb = output[1:4]
@@ -162,10 +162,8 @@ def _register_autograd(op: str, public: str, oracle: str, n_tensors: int, base_o
 
 _register_autograd("fused_linear_kd_loss_fwd", _OP, "fastkd.reference.fused_linear_kd_loss", 10)
 _register_autograd("fused_linear_topk_kd_loss_fwd", _TOPK_OP, "fastkd.reference.fused_linear_topk_kd_loss", 9)
-_register_autograd("fused_linear_kd_loss_terms_fwd", _OP, "fastkd.reference.fused_linear_kd_loss", 10,
-                   "fused_linear_kd_loss_fwd")
-_register_autograd("fused_linear_topk_kd_loss_terms_fwd", _TOPK_OP, "fastkd.reference.fused_linear_topk_kd_loss", 9,
-                   "fused_linear_topk_kd_loss_fwd")
+_register_autograd("fused_linear_kd_loss_terms_fwd", _OP, "fastkd.reference.fused_linear_kd_loss", 10)
+_register_autograd("fused_linear_topk_kd_loss_terms_fwd", _TOPK_OP, "fastkd.reference.fused_linear_topk_kd_loss", 9)
 
 
 # ---- the public wrapper ----------------------------------------------------------------------------

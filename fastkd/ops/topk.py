@@ -35,8 +35,6 @@ _LIB.define(
     "topk_kd_loss_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, Tensor options, "
     "Tensor? normalizer, str divergence, int ignore_index, str reduction, bool with_grad) -> (Tensor, Tensor)"
 )  # options and normalizer: as fastkd::kd_loss_fwd's (fastkd/ops/kd.py)
-
-# ---- fallback (reference) kernel ---------------------------------------------------------------------
 define_terms_twin(_LIB, "topk_kd_loss")  # topk_kd_loss_terms_fwd: + the terms, as fastkd::kd_loss_terms_fwd's
 
 # ---- fallback (reference) kernel ---------------------------------------------------------------------
