@@ -236,9 +236,10 @@ class DistillationTrainer(transformers.Trainer):
         for m, o in ((student, out), (self.teacher_model, t_out)):
             head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
             if not isinstance(head, torch.nn.Linear):
+                kind = f"{type(head).__module__}.{type(head).__qualname__}"
                 raise ValueError(f"DistillationTrainer(fused_linear=True): {type(m).__name__}'s output head "
-                                 f"(get_output_embeddings) is {type(head).__module__}.{type(head).__qualname__}, not an nn.Linear (an adapter on "
-                                 "the head, e.g. LoRA on lm_head, makes it another layer); use fused_linear=False")
+                                 f"(get_output_embeddings) is {kind}, not an nn.Linear (an adapter on the head, e.g. "
+                                 "LoRA on lm_head, makes it another layer); use fused_linear=False")
             if not getattr(o, "hidden_states", None):
                 raise ValueError(f"DistillationTrainer(fused_linear=True): {type(m).__name__} returns no hidden "
                                  "states; use fused_linear=False")

@@ -9,8 +9,7 @@ from ._common import DIVERGENCES, REDUCTIONS
 from ._common import compute_dtype as _compute_dtype
 
 __all__ = ["kd_loss_rows", "kd_loss", "kd_loss_and_grad", "kd_loss_fwd", "kd_loss_terms_fwd", "kd_loss_terms",
-           "kd_loss_scale_",
-           "loss_terms", "unpack_options", "textbook_kd_loss"]
+           "kd_loss_scale_", "loss_terms", "unpack_options", "textbook_kd_loss"]
 
 
 def _if_pos(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

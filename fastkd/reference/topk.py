@@ -39,8 +39,7 @@ from .kd import (
 )
 
 __all__ = ["topk_kd_loss_rows", "topk_kd_loss", "topk_kd_loss_and_grad", "topk_kd_loss_fwd", "topk_kd_loss_terms_fwd",
-           "topk_kd_loss_terms",
-           "check_topk_divergence", "check_topk_indices", "textbook_topk_kd_loss"]
+           "topk_kd_loss_terms", "check_topk_divergence", "check_topk_indices", "textbook_topk_kd_loss"]
 
 
 def check_topk_divergence(op: str, divergence: str, beta: float) -> None:
